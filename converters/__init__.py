@@ -1,0 +1,1 @@
+"""Checkpoint converters: Hugging Face MedGemma (Gemma 3) → GGUF for llama.cpp."""

@@ -1,0 +1,266 @@
+"""Hugging Face MedGemma checkpoint → text.gguf (+ mmproj.gguf) + manifest.json."""
+
+from __future__ import annotations
+
+import errno
+import json
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import gguf
+from gguf import GGMLQuantizationType as Q, LlamaFileType
+
+from medgemma_cli import __version__
+from medgemma_cli.atomic import AtomicFolder
+from medgemma_cli.converters import gemma3
+from medgemma_cli.converters.checkpoint import Checkpoint
+from medgemma_cli.converters.gguf_stream import PlannedTensor, sha256_file, write_gguf
+from medgemma_cli.converters.tokenizer import TokenType, Vocabulary, read_vocabulary, write_vocabulary
+from medgemma_cli.errors import InputError, OutputError
+from medgemma_cli.kernels.llama_quantize import llama_quantize
+from medgemma_cli.kernels.types import (DEFAULT_MMPROJ_TYPE, DEFAULT_PRESET, MMPROJ_FILE_TYPES, MMPROJ_TYPES,
+                                        PRESETS, mmproj_tensor_type, text_tensor_type)
+from medgemma_cli.progress import NullProgress, Progress
+
+TEXT_FILE = "text.gguf"
+MMPROJ_FILE = "mmproj.gguf"
+MANIFEST_FILE = "manifest.json"
+_FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
+
+
+@dataclass
+class ConversionPlan:
+    spec: gemma3.Gemma3Spec
+    text: list[PlannedTensor]
+    vision: list[PlannedTensor]
+
+
+def plan_tensors(ckpt: Checkpoint, spec: gemma3.Gemma3Spec, text_type: Q | None, mmproj_type: Q) -> ConversionPlan:
+    """Map every checkpoint tensor to its GGUF name and type; refuse missing, unexpected or misshapen ones.
+
+    `text_type` None means "lossless intermediate for llama.cpp's quantizer" (BF16 from bf16 sources).
+    """
+    dims = spec.dims
+    expected: dict[tuple[str, str], tuple[str, tuple[str, ...], bool]] = {}
+    for src, dst, shape, plus_one in gemma3.expand(gemma3.TEXT_TENSORS, spec.text.layers):
+        expected[("text", src)] = (dst, shape, plus_one)
+    if not spec.text.tie_embeddings:
+        expected[("lm_head", "weight")] = ("output.weight", ("vocab", "hidden"), False)
+    if spec.vision is not None:
+        for src, dst, shape, plus_one in gemma3.expand(gemma3.VISION_TENSORS, spec.vision.layers):
+            expected[("vision", src)] = (dst, shape, plus_one)
+        for src, dst, shape, plus_one in gemma3.PROJECTOR_TENSORS:
+            expected[("projector", src)] = (dst, shape, plus_one)
+
+    found: dict[tuple[str, str], str] = {}
+    for key, entry in ckpt.entries.items():
+        parts = gemma3.split_key(key, spec.architecture)
+        if parts is None:
+            raise InputError(entry.path, f"unexpected tensor {key!r}: not part of a {spec.architecture} checkpoint")
+        component, name = parts
+        if component == "lm_head" and spec.text.tie_embeddings:
+            continue  # tied to the embeddings; llama.cpp reuses token_embd
+        if component == "vision" and spec.vision is not None and spec.vision.use_head and name.startswith("head."):
+            continue  # SigLIP's pooling head is not used by Gemma 3
+        if (component, name) not in expected:
+            raise InputError(entry.path, f"unexpected tensor {key!r}")
+        if (component, name) in found:
+            raise InputError(entry.path, f"tensor {key!r} duplicates {found[(component, name)]!r} (two key layouts)")
+        gguf_name, shape_syms, _ = expected[(component, name)]
+        want = tuple(dims[s] if isinstance(s, str) else s for s in shape_syms)
+        if entry.shape != want:
+            raise InputError(entry.path, f"tensor {key!r} has shape {list(entry.shape)}, config.json implies {list(want)}")
+        if entry.dtype not in _FLOAT_DTYPES:
+            raise InputError(entry.path, f"tensor {key!r} has dtype {entry.dtype}, expected a floating-point type")
+        found[(component, name)] = key
+    missing = [k for k in expected if k not in found]
+    if missing:
+        comp, name = missing[0]
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise InputError(ckpt.folder, f"missing {comp} tensor {name!r}{more}")
+
+    bf16_source = all(ckpt.entries[found[k]].dtype == "BF16" for k in found
+                      if k[0] in ("text", "lm_head") and len(ckpt.entries[found[k]].shape) > 1)
+    lossless = Q.BF16 if bf16_source else Q.F32
+    text, vision = [], []
+    for (component, name), (gguf_name, shape_syms, plus_one) in expected.items():
+        key = found[(component, name)]
+        shape = ckpt.entries[key].shape
+        if component in ("text", "lm_head"):
+            qtype = text_tensor_type(text_type or lossless, shape)
+            text.append(PlannedTensor(gguf_name, key, shape, qtype, plus_one))
+        else:
+            vision.append(PlannedTensor(gguf_name, key, shape, mmproj_tensor_type(mmproj_type, gguf_name, shape), plus_one))
+    return ConversionPlan(spec, text, vision)
+
+
+def _model_name(ckpt: Checkpoint) -> str:
+    return str(ckpt.config.get("_name_or_path") or ckpt.folder.resolve().name)
+
+
+def _field(reader: gguf.GGUFReader, key: str) -> Any:
+    f = reader.fields.get(key)
+    return None if f is None else f.contents()
+
+
+def verify_text(path: Path, plan: ConversionPlan, vocab: Vocabulary, expect_types: set[Q] | None) -> None:
+    """Read the written file back and check what llama.cpp silently gets wrong when it is missing."""
+    r = gguf.GGUFReader(path)
+    t = plan.spec.text
+    checks = {
+        "general.architecture": "gemma3",
+        "tokenizer.ggml.bos_token_id": vocab.bos_id,
+        "tokenizer.ggml.eos_token_id": vocab.eos_id,
+        "tokenizer.ggml.padding_token_id": vocab.pad_id,
+        "tokenizer.ggml.unknown_token_id": vocab.unk_id,
+        "gemma3.attention.sliding_window": t.sliding_window,
+        "gemma3.block_count": t.layers,
+        "gemma3.rope.freq_base": t.rope_theta,
+        "gemma3.rope.freq_base_swa": t.rope_theta_local,
+    }
+    if t.rope_scaling == "linear":
+        checks["gemma3.rope.scaling.type"] = "linear"
+        checks["gemma3.rope.scaling.factor"] = t.rope_factor
+    _compare(path, r, checks)
+    types = _field(r, "tokenizer.ggml.token_type")
+    for tid in vocab.special_ids:
+        if types[tid] != TokenType.CONTROL:
+            raise OutputError(path, f"special token {tid} was not written as CONTROL")
+    names = {tensor.name for tensor in r.tensors}
+    want = {p.gguf_name for p in plan.text}
+    if names != want:
+        raise OutputError(path, f"tensor set differs from the plan: {sorted(names ^ want)[:3]}")
+    if expect_types is not None:
+        got = {Q(tensor.tensor_type) for tensor in r.tensors if len(tensor.shape) > 1}
+        if not got & expect_types:
+            raise OutputError(path, f"no tensor has the preset's types {sorted(q.name for q in expect_types)}")
+
+
+def verify_mmproj(path: Path, plan: ConversionPlan) -> None:
+    r = gguf.GGUFReader(path)
+    v = plan.spec.vision
+    assert v is not None
+    _compare(path, r, {
+        "general.architecture": "clip",
+        "clip.projector_type": "gemma3",
+        "clip.has_vision_encoder": True,
+        "clip.vision.image_size": v.image_size,
+        "clip.vision.patch_size": v.patch_size,
+        "clip.vision.block_count": v.layers,
+        "clip.vision.projection_dim": plan.spec.text.hidden,
+    })
+    names = {tensor.name for tensor in r.tensors}
+    want = {p.gguf_name for p in plan.vision}
+    if names != want:
+        raise OutputError(path, f"tensor set differs from the plan: {sorted(names ^ want)[:3]}")
+
+
+def _compare(path: Path, r: gguf.GGUFReader, checks: dict[str, Any]) -> None:
+    for key, want in checks.items():
+        got = _field(r, key)
+        if isinstance(want, float) and isinstance(got, float):
+            ok = abs(got - want) <= 1e-6 * max(1.0, abs(want))
+        else:
+            ok = got == want
+        if not ok:
+            raise OutputError(path, f"read back {key} = {got!r}, expected {want!r}")
+
+
+def _file_entry(path: Path, sha256: str) -> dict[str, Any]:
+    r = gguf.GGUFReader(path)
+    types = Counter(Q(t.tensor_type).name for t in r.tensors)
+    return {"size": path.stat().st_size, "sha256": sha256, "tensors": len(r.tensors), "tensor_types": dict(sorted(types.items()))}
+
+
+def convert_gguf(src: Path | str, out: Path | str, preset: str = DEFAULT_PRESET, mmproj_type: str = DEFAULT_MMPROJ_TYPE,
+                 *, overwrite: bool = False, threads: int | None = None,
+                 progress: Progress | None = None) -> dict[str, Any]:
+    """Convert a MedGemma checkpoint folder; returns the manifest that is also written to `out`."""
+    progress = progress or NullProgress()
+    src, out = Path(src), Path(out)
+    if preset not in PRESETS:
+        raise InputError(None, f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if mmproj_type not in MMPROJ_TYPES:
+        raise InputError(None, f"unknown mmproj type {mmproj_type!r}; choose one of {', '.join(MMPROJ_TYPES)}")
+    pre = PRESETS[preset]
+    with Checkpoint(src) as ckpt:
+        spec = gemma3.read_spec(ckpt.config, ckpt.processor_config, ckpt.config_path)
+        vocab = read_vocabulary(src, spec.text.vocab)
+        plan = plan_tensors(ckpt, spec, pre.direct_type, MMPROJ_TYPES[mmproj_type])
+        name = _model_name(ckpt)
+        files = [TEXT_FILE] + ([MMPROJ_FILE] if spec.vision else []) + [MANIFEST_FILE]
+        total = sum(t.nbytes for t in plan.text + plan.vision)
+        with AtomicFolder(out, files, overwrite=overwrite) as folder:
+            try:
+                manifest = _write_all(ckpt, plan, vocab, pre, mmproj_type, name, folder, total, threads, progress)
+            except OSError as e:
+                why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+                raise OutputError(out, f"writing failed: {why}") from e
+            finally:
+                progress.end()
+    return manifest
+
+
+def _write_all(ckpt: Checkpoint, plan: ConversionPlan, vocab: Vocabulary, pre: Any, mmproj_type: str, name: str,
+               folder: AtomicFolder, total: int, threads: int | None, progress: Progress) -> dict[str, Any]:
+    spec = plan.spec
+    progress.begin("Converting", total, len(plan.text) + len(plan.vision))
+
+    def text_metadata(file_type: LlamaFileType):
+        def add(w: gguf.GGUFWriter) -> None:
+            gemma3.write_text_metadata(w, spec, name)
+            w.add_file_type(int(file_type))
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            write_vocabulary(w, vocab)
+        return add
+
+    text_tmp = folder.temp(TEXT_FILE)
+    if pre.direct_type is not None:
+        text_sha = write_gguf(text_tmp, "gemma3", text_metadata(pre.file_type), plan.text, ckpt, progress)
+        verify_text(text_tmp, plan, vocab, {pre.direct_type})
+    else:
+        lossless = plan.text[0].qtype if len(plan.text[0].shape) > 1 else Q.BF16
+        ftype = LlamaFileType.MOSTLY_BF16 if lossless == Q.BF16 else LlamaFileType.ALL_F32
+        intermediate = folder.scratch("text-lossless.gguf")
+        write_gguf(intermediate, "gemma3", text_metadata(ftype), plan.text, ckpt, progress)
+        progress.status(f"quantizing to {pre.name} with llama.cpp")
+        llama_quantize(intermediate, text_tmp, pre.file_type, threads)
+        intermediate.unlink()
+        kquants = {"Q4_K_M": {Q.Q4_K}, "Q5_K_M": {Q.Q5_K}, "Q6_K": {Q.Q6_K}}[pre.name]
+        verify_text(text_tmp, plan, vocab, kquants)
+        text_sha = sha256_file(text_tmp)
+    manifest_files = {TEXT_FILE: _file_entry(text_tmp, text_sha)}
+
+    if spec.vision is not None:
+        mm_tmp = folder.temp(MMPROJ_FILE)
+        qtype = MMPROJ_TYPES[mmproj_type]
+        mean = ckpt.processor_config.get("image_mean", [0.5, 0.5, 0.5])
+        std = ckpt.processor_config.get("image_std", [0.5, 0.5, 0.5])
+
+        def mm_metadata(w: gguf.GGUFWriter) -> None:
+            gemma3.write_mmproj_metadata(w, spec, f"{name} vision projector", list(mean), list(std))
+            w.add_file_type(int(MMPROJ_FILE_TYPES[qtype]))
+
+        mm_sha = write_gguf(mm_tmp, "clip", mm_metadata, plan.vision, ckpt, progress)
+        verify_mmproj(mm_tmp, plan)
+        manifest_files[MMPROJ_FILE] = _file_entry(mm_tmp, mm_sha)
+
+    manifest = {
+        "format": "medgemma-cli.model/1",
+        "tool": {"name": "medgemma-cli", "version": __version__},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "kind": "gguf",
+        "source": {"path": str(ckpt.folder.resolve()), "architecture": spec.architecture,
+                   "config_sha256": ckpt.config_sha256, "name": name},
+        "preset": pre.name,
+        "mmproj_type": mmproj_type if spec.vision is not None else None,
+        "image_size": spec.vision.image_size if spec.vision else None,
+        "image_tokens": spec.vision.image_tokens if spec.vision else None,
+        "files": manifest_files,
+    }
+    tmp = folder.temp(MANIFEST_FILE)
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return manifest

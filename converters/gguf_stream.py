@@ -1,0 +1,113 @@
+"""Writing a GGUF file one tensor (and one row chunk) at a time.
+
+gguf-py's writer keeps every tensor until the end; we let it write the header, key-values and tensor
+infos, then stream the data ourselves so memory stays bounded by a chunk, and hash what we write as we go.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+
+from medgemma_cli.converters.checkpoint import Checkpoint
+from medgemma_cli.converters.safetensors_io import to_float32
+from medgemma_cli.kernels.types import encode, nbytes
+from medgemma_cli.progress import NullProgress, Progress
+
+CHUNK_ELEMENTS = 8 * 1024 * 1024  # float32 work buffer of 32 MB per chunk
+_SAME_DTYPE = {("BF16", Q.BF16), ("F32", Q.F32), ("F16", Q.F16)}
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    gguf_name: str
+    source: str  # checkpoint key
+    shape: tuple[int, ...]  # numpy order, as in the checkpoint
+    qtype: Q
+    plus_one: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes(self.qtype, self.shape)
+
+
+def _chunks(t: PlannedTensor) -> list[slice]:
+    rows = t.shape[0] if len(t.shape) > 1 else 1
+    per_row = int(np.prod(t.shape[1:], dtype=np.int64)) if len(t.shape) > 1 else t.shape[0]
+    step = max(1, CHUNK_ELEMENTS // max(per_row, 1))
+    return [slice(s, min(s + step, rows)) for s in range(0, rows, step)]
+
+
+def _tensor_chunks(ckpt: Checkpoint, t: PlannedTensor):
+    dtype = ckpt.entries[t.source].dtype
+    copy = (dtype, t.qtype) in _SAME_DTYPE and not t.plus_one
+    for rows in _chunks(t):
+        raw = ckpt.read_rows(t.source, rows if len(t.shape) > 1 else None)
+        if copy:
+            yield raw
+            continue
+        x = to_float32(raw, dtype)
+        if t.plus_one:
+            x = x + np.float32(1.0)
+        yield encode(x.reshape(-1, t.shape[-1]), t.qtype)
+
+
+def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], None],
+               tensors: list[PlannedTensor], ckpt: Checkpoint, progress: Progress | None = None) -> str:
+    """Write a complete GGUF file at `path` (which must not exist); return its SHA-256."""
+    progress = progress or NullProgress()
+    w = gguf.GGUFWriter(path, arch)
+    add_metadata(w)
+    for t in tensors:
+        w.add_tensor_info(t.gguf_name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+    w.write_header_to_file(path)
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    fout = w.fout[0]
+    sha = hashlib.sha256()
+    try:
+        fout.flush()
+        with open(path, "rb") as head:
+            sha.update(head.read())
+
+        def put(data: bytes | memoryview) -> None:
+            fout.write(data)
+            sha.update(data)
+
+        def pad_to_alignment() -> None:
+            pad = -fout.tell() % w.data_alignment
+            if pad:
+                put(b"\0" * pad)
+
+        pad_to_alignment()
+        for t in tensors:
+            written = 0
+            for block in _tensor_chunks(ckpt, t):
+                data = memoryview(np.ascontiguousarray(block)).cast("B")
+                put(data)
+                written += len(data)
+                progress.advance(len(data))
+            if written != t.nbytes:
+                raise AssertionError(f"{t.gguf_name}: wrote {written} bytes, planned {t.nbytes}")
+            pad_to_alignment()
+            progress.advance(0, tensors=1)
+        fout.flush()
+    finally:
+        w.close()
+    return sha.hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
+    sha = hashlib.sha256()
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            sha.update(view[:n])
+    return sha.hexdigest()

@@ -1,0 +1,78 @@
+"""Outputs that appear whole or not at all."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import TracebackType
+
+from medgemma_cli.errors import OutputError
+
+
+class AtomicFolder:
+    """Write files under temporary names inside `folder`, rename them into place only on success.
+
+    The temporaries live in the destination folder (same filesystem, so the rename is atomic); on any
+    failure — an exception, Ctrl-C — they are removed, and so is the folder if we created it.
+    """
+
+    def __init__(self, folder: Path, final_names: list[str], *, overwrite: bool = False):
+        self.folder = Path(folder)
+        self.final_names = list(final_names)
+        self.overwrite = overwrite
+        self._created: list[Path] = []
+        self._temps: dict[str, Path] = {}
+        self._scratch: list[Path] = []
+
+    def __enter__(self) -> "AtomicFolder":
+        if self.folder.exists() and not self.folder.is_dir():
+            raise OutputError(self.folder, "exists and is not a folder")
+        if not self.overwrite:
+            for name in self.final_names:
+                if (self.folder / name).exists():
+                    raise OutputError(self.folder / name, "already exists (use --force to replace it)")
+        missing = []
+        p = self.folder
+        while not p.exists():
+            missing.append(p)
+            p = p.parent
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(self.folder, f"cannot create folder: {e.strerror or e}") from e
+        self._created = list(reversed(missing))
+        return self
+
+    def temp(self, name: str) -> Path:
+        """The temporary path that becomes `name` on success."""
+        path = self.folder / f".{name}.partial-{os.getpid()}"
+        self._temps[name] = path
+        return path
+
+    def scratch(self, name: str) -> Path:
+        """A temporary file that is removed whatever happens."""
+        path = self.folder / f".{name}.scratch-{os.getpid()}"
+        self._scratch.append(path)
+        return path
+
+    def _cleanup(self, paths: list[Path]) -> None:
+        for path in paths:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._cleanup(self._scratch)
+        if exc_type is None:
+            for name in self.final_names:
+                if name in self._temps:
+                    os.replace(self._temps[name], self.folder / name)
+            return
+        self._cleanup(list(self._temps.values()))
+        for folder in reversed(self._created):
+            try:
+                folder.rmdir()
+            except OSError:
+                break
