@@ -7,7 +7,6 @@ checkpoint becomes `gemma3` + `clip`/`gemma3` GGUF files lives here, as tables w
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,7 +175,7 @@ def read_spec(config: dict[str, Any], processor_config: dict[str, Any], config_p
         raise UnsupportedModelError(
             config_path,
             f"architecture {found} is not supported; medgemma converts {', '.join(SUPPORTED_ARCHITECTURES)}"
-            " (MedGemma 4B/27B) and SigLIP (MedSigLIP)",
+            " (MedGemma 4B/27B)",
         )
     tc = config.get("text_config", config) if arch == "Gemma3ForConditionalGeneration" else config
     p = config_path
@@ -258,13 +257,12 @@ def _check_llama_cpp_assumptions(tc: dict[str, Any], t: TextParams, p: Any) -> N
 
 
 def expand(table: tuple[tuple[str, str, tuple[str, ...], bool], ...], n_layers: int) -> list[tuple[str, str, tuple[str, ...], bool]]:
-    """The table with `{i}` rows repeated for every layer."""
-    out = []
-    for src, dst, shape, plus_one in table:
-        if "{i}" in src:
-            out.extend((src.format(i=i), dst.format(i=i), shape, plus_one) for i in range(n_layers))
-        else:
-            out.append((src, dst, shape, plus_one))
+    """The table with its `{i}` rows repeated for every layer: global rows first, then layer by layer."""
+    globals_ = [row for row in table if "{i}" not in row[0]]
+    per_layer = [row for row in table if "{i}" in row[0]]
+    out = list(globals_)
+    for i in range(n_layers):
+        out.extend((src.format(i=i), dst.format(i=i), shape, plus_one) for src, dst, shape, plus_one in per_layer)
     return out
 
 
@@ -278,7 +276,6 @@ def split_key(key: str, arch: str) -> tuple[str, str] | None:
     return None
 
 
-_LAYER_RE = re.compile(r"\.(\d+)\.")
 
 
 def write_text_metadata(w: gguf.GGUFWriter, spec: Gemma3Spec, name: str) -> None:

@@ -20,6 +20,7 @@ from medgemma_cli.converters.checkpoint import Checkpoint
 from medgemma_cli.converters.gguf_stream import PlannedTensor, sha256_file, write_gguf
 from medgemma_cli.converters.tokenizer import TokenType, Vocabulary, read_vocabulary, write_vocabulary
 from medgemma_cli.errors import InputError, OutputError
+from medgemma_cli.kernels.ggml import GGUFInfo, read_gguf_info
 from medgemma_cli.kernels.llama_quantize import llama_quantize
 from medgemma_cli.kernels.types import (DEFAULT_MMPROJ_TYPE, DEFAULT_PRESET, MMPROJ_FILE_TYPES, MMPROJ_TYPES,
                                         PRESETS, mmproj_tensor_type, text_tensor_type)
@@ -86,11 +87,11 @@ def plan_tensors(ckpt: Checkpoint, spec: gemma3.Gemma3Spec, text_type: Q | None,
                       if k[0] in ("text", "lm_head") and len(ckpt.entries[found[k]].shape) > 1)
     lossless = Q.BF16 if bf16_source else Q.F32
     text, vision = [], []
-    for (component, name), (gguf_name, shape_syms, plus_one) in expected.items():
+    for (component, name), (gguf_name, _, plus_one) in expected.items():
         key = found[(component, name)]
         shape = ckpt.entries[key].shape
         if component in ("text", "lm_head"):
-            qtype = text_tensor_type(text_type or lossless, shape)
+            qtype = text_tensor_type(text_type if text_type is not None else lossless, shape)
             text.append(PlannedTensor(gguf_name, key, shape, qtype, plus_one))
         else:
             vision.append(PlannedTensor(gguf_name, key, shape, mmproj_tensor_type(mmproj_type, gguf_name, shape), plus_one))
@@ -101,14 +102,9 @@ def _model_name(ckpt: Checkpoint) -> str:
     return str(ckpt.config.get("_name_or_path") or ckpt.folder.resolve().name)
 
 
-def _field(reader: gguf.GGUFReader, key: str) -> Any:
-    f = reader.fields.get(key)
-    return None if f is None else f.contents()
-
-
-def verify_text(path: Path, plan: ConversionPlan, vocab: Vocabulary, expect_types: set[Q] | None) -> None:
-    """Read the written file back and check what llama.cpp silently gets wrong when it is missing."""
-    r = gguf.GGUFReader(path)
+def verify_text(path: Path, r: GGUFInfo, plan: ConversionPlan, vocab: Vocabulary,
+                expect_types: set[Q] | None) -> None:
+    """Check the file as read back: what llama.cpp silently gets wrong when it is missing or off."""
     t = plan.spec.text
     checks = {
         "general.architecture": "gemma3",
@@ -125,7 +121,7 @@ def verify_text(path: Path, plan: ConversionPlan, vocab: Vocabulary, expect_type
         checks["gemma3.rope.scaling.type"] = "linear"
         checks["gemma3.rope.scaling.factor"] = t.rope_factor
     _compare(path, r, checks)
-    types = _field(r, "tokenizer.ggml.token_type")
+    types = r.get("tokenizer.ggml.token_type")
     for tid in vocab.special_ids:
         if types[tid] != TokenType.CONTROL:
             raise OutputError(path, f"special token {tid} was not written as CONTROL")
@@ -134,13 +130,12 @@ def verify_text(path: Path, plan: ConversionPlan, vocab: Vocabulary, expect_type
     if names != want:
         raise OutputError(path, f"tensor set differs from the plan: {sorted(names ^ want)[:3]}")
     if expect_types is not None:
-        got = {Q(tensor.tensor_type) for tensor in r.tensors if len(tensor.shape) > 1}
+        got = {Q(tensor.type) for tensor in r.tensors if len(tensor.ne) > 1}
         if not got & expect_types:
             raise OutputError(path, f"no tensor has the preset's types {sorted(q.name for q in expect_types)}")
 
 
-def verify_mmproj(path: Path, plan: ConversionPlan) -> None:
-    r = gguf.GGUFReader(path)
+def verify_mmproj(path: Path, r: GGUFInfo, plan: ConversionPlan) -> None:
     v = plan.spec.vision
     assert v is not None
     _compare(path, r, {
@@ -158,9 +153,9 @@ def verify_mmproj(path: Path, plan: ConversionPlan) -> None:
         raise OutputError(path, f"tensor set differs from the plan: {sorted(names ^ want)[:3]}")
 
 
-def _compare(path: Path, r: gguf.GGUFReader, checks: dict[str, Any]) -> None:
+def _compare(path: Path, r: GGUFInfo, checks: dict[str, Any]) -> None:
     for key, want in checks.items():
-        got = _field(r, key)
+        got = r.get(key)
         if isinstance(want, float) and isinstance(got, float):
             ok = abs(got - want) <= 1e-6 * max(1.0, abs(want))
         else:
@@ -169,9 +164,8 @@ def _compare(path: Path, r: gguf.GGUFReader, checks: dict[str, Any]) -> None:
             raise OutputError(path, f"read back {key} = {got!r}, expected {want!r}")
 
 
-def _file_entry(path: Path, sha256: str) -> dict[str, Any]:
-    r = gguf.GGUFReader(path)
-    types = Counter(Q(t.tensor_type).name for t in r.tensors)
+def _file_entry(path: Path, r: GGUFInfo, sha256: str) -> dict[str, Any]:
+    types = Counter(Q(t.type).name for t in r.tensors)
     return {"size": path.stat().st_size, "sha256": sha256, "tensors": len(r.tensors), "tensor_types": dict(sorted(types.items()))}
 
 
@@ -219,20 +213,24 @@ def _write_all(ckpt: Checkpoint, plan: ConversionPlan, vocab: Vocabulary, pre: A
 
     text_tmp = folder.temp(TEXT_FILE)
     if pre.direct_type is not None:
-        text_sha = write_gguf(text_tmp, "gemma3", text_metadata(pre.file_type), plan.text, ckpt, progress)
-        verify_text(text_tmp, plan, vocab, {pre.direct_type})
+        text_sha = write_gguf(text_tmp, "gemma3", text_metadata(pre.file_type), plan.text, ckpt, progress, threads)
+        expect = {pre.direct_type}
     else:
-        lossless = plan.text[0].qtype if len(plan.text[0].shape) > 1 else Q.BF16
+        lossless = next(t.qtype for t in plan.text if len(t.shape) > 1)
         ftype = LlamaFileType.MOSTLY_BF16 if lossless == Q.BF16 else LlamaFileType.ALL_F32
         intermediate = folder.scratch("text-lossless.gguf")
-        write_gguf(intermediate, "gemma3", text_metadata(ftype), plan.text, ckpt, progress)
+        write_gguf(intermediate, "gemma3", text_metadata(ftype), plan.text, ckpt, progress, threads)
         progress.status(f"quantizing to {pre.name} with llama.cpp")
         llama_quantize(intermediate, text_tmp, pre.file_type, threads)
         intermediate.unlink()
-        kquants = {"Q4_K_M": {Q.Q4_K}, "Q5_K_M": {Q.Q5_K}, "Q6_K": {Q.Q6_K}}[pre.name]
-        verify_text(text_tmp, plan, vocab, kquants)
+        expect = {"Q4_K_M": {Q.Q4_K}, "Q5_K_M": {Q.Q5_K}, "Q6_K": {Q.Q6_K}}[pre.name]
         text_sha = sha256_file(text_tmp)
-    manifest_files = {TEXT_FILE: _file_entry(text_tmp, text_sha)}
+    # read back with ggml's own parser: what llama.cpp will see (gguf-py's reader would also cost ~700 MB
+    # of Python objects for a 262k-token vocabulary)
+    reader = read_gguf_info(text_tmp)
+    verify_text(text_tmp, reader, plan, vocab, expect)
+    manifest_files = {TEXT_FILE: _file_entry(text_tmp, reader, text_sha)}
+    del reader
 
     if spec.vision is not None:
         mm_tmp = folder.temp(MMPROJ_FILE)
@@ -244,9 +242,11 @@ def _write_all(ckpt: Checkpoint, plan: ConversionPlan, vocab: Vocabulary, pre: A
             gemma3.write_mmproj_metadata(w, spec, f"{name} vision projector", list(mean), list(std))
             w.add_file_type(int(MMPROJ_FILE_TYPES[qtype]))
 
-        mm_sha = write_gguf(mm_tmp, "clip", mm_metadata, plan.vision, ckpt, progress)
-        verify_mmproj(mm_tmp, plan)
-        manifest_files[MMPROJ_FILE] = _file_entry(mm_tmp, mm_sha)
+        mm_sha = write_gguf(mm_tmp, "clip", mm_metadata, plan.vision, ckpt, progress, threads)
+        reader = read_gguf_info(mm_tmp)
+        verify_mmproj(mm_tmp, reader, plan)
+        manifest_files[MMPROJ_FILE] = _file_entry(mm_tmp, reader, mm_sha)
+        del reader
 
     manifest = {
         "format": "medgemma-cli.model/1",

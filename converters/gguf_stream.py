@@ -7,6 +7,7 @@ infos, then stream the data ourselves so memory stays bounded by a chunk, and ha
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -44,7 +45,7 @@ def _chunks(t: PlannedTensor) -> list[slice]:
     return [slice(s, min(s + step, rows)) for s in range(0, rows, step)]
 
 
-def _tensor_chunks(ckpt: Checkpoint, t: PlannedTensor):
+def _tensor_chunks(ckpt: Checkpoint, t: PlannedTensor, threads: int):
     dtype = ckpt.entries[t.source].dtype
     copy = (dtype, t.qtype) in _SAME_DTYPE and not t.plus_one
     for rows in _chunks(t):
@@ -55,13 +56,15 @@ def _tensor_chunks(ckpt: Checkpoint, t: PlannedTensor):
         x = to_float32(raw, dtype)
         if t.plus_one:
             x = x + np.float32(1.0)
-        yield encode(x.reshape(-1, t.shape[-1]), t.qtype)
+        yield encode(x.reshape(-1, t.shape[-1]), t.qtype, threads)
 
 
 def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], None],
-               tensors: list[PlannedTensor], ckpt: Checkpoint, progress: Progress | None = None) -> str:
+               tensors: list[PlannedTensor], ckpt: Checkpoint, progress: Progress | None = None,
+               threads: int | None = None) -> str:
     """Write a complete GGUF file at `path` (which must not exist); return its SHA-256."""
     progress = progress or NullProgress()
+    threads = threads or os.cpu_count() or 1
     w = gguf.GGUFWriter(path, arch)
     add_metadata(w)
     for t in tensors:
@@ -88,7 +91,7 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], 
         pad_to_alignment()
         for t in tensors:
             written = 0
-            for block in _tensor_chunks(ckpt, t):
+            for block in _tensor_chunks(ckpt, t, threads):
                 data = memoryview(np.ascontiguousarray(block)).cast("B")
                 put(data)
                 written += len(data)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -165,7 +164,3 @@ def write_vocabulary(w: Any, vocab: Vocabulary) -> None:
     w.add_add_space_prefix(False)
     if vocab.chat_template:
         w.add_chat_template(vocab.chat_template)
-
-
-def describe(vocab: Vocabulary) -> str:
-    return json.dumps({"bos": vocab.bos_id, "eos": vocab.eos_id, "pad": vocab.pad_id, "unk": vocab.unk_id})

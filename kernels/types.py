@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, LlamaFileType, quants
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, LlamaFileType
 
 from medgemma_cli.converters.safetensors_io import float32_to_bf16_bits
+from medgemma_cli.kernels import ggml
 
 
 @dataclass(frozen=True)
@@ -76,14 +77,12 @@ def nbytes(qtype: Q, shape: tuple[int, ...]) -> int:
     return n // block * size
 
 
-def encode(rows: np.ndarray, qtype: Q) -> np.ndarray:
-    """float32 rows → the bytes of `qtype` (bit-exact with ggml's reference quantizers for Q8_0/BF16)."""
+def encode(rows: np.ndarray, qtype: Q, threads: int = 1) -> np.ndarray:
+    """float32 rows → the bytes of `qtype`; block types through ggml's own quantizers."""
     if qtype == Q.F32:
         return np.ascontiguousarray(rows, dtype=np.float32)
     if qtype == Q.F16:
         return np.ascontiguousarray(rows, dtype=np.float16)
     if qtype == Q.BF16:
         return float32_to_bf16_bits(rows)
-    if qtype in (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1):
-        return quants.quantize(np.ascontiguousarray(rows, dtype=np.float32), qtype)
-    raise ValueError(f"{qtype.name} is not written directly; it goes through ggml's quantizer")
+    return ggml.quantize(rows, int(qtype), threads=threads)

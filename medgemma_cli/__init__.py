@@ -1,3 +1,40 @@
-"""medgemma-cli: MedGemma and MedSigLIP on your own machine — private, offline, fast."""
+"""medgemma-cli: MedGemma and MedSigLIP on your own machine — private, offline, fast.
+
+The Python API does everything the command line does:
+
+    from medgemma_cli import convert, make_checkpoint, list_models
+"""
+
+from __future__ import annotations
+
+from pathlib import Path as _Path
 
 __version__ = "0.1.0"
+
+# Installed, converters/ and kernels/ live inside this package (medgemma_cli.converters, .kernels). In a
+# source checkout they sit beside it; let the checkout import them under the same names.
+_checkout = _Path(__file__).resolve().parent.parent
+if (_checkout / "pyproject.toml").is_file() and (_checkout / "converters" / "__init__.py").is_file():
+    __path__.append(str(_checkout))  # type: ignore[name-defined]  # noqa: F821
+
+
+def __getattr__(name: str):  # lazy, so `medgemma --help` does not load numpy, gguf or llama.cpp
+    if name in ("convert", "ConvertResult"):
+        import importlib
+
+        _m = importlib.import_module("medgemma_cli.conversion")
+
+        return getattr(_m, name)
+    if name == "make_checkpoint":
+        from medgemma_cli.synthetic import make_checkpoint
+
+        return make_checkpoint
+    if name in ("list_models", "home"):
+        from medgemma_cli import store
+
+        return getattr(store, name)
+    if name == "run_demo":
+        from medgemma_cli.demo import run_demo
+
+        return run_demo
+    raise AttributeError(name)

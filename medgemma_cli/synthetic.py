@@ -26,7 +26,7 @@ class Shape:
     text: dict[str, Any]
     vision: dict[str, Any]
     image_tokens: int
-    sp_pieces: int  # SentencePiece model size; tiny models train a small one
+    sp_pieces: int  # pieces of the trained SentencePiece model; the vocabulary is padded up to vocab_size
 
 
 # The real shapes (from the published configs) and a tiny one that llama.cpp accepts with real K-quants.
@@ -46,7 +46,7 @@ SHAPES: dict[str, Shape] = {
                   sliding_window=1024, max_position_embeddings=131072),
         vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
                     image_size=896, patch_size=14),
-        image_tokens=256, sp_pieces=262144),
+        image_tokens=256, sp_pieces=1000),
     "27b": Shape(
         "27b",
         text=dict(vocab_size=262208, hidden_size=5376, intermediate_size=21504, num_hidden_layers=62,
@@ -54,7 +54,7 @@ SHAPES: dict[str, Shape] = {
                   sliding_window=1024, max_position_embeddings=131072),
         vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
                     image_size=896, patch_size=14),
-        image_tokens=256, sp_pieces=262144),
+        image_tokens=256, sp_pieces=1000),
 }
 
 # Prefixes of the key layouts seen in the wild (see converters/gemma3.py KEY_LAYOUTS).

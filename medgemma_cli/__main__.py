@@ -1,0 +1,3 @@
+from medgemma_cli.cli import main
+
+main()

@@ -1,0 +1,177 @@
+"""The `medgemma` command: parse arguments, call one library function, print."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from medgemma_cli import __version__
+from medgemma_cli.console import RichProgress, err, human_bytes, out
+from medgemma_cli.errors import MedgemmaError
+from medgemma_cli.kernels.types import DEFAULT_MMPROJ_TYPE, DEFAULT_PRESET, MMPROJ_TYPES, PRESETS
+
+app = typer.Typer(
+    name="medgemma",
+    help="MedGemma and MedSigLIP on your own machine: private, offline, fast.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+_DEBUG = False
+
+
+def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """One-line errors and a non-zero exit; the traceback only with --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MedgemmaError as e:
+            if _DEBUG:
+                raise
+            err.print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted; nothing was left half-written")
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as e:  # noqa: BLE001 - the last line of defence for users
+            if _DEBUG:
+                raise
+            err.print(f"[bold red]error:[/] unexpected {type(e).__name__}: {e} (rerun with --debug for details)",
+                      soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"medgemma-cli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks (also accepted after the command)."),
+) -> None:
+    global _DEBUG
+    _DEBUG = _DEBUG or debug
+
+
+@app.command()
+@_guard
+def convert(
+    src: Path = typer.Argument(..., help="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.model)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder [default: the model store]."),
+    quant: str = typer.Option(DEFAULT_PRESET, "--quant", "-q", help=f"Text model preset: {', '.join(PRESETS)}."),
+    mmproj_quant: str = typer.Option(DEFAULT_MMPROJ_TYPE, "--mmproj-quant",
+                                     help=f"Vision projector type: {', '.join(MMPROJ_TYPES)}."),
+    force: bool = typer.Option(False, "--force", help="Replace existing files in the output folder."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="Threads for llama.cpp's quantizer."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Convert a MedGemma checkpoint into GGUF for llama.cpp (text.gguf + mmproj.gguf + manifest.json).
+
+    Tensors are streamed one at a time, so memory stays small whatever the model size; files appear only
+    when complete.
+
+    [bold]Examples[/]
+
+      medgemma convert ~/models/medgemma-4b-it
+      medgemma convert ~/models/medgemma-4b-it --out ./medgemma-4b-q8 --quant Q8_0
+      medgemma convert ~/models/medgemma-27b-text-it --quant Q5_K_M
+    """
+    from medgemma_cli.conversion import convert as run_convert
+
+    progress = None if as_json else RichProgress()
+    result = run_convert(src, out_dir, preset=quant.upper(), mmproj_type=mmproj_quant.upper(), overwrite=force,
+                         threads=threads, progress=progress)
+    if as_json:
+        out.print_json(json.dumps({"path": str(result.path), **result.manifest}))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"Converted to {result.path}", title_justify="left")
+    for col in ("file", "size", "tensors", "types", "sha256"):
+        table.add_column(col, justify="right" if col in ("size", "tensors") else "left")
+    for name, f in result.manifest["files"].items():
+        types = ", ".join(f"{k}×{v}" for k, v in f["tensor_types"].items())
+        table.add_row(name, human_bytes(f["size"]), str(f["tensors"]), types, f["sha256"][:16] + "…")
+    out.print(table)
+
+
+@app.command()
+@_guard
+def models(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """List the converted models in the store (MEDGEMMA_HOME, or the user data folder).
+
+    [bold]Example[/]
+
+      medgemma models
+    """
+    from medgemma_cli import store
+
+    found = store.list_models()
+    if as_json:
+        out.print_json(json.dumps([{"name": m.name, "path": str(m.path), "kind": m.kind, "size": m.size,
+                                    "preset": m.manifest.get("preset")} for m in found]))
+        return
+    if not found:
+        out.print(f"No converted models in {store.models_dir()} yet. Convert one with: medgemma convert CHECKPOINT_DIR")
+        return
+    from rich.table import Table
+
+    table = Table(title=f"Models in {store.models_dir()}", title_justify="left")
+    for col in ("name", "kind", "preset", "size", "source"):
+        table.add_column(col)
+    for m in found:
+        table.add_row(m.name, m.kind, str(m.manifest.get("preset")), human_bytes(m.size),
+                      str(m.manifest.get("source", {}).get("architecture", "")))
+    out.print(table)
+
+
+@app.command()
+@_guard
+def demo() -> None:
+    """Run the whole pipeline with nothing downloaded: a tiny random MedGemma is generated, converted and run.
+
+    [bold]Example[/]
+
+      medgemma demo
+    """
+    from medgemma_cli.demo import RANDOM_WEIGHTS_NOTICE, run_demo
+
+    out.print(f"[yellow]{RANDOM_WEIGHTS_NOTICE}[/]")
+    out.print("[bold]Question:[/] ", end="")
+    from medgemma_cli.demo import DEMO_QUESTION
+
+    out.print(DEMO_QUESTION)
+    out.print("[bold]Answer:[/] ", end="")
+    result = run_demo(progress=RichProgress(), on_text=lambda s: out.print(s, end="", markup=False))
+    out.print()
+    out.print(f"[dim]model: {result.model.path} · {result.seconds:.1f} s[/]")
+    out.print(f"[yellow]{RANDOM_WEIGHTS_NOTICE}[/]")
+
+
+def main() -> None:
+    global _DEBUG
+    argv = sys.argv[1:]
+    if "--debug" in argv or os.environ.get("MEDGEMMA_DEBUG"):
+        _DEBUG = True
+        argv = [a for a in argv if a != "--debug"]
+    app(args=argv, prog_name="medgemma")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""`medgemma convert`: any supported checkpoint folder → a model folder in the store (or where asked)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medgemma_cli import store
+from medgemma_cli.converters.gguf_convert import convert_gguf
+from medgemma_cli.kernels.types import DEFAULT_MMPROJ_TYPE, DEFAULT_PRESET
+from medgemma_cli.progress import Progress
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    path: Path
+    manifest: dict[str, Any]
+
+
+def default_output(src: Path, preset: str) -> Path:
+    return store.models_dir() / f"{Path(src).resolve().name}-{preset.lower()}"
+
+
+def convert(src: Path | str, out: Path | str | None = None, *, preset: str = DEFAULT_PRESET,
+            mmproj_type: str = DEFAULT_MMPROJ_TYPE, overwrite: bool = False, threads: int | None = None,
+            progress: Progress | None = None) -> ConvertResult:
+    """Convert a Hugging Face MedGemma checkpoint folder into GGUF files for llama.cpp.
+
+    Output goes to `out`, or to the model store (`medgemma models` lists it) when `out` is None.
+    """
+    src = Path(src)
+    target = Path(out) if out is not None else default_output(src, preset)
+    manifest = convert_gguf(src, target, preset, mmproj_type, overwrite=overwrite, threads=threads, progress=progress)
+    return ConvertResult(target, manifest)

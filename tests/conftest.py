@@ -1,0 +1,75 @@
+"""Shared fixtures: a tiny random MedGemma checkpoint, its conversions, and transformers as the oracle.
+
+Everything is generated here; nothing is downloaded. MEDGEMMA_HOME points at a temporary folder so the
+tests never touch the user's store.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ["MEDGEMMA_HOME"] = tempfile.mkdtemp(prefix="medgemma-test-home-")
+
+CHAT = [
+    {"role": "system", "content": "You are an expert radiologist."},
+    {"role": "user", "content": "Describe the findings on this chest radiograph: bilateral pleural effusion, "
+                                "1234 mg daily, consolidation in the right lower lobe? Is there evidence of "
+                                "pneumothorax or cardiomegaly? Explain why."},
+    {"role": "assistant", "content": "No pneumothorax. The heart size is normal."},
+    {"role": "user", "content": "What about the mediastinum, and would you recommend follow up computed tomography?"},
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from medgemma_cli.synthetic import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-medgemma", "tiny")
+
+
+@pytest.fixture(scope="session")
+def convert_tiny(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
+    """convert_tiny(preset, mmproj) → output folder; each combination is converted once per session."""
+    from medgemma_cli.conversion import convert
+
+    cache: dict[tuple[str, str], Path] = {}
+    root = tmp_path_factory.mktemp("converted")
+
+    def run(preset: str, mmproj: str = "F16") -> Path:
+        key = (preset, mmproj)
+        if key not in cache:
+            cache[key] = convert(tiny_ckpt, root / f"{preset}-{mmproj}", preset=preset, mmproj_type=mmproj).path
+        return cache[key]
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def hf_tiny(tiny_ckpt: Path):
+    """The reference: transformers' Gemma3ForConditionalGeneration in fp32 with eager attention."""
+    torch = pytest.importorskip("torch")
+    from transformers import Gemma3ForConditionalGeneration
+
+    model, info = Gemma3ForConditionalGeneration.from_pretrained(
+        tiny_ckpt, dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(tiny_ckpt: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_ckpt)
+
+
+@pytest.fixture(scope="session")
+def chat_prompt(hf_tokenizer) -> tuple[str, list[int]]:
+    text = hf_tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    ids = hf_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) >= 64
+    return text, ids

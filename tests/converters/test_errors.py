@@ -1,0 +1,174 @@
+"""Bad input is refused with a message naming the file, and nothing is left behind."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medgemma_cli.conversion import convert
+from medgemma_cli.converters.safetensors_io import read_header, save
+from medgemma_cli.errors import InputError, OutputError, UnsupportedModelError
+
+
+@pytest.fixture
+def ckpt(tiny_ckpt: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, copy)
+    return copy
+
+
+def _edit_config(folder: Path, fn) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    fn(cfg)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def _rewrite_weights(folder: Path, fn) -> None:
+    """Rewrite model.safetensors with fn(dict name -> (dtype, array)) applied."""
+    from medgemma_cli.converters.safetensors_io import SafetensorsFile
+
+    f = SafetensorsFile(folder / "model.safetensors")
+    tensors = {n: (e.dtype, f.read(n)) for n, e in f.entries.items()}
+    f.close()
+    fn(tensors)
+    save(folder / "model.safetensors", tensors)
+
+
+def _assert_nothing_left(out: Path) -> None:
+    assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
+
+
+def test_missing_config(ckpt, tmp_path):
+    (ckpt / "config.json").unlink()
+    with pytest.raises(InputError, match=r"config\.json: missing"):
+        convert(ckpt, tmp_path / "out")
+    _assert_nothing_left(tmp_path / "out")
+
+
+def test_missing_tokenizer(ckpt, tmp_path):
+    (ckpt / "tokenizer.model").unlink()
+    with pytest.raises(InputError, match=r"tokenizer\.model: missing"):
+        convert(ckpt, tmp_path / "out")
+    _assert_nothing_left(tmp_path / "out")
+
+
+def test_pickle_checkpoint_refused(ckpt, tmp_path):
+    (ckpt / "model.safetensors").rename(ckpt / "pytorch_model.bin")
+    with pytest.raises(InputError, match=r"pytorch_model\.bin: pickle-based .* arbitrary code"):
+        convert(ckpt, tmp_path / "out")
+
+
+def test_truncated_weights(ckpt, tmp_path):
+    data = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=r"model\.safetensors: truncated"):
+        convert(ckpt, tmp_path / "out")
+    _assert_nothing_left(tmp_path / "out")
+
+
+def test_corrupt_header(ckpt, tmp_path):
+    data = bytearray((ckpt / "model.safetensors").read_bytes())
+    data[8:20] = b"not json!!!!"
+    (ckpt / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(InputError, match="corrupt safetensors header"):
+        convert(ckpt, tmp_path / "out")
+
+
+def test_shape_mismatch(ckpt, tmp_path):
+    def shrink(t):
+        t["language_model.model.layers.2.mlp.up_proj.weight"] = ("F32", np.zeros((256, 256), np.float32))
+    _rewrite_weights(ckpt, shrink)
+    with pytest.raises(InputError, match=r"layers\.2\.mlp\.up_proj\.weight' has shape \[256, 256\], config\.json implies \[512, 256\]"):
+        convert(ckpt, tmp_path / "out")
+
+
+def test_missing_vision_tensor_is_an_error(ckpt, tmp_path):
+    _rewrite_weights(ckpt, lambda t: t.pop("vision_tower.vision_model.encoder.layers.1.mlp.fc2.weight"))
+    with pytest.raises(InputError, match=r"missing vision tensor 'encoder\.layers\.1\.mlp\.fc2\.weight'"):
+        convert(ckpt, tmp_path / "out")
+
+
+def test_whole_vision_tower_missing_is_an_error(ckpt, tmp_path):
+    """llama.cpp's converter writes an mmproj without vision weights in some layouts; we refuse."""
+    _rewrite_weights(ckpt, lambda t: [t.pop(k) for k in list(t) if k.startswith("vision_tower.")])
+    with pytest.raises(InputError, match=r"missing vision tensor .* more\)"):
+        convert(ckpt, tmp_path / "out")
+
+
+def test_unexpected_tensor(ckpt, tmp_path):
+    _rewrite_weights(ckpt, lambda t: t.update({"language_model.model.layers.0.mlp.extra.weight": ("F32", np.ones(4, np.float32))}))
+    with pytest.raises(InputError, match=r"unexpected tensor 'language_model\.model\.layers\.0\.mlp\.extra\.weight'"):
+        convert(ckpt, tmp_path / "out")
+
+
+def test_unsupported_architecture(ckpt, tmp_path):
+    _edit_config(ckpt, lambda c: c.update(architectures=["LlamaForCausalLM"], model_type="llama"))
+    with pytest.raises(UnsupportedModelError, match=r"LlamaForCausalLM is not supported; medgemma converts Gemma3ForConditionalGeneration"):
+        convert(ckpt, tmp_path / "out")
+
+
+def test_attention_scale_llama_cpp_would_ignore(ckpt, tmp_path):
+    _edit_config(ckpt, lambda c: c["text_config"].update(query_pre_attn_scalar=100))
+    with pytest.raises(UnsupportedModelError, match="query_pre_attn_scalar is 100 but llama.cpp uses 64"):
+        convert(ckpt, tmp_path / "out")
+
+
+def test_unknown_preset(ckpt, tmp_path):
+    with pytest.raises(InputError, match="unknown preset 'Q3_XYZ'"):
+        convert(ckpt, tmp_path / "out", preset="Q3_XYZ")
+
+
+def test_existing_output_is_not_replaced_without_force(ckpt, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "text.gguf").write_bytes(b"precious")
+    with pytest.raises(OutputError, match="already exists"):
+        convert(ckpt, out, preset="F16")
+    assert (out / "text.gguf").read_bytes() == b"precious"
+    convert(ckpt, out, preset="F16", overwrite=True)
+    assert (out / "text.gguf").read_bytes()[:4] == b"GGUF"
+
+
+@pytest.mark.parametrize("preset", ["Q8_0", "Q4_K_M"])
+def test_full_disk_mid_write_leaves_nothing(ckpt, tmp_path, monkeypatch, preset):
+    """A write failing halfway (ENOSPC) is reported once, and no file appears at a final path."""
+    from medgemma_cli.converters import gguf_stream
+
+    real = gguf_stream._tensor_chunks
+    calls = {"n": 0}
+
+    def failing(ck, t, threads):
+        calls["n"] += 1
+        if calls["n"] == 30:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        yield from real(ck, t, threads)
+
+    monkeypatch.setattr(gguf_stream, "_tensor_chunks", failing)
+    out = tmp_path / "new" / "model"
+    with pytest.raises(OutputError, match="no space left on device"):
+        convert(ckpt, out, preset=preset)
+    assert calls["n"] == 30
+    assert not (tmp_path / "new").exists()
+
+
+def test_failure_after_text_file_keeps_existing_folder_clean(ckpt, tmp_path, monkeypatch):
+    """The mmproj failing after text.gguf was written: neither file, nor any temporary, remains."""
+    from medgemma_cli.converters import gguf_convert
+
+    out = tmp_path / "existing"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    monkeypatch.setattr(gguf_convert, "verify_mmproj", lambda *a: (_ for _ in ()).throw(OutputError(out / "mmproj.gguf", "boom")))
+    with pytest.raises(OutputError, match="boom"):
+        convert(ckpt, out, preset="F16")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_header_is_validated_before_writing(ckpt):
+    entries = read_header(ckpt / "model.safetensors")
+    assert "language_model.model.embed_tokens.weight" in entries

@@ -1,0 +1,63 @@
+"""The command line as a user meets it: help, one-line errors, exit codes, the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def medgemma(*args: str, home: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MEDGEMMA_HOME": str(home), "COLUMNS": "120"}
+    return subprocess.run([sys.executable, "-m", "medgemma_cli", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=home)
+
+
+def test_help_lists_commands_and_examples(tmp_path):
+    r = medgemma("--help", home=tmp_path)
+    assert r.returncode == 0 and "convert" in r.stdout and "demo" in r.stdout
+    r = medgemma("convert", "--help", home=tmp_path)
+    assert r.returncode == 0 and "Examples" in r.stdout and "--quant" in r.stdout
+
+
+def test_bad_input_is_one_line_without_traceback(tmp_path):
+    missing = tmp_path / "nowhere"
+    r = medgemma("convert", str(missing), "--out", str(tmp_path / "out"), home=tmp_path)
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and str(missing) in lines[0] and "not a folder" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    r = medgemma("convert", str(tmp_path / "nowhere"), "--debug", home=tmp_path)
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_convert_json_and_models(tiny_ckpt, tmp_path):
+    r = medgemma("convert", str(tiny_ckpt), "--quant", "q8_0", "--json", home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads(r.stdout)
+    assert manifest["preset"] == "Q8_0" and Path(manifest["path"]).parent == tmp_path / "models"
+    r = medgemma("models", "--json", home=tmp_path)
+    listed = json.loads(r.stdout)
+    assert [m["name"] for m in listed] == [Path(manifest["path"]).name]
+
+
+@pytest.mark.slow
+def test_demo_runs_from_nothing(tmp_path):
+    r = medgemma("demo", home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "random weights" in r.stdout and "Answer:" in r.stdout
+    answer = r.stdout.split("Answer:", 1)[1].split("model:", 1)[0].strip()
+    assert answer  # the tiny model produced text through llama.cpp
+    assert (tmp_path / "models" / "demo-tiny" / "text.gguf").is_file()
+    assert (tmp_path / "models" / "demo-tiny" / "mmproj.gguf").is_file()
+    again = medgemma("demo", home=tmp_path)  # cached: no second conversion, same greedy answer
+    assert again.returncode == 0
+    assert again.stdout.split("Answer:", 1)[1].split("model:", 1)[0].strip() == answer
