@@ -11,19 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import gguf
-from gguf import GGMLQuantizationType as Q, LlamaFileType
+import numpy as np
+from gguf import GGMLQuantizationType as Q
 
 from medgemma_cli import __version__
 from medgemma_cli.atomic import AtomicFolder
 from medgemma_cli.converters import gemma3
 from medgemma_cli.converters.checkpoint import Checkpoint
-from medgemma_cli.converters.gguf_stream import PlannedTensor, sha256_file, write_gguf
+from medgemma_cli.converters.gguf_stream import PlannedTensor, QuantError, write_gguf
 from medgemma_cli.converters.tokenizer import TokenType, Vocabulary, read_vocabulary, write_vocabulary
 from medgemma_cli.errors import InputError, OutputError
 from medgemma_cli.kernels.ggml import GGUFInfo, read_gguf_info
-from medgemma_cli.kernels.llama_quantize import llama_quantize
-from medgemma_cli.kernels.types import (DEFAULT_MMPROJ_TYPE, DEFAULT_PRESET, MMPROJ_FILE_TYPES, MMPROJ_TYPES,
-                                        PRESETS, mmproj_tensor_type, text_tensor_type)
+from medgemma_cli.kernels.imatrix import read_imatrix
+from medgemma_cli.kernels.policy import (DEFAULT_MMPROJ_TYPE, DEFAULT_PRESET, MMPROJ_FILE_TYPES, MMPROJ_TYPES,
+                                         PRESETS, Preset, fit, mmproj_tensor_type, text_tensor_type)
 from medgemma_cli.progress import NullProgress, Progress
 
 TEXT_FILE = "text.gguf"
@@ -39,11 +40,9 @@ class ConversionPlan:
     vision: list[PlannedTensor]
 
 
-def plan_tensors(ckpt: Checkpoint, spec: gemma3.Gemma3Spec, text_type: Q | None, mmproj_type: Q) -> ConversionPlan:
-    """Map every checkpoint tensor to its GGUF name and type; refuse missing, unexpected or misshapen ones.
-
-    `text_type` None means "lossless intermediate for llama.cpp's quantizer" (BF16 from bf16 sources).
-    """
+def plan_tensors(ckpt: Checkpoint, spec: gemma3.Gemma3Spec, preset: Preset, mmproj_type: Q,
+                 imatrix: dict[str, np.ndarray] | None = None) -> ConversionPlan:
+    """Map every checkpoint tensor to its GGUF name and type; refuse missing, unexpected or misshapen ones."""
     dims = spec.dims
     expected: dict[tuple[str, str], tuple[str, tuple[str, ...], bool]] = {}
     for src, dst, shape, plus_one in gemma3.expand(gemma3.TEXT_TENSORS, spec.text.layers):
@@ -83,19 +82,26 @@ def plan_tensors(ckpt: Checkpoint, spec: gemma3.Gemma3Spec, text_type: Q | None,
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise InputError(ckpt.folder, f"missing {comp} tensor {name!r}{more}")
 
-    bf16_source = all(ckpt.entries[found[k]].dtype == "BF16" for k in found
-                      if k[0] in ("text", "lm_head") and len(ckpt.entries[found[k]].shape) > 1)
-    lossless = Q.BF16 if bf16_source else Q.F32
     text, vision = [], []
     for (component, name), (gguf_name, _, plus_one) in expected.items():
         key = found[(component, name)]
         shape = ckpt.entries[key].shape
         if component in ("text", "lm_head"):
-            qtype = text_tensor_type(text_type if text_type is not None else lossless, shape)
-            text.append(PlannedTensor(gguf_name, key, shape, qtype, plus_one))
+            layer = int(gguf_name.split(".")[1]) if gguf_name.startswith("blk.") else None
+            qtype = text_tensor_type(preset, gguf_name, shape, layer, spec.text.layers)
+            im = _imatrix_for(imatrix, gguf_name, shape, qtype)
+            text.append(PlannedTensor(gguf_name, key, shape, qtype, plus_one, im))
         else:
             vision.append(PlannedTensor(gguf_name, key, shape, mmproj_tensor_type(mmproj_type, gguf_name, shape), plus_one))
     return ConversionPlan(spec, text, vision)
+
+
+def _imatrix_for(imatrix: dict[str, np.ndarray] | None, name: str, shape: tuple[int, ...], qtype: Q) -> np.ndarray | None:
+    """The importance vector for a tensor, used as llama-quantize uses it (only when it fits the rows)."""
+    if imatrix is None or name not in imatrix or qtype in (Q.F32, Q.F16, Q.BF16):
+        return None
+    values = imatrix[name]
+    return values if values.size == shape[-1] else None
 
 
 def _model_name(ckpt: Checkpoint) -> str:
@@ -169,10 +175,31 @@ def _file_entry(path: Path, r: GGUFInfo, sha256: str) -> dict[str, Any]:
     return {"size": path.stat().st_size, "sha256": sha256, "tensors": len(r.tensors), "tensor_types": dict(sorted(types.items()))}
 
 
+def quantization_report(plan: ConversionPlan, errors: dict[str, QuantError]) -> dict[str, Any]:
+    """Relative RMS error of the dequantized weights against the source, per tensor and per tensor class."""
+    classes: dict[str, dict[str, Any]] = {}
+    tensors = {}
+    for t in plan.text:
+        e = errors[t.gguf_name]
+        tensors[t.gguf_name] = {"type": t.qtype.name, "rel_rms": round(e.rel_rms, 6)}
+        cls = t.gguf_name.split(".")[-2] if t.gguf_name.startswith("blk.") else t.gguf_name.rsplit(".", 1)[0]
+        c = classes.setdefault(cls, {"types": Counter(), "ref": 0.0, "err": 0.0})
+        c["types"][t.qtype.name] += 1
+        c["ref"] += e.ref
+        c["err"] += e.err
+    summary = {cls: {"types": dict(c["types"]), "rel_rms": round(float(np.sqrt(c["err"] / c["ref"])) if c["ref"] else 0.0, 6)}
+               for cls, c in classes.items()}
+    return {"classes": summary, "tensors": tensors}
+
+
 def convert_gguf(src: Path | str, out: Path | str, preset: str = DEFAULT_PRESET, mmproj_type: str = DEFAULT_MMPROJ_TYPE,
-                 *, overwrite: bool = False, threads: int | None = None,
+                 *, overwrite: bool = False, threads: int | None = None, imatrix: Path | str | None = None,
                  progress: Progress | None = None) -> dict[str, Any]:
-    """Convert a MedGemma checkpoint folder; returns the manifest that is also written to `out`."""
+    """Convert a MedGemma checkpoint folder in one pass; returns the manifest that is also written to `out`.
+
+    Every tensor is read, converted to float32 and written straight in its final type (block types through
+    ggml's own quantizers), so there is no intermediate file and memory stays at a few row chunks.
+    """
     progress = progress or NullProgress()
     src, out = Path(src), Path(out)
     if preset not in PRESETS:
@@ -180,16 +207,24 @@ def convert_gguf(src: Path | str, out: Path | str, preset: str = DEFAULT_PRESET,
     if mmproj_type not in MMPROJ_TYPES:
         raise InputError(None, f"unknown mmproj type {mmproj_type!r}; choose one of {', '.join(MMPROJ_TYPES)}")
     pre = PRESETS[preset]
+    importance = read_imatrix(imatrix) if imatrix is not None else None
     with Checkpoint(src) as ckpt:
         spec = gemma3.read_spec(ckpt.config, ckpt.processor_config, ckpt.config_path)
         vocab = read_vocabulary(src, spec.text.vocab)
-        plan = plan_tensors(ckpt, spec, pre.direct_type, MMPROJ_TYPES[mmproj_type])
+        plan = plan_tensors(ckpt, spec, pre, MMPROJ_TYPES[mmproj_type], importance)
+        if importance is not None and not any(t.imatrix is not None for t in plan.text):
+            raise InputError(imatrix, "no entry of this importance matrix matches a tensor of this model")
         name = _model_name(ckpt)
         files = [TEXT_FILE] + ([MMPROJ_FILE] if spec.vision else []) + [MANIFEST_FILE]
         total = sum(t.nbytes for t in plan.text + plan.vision)
         with AtomicFolder(out, files, overwrite=overwrite) as folder:
             try:
-                manifest = _write_all(ckpt, plan, vocab, pre, mmproj_type, name, folder, total, threads, progress)
+                extra = {}
+                if importance is not None:
+                    extra["imatrix"] = {"path": str(Path(imatrix).resolve()),
+                                        "tensors": sum(t.imatrix is not None for t in plan.text)}
+                manifest = _write_all(ckpt, plan, vocab, pre, mmproj_type, name, folder, total, threads, progress,
+                                      extra)
             except OSError as e:
                 why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
                 raise OutputError(out, f"writing failed: {why}") from e
@@ -198,37 +233,24 @@ def convert_gguf(src: Path | str, out: Path | str, preset: str = DEFAULT_PRESET,
     return manifest
 
 
-def _write_all(ckpt: Checkpoint, plan: ConversionPlan, vocab: Vocabulary, pre: Any, mmproj_type: str, name: str,
-               folder: AtomicFolder, total: int, threads: int | None, progress: Progress) -> dict[str, Any]:
+def _write_all(ckpt: Checkpoint, plan: ConversionPlan, vocab: Vocabulary, pre: Preset, mmproj_type: str, name: str,
+               folder: AtomicFolder, total: int, threads: int | None, progress: Progress,
+               extra: dict[str, Any]) -> dict[str, Any]:
     spec = plan.spec
     progress.begin("Converting", total, len(plan.text) + len(plan.vision))
 
-    def text_metadata(file_type: LlamaFileType):
-        def add(w: gguf.GGUFWriter) -> None:
-            gemma3.write_text_metadata(w, spec, name)
-            w.add_file_type(int(file_type))
-            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            write_vocabulary(w, vocab)
-        return add
+    def text_metadata(w: gguf.GGUFWriter) -> None:
+        gemma3.write_text_metadata(w, spec, name)
+        w.add_file_type(int(pre.file_type))
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        write_vocabulary(w, vocab)
 
     text_tmp = folder.temp(TEXT_FILE)
-    if pre.direct_type is not None:
-        text_sha = write_gguf(text_tmp, "gemma3", text_metadata(pre.file_type), plan.text, ckpt, progress, threads)
-        expect = {pre.direct_type}
-    else:
-        lossless = next(t.qtype for t in plan.text if len(t.shape) > 1)
-        ftype = LlamaFileType.MOSTLY_BF16 if lossless == Q.BF16 else LlamaFileType.ALL_F32
-        intermediate = folder.scratch("text-lossless.gguf")
-        write_gguf(intermediate, "gemma3", text_metadata(ftype), plan.text, ckpt, progress, threads)
-        progress.status(f"quantizing to {pre.name} with llama.cpp")
-        llama_quantize(intermediate, text_tmp, pre.file_type, threads)
-        intermediate.unlink()
-        expect = {"Q4_K_M": {Q.Q4_K}, "Q5_K_M": {Q.Q5_K}, "Q6_K": {Q.Q6_K}}[pre.name]
-        text_sha = sha256_file(text_tmp)
+    text_sha, errors = write_gguf(text_tmp, "gemma3", text_metadata, plan.text, ckpt, progress, threads)
     # read back with ggml's own parser: what llama.cpp will see (gguf-py's reader would also cost ~700 MB
     # of Python objects for a 262k-token vocabulary)
     reader = read_gguf_info(text_tmp)
-    verify_text(text_tmp, reader, plan, vocab, expect)
+    verify_text(text_tmp, reader, plan, vocab, {fit(pre.default, spec.text.hidden)})
     manifest_files = {TEXT_FILE: _file_entry(text_tmp, reader, text_sha)}
     del reader
 
@@ -242,7 +264,7 @@ def _write_all(ckpt: Checkpoint, plan: ConversionPlan, vocab: Vocabulary, pre: A
             gemma3.write_mmproj_metadata(w, spec, f"{name} vision projector", list(mean), list(std))
             w.add_file_type(int(MMPROJ_FILE_TYPES[qtype]))
 
-        mm_sha = write_gguf(mm_tmp, "clip", mm_metadata, plan.vision, ckpt, progress, threads)
+        mm_sha, _ = write_gguf(mm_tmp, "clip", mm_metadata, plan.vision, ckpt, progress, threads)
         reader = read_gguf_info(mm_tmp)
         verify_mmproj(mm_tmp, reader, plan)
         manifest_files[MMPROJ_FILE] = _file_entry(mm_tmp, reader, mm_sha)
@@ -260,6 +282,8 @@ def _write_all(ckpt: Checkpoint, plan: ConversionPlan, vocab: Vocabulary, pre: A
         "image_size": spec.vision.image_size if spec.vision else None,
         "image_tokens": spec.vision.image_tokens if spec.vision else None,
         "files": manifest_files,
+        "quantization": quantization_report(plan, errors),
+        **extra,
     }
     tmp = folder.temp(MANIFEST_FILE)
     tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +18,9 @@ from gguf import GGMLQuantizationType as Q
 
 from medgemma_cli.converters.checkpoint import Checkpoint
 from medgemma_cli.converters.safetensors_io import to_float32
-from medgemma_cli.kernels.types import encode, nbytes
+from medgemma_cli.kernels.encode import encode
+from medgemma_cli.kernels.ggml import dequantize
+from medgemma_cli.kernels.policy import nbytes
 from medgemma_cli.progress import NullProgress, Progress
 
 CHUNK_ELEMENTS = 8 * 1024 * 1024  # float32 work buffer of 32 MB per chunk
@@ -32,6 +34,7 @@ class PlannedTensor:
     shape: tuple[int, ...]  # numpy order, as in the checkpoint
     qtype: Q
     plus_one: bool = False
+    imatrix: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -45,7 +48,19 @@ def _chunks(t: PlannedTensor) -> list[slice]:
     return [slice(s, min(s + step, rows)) for s in range(0, rows, step)]
 
 
-def _tensor_chunks(ckpt: Checkpoint, t: PlannedTensor, threads: int):
+@dataclass
+class QuantError:
+    """Sums of squares over a tensor: of the source values, and of dequantized minus source."""
+
+    ref: float = 0.0
+    err: float = 0.0
+
+    @property
+    def rel_rms(self) -> float:
+        return float(np.sqrt(self.err / self.ref)) if self.ref > 0 else 0.0
+
+
+def _tensor_chunks(ckpt: Checkpoint, t: PlannedTensor, threads: int, stats: QuantError):
     dtype = ckpt.entries[t.source].dtype
     copy = (dtype, t.qtype) in _SAME_DTYPE and not t.plus_one
     for rows in _chunks(t):
@@ -56,13 +71,22 @@ def _tensor_chunks(ckpt: Checkpoint, t: PlannedTensor, threads: int):
         x = to_float32(raw, dtype)
         if t.plus_one:
             x = x + np.float32(1.0)
-        yield encode(x.reshape(-1, t.shape[-1]), t.qtype, threads)
+        x = x.reshape(-1, t.shape[-1])
+        out = encode(x, t.qtype, threads, t.imatrix)
+        if t.qtype != Q.F32:  # measure what quantization cost
+            back = dequantize(out, int(t.qtype), x.size).reshape(x.shape)
+            stats.ref += float(np.dot(x.reshape(-1), x.reshape(-1)))
+            d = (back - x).reshape(-1)
+            stats.err += float(np.dot(d, d))
+        yield out
 
 
 def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], None],
                tensors: list[PlannedTensor], ckpt: Checkpoint, progress: Progress | None = None,
-               threads: int | None = None) -> str:
-    """Write a complete GGUF file at `path` (which must not exist); return its SHA-256."""
+               threads: int | None = None) -> tuple[str, dict[str, QuantError]]:
+    """Write a complete GGUF file at `path` (which must not exist).
+
+    Returns its SHA-256 and, per tensor, the quantization error (zero where the bytes are a copy)."""
     progress = progress or NullProgress()
     threads = threads or os.cpu_count() or 1
     w = gguf.GGUFWriter(path, arch)
@@ -89,9 +113,11 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], 
                 put(b"\0" * pad)
 
         pad_to_alignment()
+        errors: dict[str, QuantError] = {}
         for t in tensors:
             written = 0
-            for block in _tensor_chunks(ckpt, t, threads):
+            errors[t.gguf_name] = QuantError()
+            for block in _tensor_chunks(ckpt, t, threads, errors[t.gguf_name]):
                 data = memoryview(np.ascontiguousarray(block)).cast("B")
                 put(data)
                 written += len(data)
@@ -103,7 +129,7 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], 
         fout.flush()
     finally:
         w.close()
-    return sha.hexdigest()
+    return sha.hexdigest(), errors
 
 
 def sha256_file(path: Path, chunk: int = 16 * 1024 * 1024) -> str:

@@ -52,6 +52,15 @@ def lib() -> ctypes.CDLL:
                            "(pip install --force-reinstall llama-cpp-python==0.3.36)")
 
 
+_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+
+
+class _TypeTraits(ctypes.Structure):
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64), ("blck_size_interleave", ctypes.c_int64),
+                ("type_size", ctypes.c_size_t), ("is_quantized", ctypes.c_bool), ("to_float", _TO_FLOAT),
+                ("from_float_ref", ctypes.c_void_p)]
+
+
 class _GgufInitParams(ctypes.Structure):
     _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
 
@@ -82,6 +91,7 @@ def _declare(h: ctypes.CDLL) -> None:
         "ggml_quantize_requires_imatrix": ([ctypes.c_int], ctypes.c_bool),
         "ggml_row_size": ([ctypes.c_int, i64], sz),
         "ggml_blck_size": ([ctypes.c_int], i64),
+        "ggml_get_type_traits": ([ctypes.c_int], ctypes.POINTER(_TypeTraits)),
     }
     for name, (args, res) in sigs.items():
         fn = getattr(h, name)
@@ -127,6 +137,17 @@ def quantize(rows: np.ndarray, qtype: int, *, imatrix: np.ndarray | None = None,
         bounds = np.linspace(0, n_rows, threads + 1).astype(int)
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(work, bounds[:-1], bounds[1:]))
+    return out
+
+
+def dequantize(data: np.ndarray, qtype: int, n_values: int) -> np.ndarray:
+    """ggml's own dequantization of `n_values` values stored as `qtype` (for measuring quantization error)."""
+    traits = lib().ggml_get_type_traits(int(qtype)).contents
+    if not traits.to_float:
+        raise ValueError(f"ggml has no dequantizer for type {qtype}")
+    src = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    out = np.empty(n_values, dtype=np.float32)
+    traits.to_float(src.ctypes.data, out.ctypes.data, n_values)
     return out
 
 

@@ -1,18 +1,22 @@
-"""llama.cpp's own quantizer (`llama_model_quantize`), for the K-quant presets."""
+"""llama.cpp's own quantizer (`llama_model_quantize`): the reference our one-pass output is checked against,
+and the two-pass route the benchmark compares with."""
 
 from __future__ import annotations
 
 import ctypes
 import os
 from pathlib import Path
+from typing import Mapping
 
+import numpy as np
 from gguf import LlamaFileType
 
 from medgemma_cli.errors import OutputError
 
 
-def llama_quantize(src: Path, dst: Path, file_type: LlamaFileType, threads: int | None = None) -> None:
-    """Quantize a GGUF file with llama.cpp's quantizer (the reference our outputs are checked against)."""
+def llama_quantize(src: Path, dst: Path, file_type: LlamaFileType, threads: int | None = None,
+                   imatrix: Mapping[str, np.ndarray] | None = None) -> None:
+    """Quantize a GGUF file with llama.cpp's quantizer, optionally with importance-matrix values per tensor."""
     import llama_cpp
     from llama_cpp import _logger
 
@@ -20,6 +24,17 @@ def llama_quantize(src: Path, dst: Path, file_type: LlamaFileType, threads: int 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(file_type)
     params.nthread = int(threads or os.cpu_count() or 1)
+    keep = []
+    if imatrix:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, values) in enumerate(imatrix.items()):
+            arr = np.ascontiguousarray(values, dtype=np.float32)
+            keep.append(arr)
+            entries[i].name = name.encode()
+            entries[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entries[i].size = arr.size
+        params.imatrix = entries  # the zeroed last entry (name NULL) ends the list
+        keep.append(entries)
     rc = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(dst), ctypes.byref(params))
     if rc != 0:
         raise OutputError(dst, f"llama.cpp's quantizer failed (code {rc}) on {Path(src).name}")

@@ -14,7 +14,7 @@ import typer
 from medgemma_cli import __version__
 from medgemma_cli.console import RichProgress, err, human_bytes, out
 from medgemma_cli.errors import MedgemmaError
-from medgemma_cli.kernels.types import DEFAULT_MMPROJ_TYPE, DEFAULT_PRESET, MMPROJ_TYPES, PRESETS
+from medgemma_cli.kernels.policy import DEFAULT_MMPROJ_TYPE, DEFAULT_PRESET, MMPROJ_TYPES, PRESETS
 
 app = typer.Typer(
     name="medgemma",

@@ -8,7 +8,7 @@ from typing import Any
 
 from medgemma_cli import store
 from medgemma_cli.converters.gguf_convert import convert_gguf
-from medgemma_cli.kernels.types import DEFAULT_MMPROJ_TYPE, DEFAULT_PRESET
+from medgemma_cli.kernels.policy import DEFAULT_MMPROJ_TYPE, DEFAULT_PRESET
 from medgemma_cli.progress import Progress
 
 
@@ -24,12 +24,13 @@ def default_output(src: Path, preset: str) -> Path:
 
 def convert(src: Path | str, out: Path | str | None = None, *, preset: str = DEFAULT_PRESET,
             mmproj_type: str = DEFAULT_MMPROJ_TYPE, overwrite: bool = False, threads: int | None = None,
-            progress: Progress | None = None) -> ConvertResult:
+            imatrix: Path | str | None = None, progress: Progress | None = None) -> ConvertResult:
     """Convert a Hugging Face MedGemma checkpoint folder into GGUF files for llama.cpp.
 
     Output goes to `out`, or to the model store (`medgemma models` lists it) when `out` is None.
     """
     src = Path(src)
     target = Path(out) if out is not None else default_output(src, preset)
-    manifest = convert_gguf(src, target, preset, mmproj_type, overwrite=overwrite, threads=threads, progress=progress)
+    manifest = convert_gguf(src, target, preset, mmproj_type, overwrite=overwrite, threads=threads, imatrix=imatrix,
+                            progress=progress)
     return ConvertResult(target, manifest)

@@ -229,11 +229,16 @@ def _values(shape: tuple[int, ...], kind: str, rng: np.random.Generator) -> np.n
 
 def make_checkpoint(folder: Path | str, shape: str = "tiny", *, architecture: str = "Gemma3ForConditionalGeneration",
                     dtype: str = "float32", layout: str = "hf4", seed: int = 0, shard_bytes: int | None = None,
-                    progress: Callable[[int, int], None] | None = None) -> Path:
-    """Write a complete random checkpoint of a named shape into `folder` (created; must be empty or absent)."""
+                    layers: int | None = None, progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write a complete random checkpoint of a named shape into `folder` (created; must be empty or absent).
+
+    `layers` overrides the text depth (a tiny-width model with 34 or 62 layers exercises every
+    layer-position rule of the quantization presets)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     s = SHAPES[shape]
+    if layers is not None:
+        s = Shape(s.name, {**s.text, "num_hidden_layers": layers}, s.vision, s.image_tokens, s.sp_pieces)
     ids = _tokenizer_files(folder, s)
     config = _config(s, architecture, dtype, ids)
     _json(folder / "config.json", config)

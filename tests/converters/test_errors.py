@@ -142,11 +142,11 @@ def test_full_disk_mid_write_leaves_nothing(ckpt, tmp_path, monkeypatch, preset)
     real = gguf_stream._tensor_chunks
     calls = {"n": 0}
 
-    def failing(ck, t, threads):
+    def failing(*args):
         calls["n"] += 1
         if calls["n"] == 30:
             raise OSError(errno.ENOSPC, "No space left on device")
-        yield from real(ck, t, threads)
+        yield from real(*args)
 
     monkeypatch.setattr(gguf_stream, "_tensor_chunks", failing)
     out = tmp_path / "new" / "model"

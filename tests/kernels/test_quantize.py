@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType as Q
 
 from medgemma_cli.kernels import ggml
 from medgemma_cli.kernels.llama_quantize import llama_quantize
-from medgemma_cli.kernels.types import mmproj_tensor_type, text_tensor_type
+from medgemma_cli.kernels.policy import PRESETS, more_bits, mmproj_tensor_type, text_tensor_type
 
 
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_K, Q.Q5_K, Q.Q6_K])
@@ -40,9 +40,19 @@ def test_rows_not_whole_blocks_are_refused():
         ggml.quantize(np.zeros((2, 100), np.float32), Q.Q4_K)
 
 
-def test_policy():
-    assert text_tensor_type(Q.Q8_0, (2560,)) == Q.F32  # norms
-    assert text_tensor_type(Q.Q8_0, (10240, 2560)) == Q.Q8_0
+def test_policy_rules():
+    q4 = PRESETS["Q4_K_M"]
+    assert text_tensor_type(q4, "blk.3.attn_norm.weight", (2560,), 3, 34) == Q.F32
+    assert text_tensor_type(q4, "token_embd.weight", (262208, 2560), None, 34) == Q.Q6_K  # tied output
+    assert text_tensor_type(q4, "blk.0.attn_v.weight", (1024, 2560), 0, 34) == Q.Q6_K  # first eighth
+    assert text_tensor_type(q4, "blk.5.attn_v.weight", (1024, 2560), 5, 34) == Q.Q4_K
+    assert text_tensor_type(q4, "blk.33.ffn_down.weight", (2560, 10240), 33, 34) == Q.Q6_K  # last eighth
+    assert text_tensor_type(q4, "blk.5.ffn_up.weight", (10240, 2560), 5, 34) == Q.Q4_K
+    assert text_tensor_type(q4, "blk.5.ffn_up.weight", (10240, 2592), 5, 34) == Q.Q5_0  # rows not 256-blocks
+    assert text_tensor_type(PRESETS["Q8_0"], "token_embd.weight", (1024, 256), None, 6) == Q.Q8_0
+    assert text_tensor_type(PRESETS["Q8_0"], "blk.0.ffn_up.weight", (100, 100), 0, 6) == Q.F16  # 100 % 32
+    # i < 34//8, i >= 7*34//8, or (i - 4) % 3 == 2
+    assert [i for i in range(34) if more_bits(i, 34)] == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 29, 30, 31, 32, 33]
     assert mmproj_tensor_type(Q.Q8_0, "v.blk.0.ffn_down.weight", (1152, 4304)) == Q.F16  # 4304 % 32 != 0
     assert mmproj_tensor_type(Q.Q8_0, "mm.input_projection.weight", (1152, 2560)) == Q.F16
     assert mmproj_tensor_type(Q.Q8_0, "v.patch_embd.weight", (1152, 3, 14, 14)) == Q.F32
