@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import gguf
 import numpy as np
@@ -60,25 +62,79 @@ class QuantError:
         return float(np.sqrt(self.err / self.ref)) if self.ref > 0 else 0.0
 
 
-def _tensor_chunks(ckpt: Checkpoint, t: PlannedTensor, threads: int, stats: QuantError):
-    dtype = ckpt.entries[t.source].dtype
-    copy = (dtype, t.qtype) in _SAME_DTYPE and not t.plus_one
-    for rows in _chunks(t):
-        raw = ckpt.read_rows(t.source, rows if len(t.shape) > 1 else None)
-        if copy:
-            yield raw
-            continue
-        x = to_float32(raw, dtype)
-        if t.plus_one:
-            x = x + np.float32(1.0)
-        x = x.reshape(-1, t.shape[-1])
-        out = encode(x, t.qtype, threads, t.imatrix)
-        if t.qtype != Q.F32:  # measure what quantization cost
-            back = dequantize(out, int(t.qtype), x.size).reshape(x.shape)
-            stats.ref += float(np.dot(x.reshape(-1), x.reshape(-1)))
-            d = (back - x).reshape(-1)
-            stats.err += float(np.dot(d, d))
-        yield out
+REPORT_STRIDE = 16  # the quantization report measures every 16th row: rows quantize independently
+
+
+def _prepared_chunks(ckpt: Checkpoint, tensors: list[PlannedTensor]) -> Iterator[tuple[PlannedTensor, np.ndarray, bool]]:
+    """(tensor, data, is_final_bytes) per row chunk: a plain copy of the stored bytes when the type does not
+    change, else float32 rows ready for encoding. Runs one chunk ahead of the encoder, in a helper thread."""
+    for t in tensors:
+        dtype = ckpt.entries[t.source].dtype
+        copy = (dtype, t.qtype) in _SAME_DTYPE and not t.plus_one
+        for rows in _chunks(t):
+            raw = ckpt.read_rows(t.source, rows if len(t.shape) > 1 else None)
+            if copy:
+                yield t, raw, True
+                continue
+            x = to_float32(raw, dtype)
+            if t.plus_one:
+                x = x + np.float32(1.0)
+            yield t, x.reshape(-1, t.shape[-1]), False
+
+
+def _read_ahead(items: Iterator, depth: int = 1) -> Iterator:
+    """Iterate `items` in a helper thread, `depth` items ahead (numpy and file reads release the GIL)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def run() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # handed to the consumer, raised there
+            q.put(e)
+
+    worker = threading.Thread(target=run, name="medgemma-read-ahead", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join()
+
+
+def _encoded(prepared: Iterator[tuple[PlannedTensor, np.ndarray, bool]], threads: int
+             ) -> Iterator[tuple[PlannedTensor, np.ndarray, np.ndarray | None]]:
+    """(tensor, output bytes, float32 source rows or None for copies): the encoding stage of the pipeline."""
+    for t, data, final in prepared:
+        if final:
+            yield t, data, None
+        else:
+            yield t, encode(data, t.qtype, threads, t.imatrix), data
+
+
+def _measure(x: np.ndarray, out: np.ndarray, qtype: Q, stats: QuantError) -> None:
+    xs = x[::REPORT_STRIDE]
+    back = dequantize(np.ascontiguousarray(out[::REPORT_STRIDE]), int(qtype), xs.size).reshape(xs.shape)
+    flat = xs.reshape(-1)
+    d = (back - xs).reshape(-1)
+    stats.ref += float(np.dot(flat, flat))
+    stats.err += float(np.dot(d, d))
 
 
 def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], None],
@@ -113,19 +169,30 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], 
                 put(b"\0" * pad)
 
         pad_to_alignment()
-        errors: dict[str, QuantError] = {}
-        for t in tensors:
-            written = 0
-            errors[t.gguf_name] = QuantError()
-            for block in _tensor_chunks(ckpt, t, threads, errors[t.gguf_name]):
-                data = memoryview(np.ascontiguousarray(block)).cast("B")
-                put(data)
-                written += len(data)
-                progress.advance(len(data))
-            if written != t.nbytes:
-                raise AssertionError(f"{t.gguf_name}: wrote {written} bytes, planned {t.nbytes}")
+        errors = {t.gguf_name: QuantError() for t in tensors}
+        written = {t.gguf_name: 0 for t in tensors}
+
+        def finish(t: PlannedTensor) -> None:
+            if written[t.gguf_name] != t.nbytes:
+                raise AssertionError(f"{t.gguf_name}: wrote {written[t.gguf_name]} bytes, planned {t.nbytes}")
             pad_to_alignment()
             progress.advance(0, tensors=1)
+
+        current: PlannedTensor | None = None
+        # three stages in three threads: read + widen, quantize (itself on `threads` cores), hash + write
+        stages = _read_ahead(_encoded(_read_ahead(_prepared_chunks(ckpt, tensors)), threads))
+        for t, data, x in stages:
+            if current is not None and t is not current:
+                finish(current)
+            current = t
+            if x is not None and t.qtype != Q.F32:
+                _measure(x, data, t.qtype, errors[t.gguf_name])
+            view = memoryview(np.ascontiguousarray(data)).cast("B")
+            put(view)
+            written[t.gguf_name] += len(view)
+            progress.advance(len(view))
+        if current is not None:
+            finish(current)
         fout.flush()
     finally:
         w.close()

@@ -151,7 +151,9 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> int:
 def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
     """Widen stored values to float32 (exact for bf16 and f16)."""
     if dtype == "BF16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
+        out = np.empty(raw.shape, dtype=np.uint32)
+        np.left_shift(raw, 16, out=out, dtype=np.uint32)  # one pass, no temporary
+        return out.view(np.float32)
     if dtype not in _FLOAT_DTYPES:
         raise ValueError(f"not a floating-point tensor: {dtype}")
     return raw.astype(np.float32)

@@ -139,16 +139,16 @@ def test_full_disk_mid_write_leaves_nothing(ckpt, tmp_path, monkeypatch, preset)
     """A write failing halfway (ENOSPC) is reported once, and no file appears at a final path."""
     from medgemma_cli.converters import gguf_stream
 
-    real = gguf_stream._tensor_chunks
+    real = gguf_stream.encode
     calls = {"n": 0}
 
     def failing(*args):
         calls["n"] += 1
         if calls["n"] == 30:
             raise OSError(errno.ENOSPC, "No space left on device")
-        yield from real(*args)
+        return real(*args)
 
-    monkeypatch.setattr(gguf_stream, "_tensor_chunks", failing)
+    monkeypatch.setattr(gguf_stream, "encode", failing)
     out = tmp_path / "new" / "model"
     with pytest.raises(OutputError, match="no space left on device"):
         convert(ckpt, out, preset=preset)
@@ -172,3 +172,27 @@ def test_failure_after_text_file_keeps_existing_folder_clean(ckpt, tmp_path, mon
 def test_header_is_validated_before_writing(ckpt):
     entries = read_header(ckpt / "model.safetensors")
     assert "language_model.model.embed_tokens.weight" in entries
+
+
+def test_real_write_failure_leaves_nothing(ckpt, tmp_path):
+    """The kernel refuses a write past RLIMIT_FSIZE halfway through text.gguf: a real failing write()."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "limited" / "model"
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4_000_000, 4_000_000))\n"
+        "from medgemma_cli.conversion import convert\n"
+        "from medgemma_cli.errors import OutputError\n"
+        "try:\n"
+        f"    convert({str(ckpt)!r}, {str(out)!r}, preset='F32')\n"
+        "except OutputError as e:\n"
+        "    print('ERR', e)\n"
+        "    sys.exit(3)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert "writing failed: File too large" in r.stdout
+    assert not (tmp_path / "limited").exists()
