@@ -78,25 +78,27 @@ def convert(
     mmproj_quant: str = typer.Option(DEFAULT_MMPROJ_TYPE, "--mmproj-quant",
                                      help=f"Vision projector type: {', '.join(MMPROJ_TYPES)}."),
     force: bool = typer.Option(False, "--force", help="Replace existing files in the output folder."),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="Threads for llama.cpp's quantizer."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (llama.cpp's GGUF or .dat format)."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="Quantization threads [default: all cores]."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Convert a MedGemma checkpoint into GGUF for llama.cpp (text.gguf + mmproj.gguf + manifest.json).
 
-    Tensors are streamed one at a time, so memory stays small whatever the model size; files appear only
-    when complete.
+    One pass: each tensor is read, quantized by ggml's own kernels and written, so memory stays small whatever
+    the model size and nothing intermediate touches the disk; files appear only when complete and verified.
 
     [bold]Examples[/]
 
       medgemma convert ~/models/medgemma-4b-it
       medgemma convert ~/models/medgemma-4b-it --out ./medgemma-4b-q8 --quant Q8_0
       medgemma convert ~/models/medgemma-27b-text-it --quant Q5_K_M
+      medgemma convert ~/models/medgemma-4b-it --imatrix imatrix.gguf
     """
     from medgemma_cli.conversion import convert as run_convert
 
     progress = None if as_json else RichProgress()
     result = run_convert(src, out_dir, preset=quant.upper(), mmproj_type=mmproj_quant.upper(), overwrite=force,
-                         threads=threads, progress=progress)
+                         threads=threads, imatrix=imatrix, progress=progress)
     if as_json:
         out.print_json(json.dumps({"path": str(result.path), **result.manifest}))
         return
@@ -109,6 +111,15 @@ def convert(
         types = ", ".join(f"{k}×{v}" for k, v in f["tensor_types"].items())
         table.add_row(name, human_bytes(f["size"]), str(f["tensors"]), types, f["sha256"][:16] + "…")
     out.print(table)
+    classes = result.manifest.get("quantization", {}).get("classes", {})
+    lossy = {k: v for k, v in classes.items() if v["rel_rms"] > 0}
+    if lossy:
+        q = Table(title="Quantization error (relative RMS of dequantized weights)", title_justify="left")
+        for col in ("tensors", "types", "rel. RMS"):
+            q.add_column(col, justify="right" if col == "rel. RMS" else "left")
+        for k, v in lossy.items():
+            q.add_row(k, ", ".join(f"{t}×{n}" for t, n in v["types"].items()), f"{v['rel_rms']:.4f}")
+        out.print(q)
 
 
 @app.command()
