@@ -124,6 +124,61 @@ def convert(
 
 @app.command()
 @_guard
+def ask(
+    question: str = typer.Argument(..., help="The question, in quotes."),
+    files: Optional[list[Path]] = typer.Argument(None, help="DICOM files or series folders, PNG/JPEG images, notes (.txt, .md, .pdf)."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Converted model folder or its name in the store [default: the newest]."),
+    gguf: Optional[Path] = typer.Option(None, "--gguf", help="A text-model GGUF from elsewhere (with --mmproj for images)."),
+    mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="The vision projector GGUF that goes with --gguf."),
+    system: Optional[str] = typer.Option(None, "--system", help='System prompt, e.g. "You are an expert radiologist."'),
+    max_tokens: int = typer.Option(512, "--max-tokens", help="Longest answer, in tokens."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (as the reference evaluations)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed (with --temperature > 0)."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads [default: physical cores]."),
+    gpu_layers: Optional[int] = typer.Option(None, "--gpu-layers", help="Layers offloaded to the GPU [default: all when the build supports it]."),
+    ctx: Optional[int] = typer.Option(None, "--ctx", help="Context size limit [default: what the prompt needs]."),
+    max_slices: int = typer.Option(85, "--max-slices", help="Most slices sent from one series, sampled evenly."),
+    save_input: Optional[Path] = typer.Option(None, "--save-input", help="Write PNGs of exactly the pixels the model receives here."),
+    with_metadata: bool = typer.Option(False, "--with-metadata", help="Add modality, body part, view, age and sex (never names, IDs or dates)."),
+    show_thinking: bool = typer.Option(False, "--show-thinking", help="Keep MedGemma 27B's thinking trace in the output."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (answer, inputs with SHA-256, tokens, timings)."),
+) -> None:
+    """Ask MedGemma about local DICOM files, series, images and clinical notes; the answer streams as it comes.
+
+    DICOM is rendered as the reference pipeline does (modality/VOI LUTs, CT in three Hounsfield windows, MR
+    min–max over the volume, series ordered along the slice normal, at most 85 slices with "SLICE n" labels)
+    and every image is resized by us to the model's square input.
+
+    [bold]Examples[/]
+
+      medgemma ask "Describe this chest X-ray." chest.dcm
+      medgemma ask "Any acute findings?" ./ct-series/ --system "You are an expert radiologist."
+      medgemma ask "Summarise." note.txt report-sr.dcm --json
+      medgemma ask "What changed?" scan.png --gguf medgemma-4b-it-Q4_K_M.gguf --mmproj mmproj-F16.gguf
+    """
+    from medgemma_cli.ask import AskOptions, ask as run_ask
+
+    opts = AskOptions(system=system, max_tokens=max_tokens, temperature=temperature, seed=seed, threads=threads,
+                      gpu_layers=gpu_layers, ctx=ctx, with_metadata=with_metadata, show_thinking=show_thinking,
+                      max_slices=max_slices, save_input=save_input, verbose=_DEBUG)
+    stream = None if as_json else (lambda piece: out.print(piece, end="", markup=False, highlight=False))
+    result = run_ask(question, files or [], model=model, gguf=gguf, mmproj=mmproj, options=opts, on_text=stream)
+    if as_json:
+        out.print_json(json.dumps(result.as_dict()))
+        return
+    out.print()
+    for w in result.warnings:
+        err.print(f"[yellow]note:[/] {w}")
+    t = result.timings
+    err.print(f"[dim]{result.model['name']} · {result.images_sent} image(s) · {result.tokens['prompt']} prompt tokens · "
+              f"first token {t['first_token_s']:.1f} s (images {t['image_encode_s']:.1f} s) · "
+              f"{t['decode_tokens_per_s']:.1f} tokens/s[/]")
+    if result.saved_inputs:
+        err.print(f"[dim]model inputs saved: {', '.join(result.saved_inputs)}[/]")
+
+
+@app.command()
+@_guard
 def models(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
     """List the converted models in the store (MEDGEMMA_HOME, or the user data folder).
 
@@ -215,23 +270,25 @@ def bench(
 @app.command()
 @_guard
 def demo() -> None:
-    """Run the whole pipeline with nothing downloaded: a tiny random MedGemma is generated, converted and run.
+    """Run the whole pipeline with nothing downloaded: a tiny random MedGemma is generated, converted, and asked
+    about a CT slice that ships with pydicom and a short note.
 
     [bold]Example[/]
 
       medgemma demo
     """
-    from medgemma_cli.demo import RANDOM_WEIGHTS_NOTICE, run_demo
+    from medgemma_cli.demo import DEMO_QUESTION, RANDOM_WEIGHTS_NOTICE, demo_model, run_demo
 
     out.print(f"[yellow]{RANDOM_WEIGHTS_NOTICE}[/]")
-    out.print("[bold]Question:[/] ", end="")
-    from medgemma_cli.demo import DEMO_QUESTION
-
-    out.print(DEMO_QUESTION)
+    demo_model(RichProgress())  # generate and convert first (cached), so the bar does not cut the answer
+    out.print(f"[bold]Question:[/] {DEMO_QUESTION}")
+    out.print("[bold]Inputs:[/] a CT slice that ships with pydicom (CT_small.dcm) and a short note")
     out.print("[bold]Answer:[/] ", end="")
     result = run_demo(progress=RichProgress(), on_text=lambda s: out.print(s, end="", markup=False))
     out.print()
-    out.print(f"[dim]model: {result.model.path} · {result.seconds:.1f} s[/]")
+    out.print(f"[dim]{result.completion_tokens} tokens generated · model: {result.model.path} · {result.seconds:.1f} s[/]")
+    for p in result.saved_inputs:
+        out.print(f"[dim]what the model saw: {p}[/]")
     out.print(f"[yellow]{RANDOM_WEIGHTS_NOTICE}[/]")
 
 

@@ -11,14 +11,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from medgemma_cli import store
 from medgemma_cli.conversion import ConvertResult, convert
 from medgemma_cli.progress import Progress
 from medgemma_cli.synthetic import make_checkpoint
 
-DEMO_QUESTION = "Describe the findings on this chest radiograph."
+DEMO_QUESTION = "Describe the findings on this CT slice, taking the note into account."
 RANDOM_WEIGHTS_NOTICE = ("This demo model has random weights: its answer is meaningless. "
                          "Convert a real MedGemma checkpoint to get real answers (see the README).")
 
@@ -30,6 +30,9 @@ class DemoResult:
     question: str
     answer: str
     seconds: float
+    inputs: list[Path]
+    saved_inputs: list[Path]
+    completion_tokens: int
 
 
 def demo_checkpoint() -> Path:
@@ -60,26 +63,24 @@ def demo_model(progress: Progress | None = None) -> ConvertResult:
     return convert(ckpt, out, preset="Q4_K_M", progress=progress)
 
 
-def stream_answer(model_dir: Path, question: str, max_tokens: int = 32, threads: int | None = None) -> Iterator[str]:
-    """Greedy text-only answer through llama.cpp with the model's own chat template."""
-    import llama_cpp
-    from llama_cpp import _logger
+def sample_inputs(folder: Path) -> list[Path]:
+    """A CT slice that ships with pydicom, and a short note."""
+    from pydicom.data import get_testdata_file
 
-    _logger.set_verbose(False)
-    llm = llama_cpp.Llama(str(model_dir / "text.gguf"), n_ctx=512, n_threads=threads, verbose=False, seed=0)
-    messages = [{"role": "user", "content": question}]
-    for chunk in llm.create_chat_completion(messages, max_tokens=max_tokens, temperature=0.0, stream=True):
-        delta = chunk["choices"][0].get("delta", {}).get("content")
-        if delta:
-            yield delta
+    folder.mkdir(parents=True, exist_ok=True)
+    note = folder / "note.txt"
+    note.write_text("72-year-old with cough and fever for three days. History of smoking.\n", encoding="utf-8")
+    return [Path(get_testdata_file("CT_small.dcm", download=False)), note]
 
 
 def run_demo(progress: Progress | None = None, on_text: Callable[[str], None] | None = None) -> DemoResult:
+    from medgemma_cli.ask import AskOptions, ask
+
     t0 = time.perf_counter()
     model = demo_model(progress)
-    parts = []
-    for piece in stream_answer(model.path, DEMO_QUESTION):
-        parts.append(piece)
-        if on_text:
-            on_text(piece)
-    return DemoResult(demo_checkpoint(), model, DEMO_QUESTION, "".join(parts), time.perf_counter() - t0)
+    work = store.cache_dir() / "demo-inputs"
+    files = sample_inputs(work)
+    result = ask(DEMO_QUESTION, files, model=model.path,
+                 options=AskOptions(max_tokens=24, save_input=work / "model-input"), on_text=on_text)
+    return DemoResult(demo_checkpoint(), model, DEMO_QUESTION, result.answer, time.perf_counter() - t0,
+                      files, [Path(p) for p in result.saved_inputs], result.tokens["completion"])

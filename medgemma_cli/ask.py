@@ -1,0 +1,171 @@
+"""`medgemma ask`: one question about local files, answered by MedGemma on this machine."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from medgemma_cli.errors import MedgemmaError
+from medgemma_cli.inputs import dicom
+from medgemma_cli.inputs.collect import Collected, collect
+from medgemma_cli.inputs.images import save_png
+from medgemma_cli.prompt import build_messages, truncate_notes
+from medgemma_cli.runtime import Engine, ModelFiles, Timings, quiet_stderr, resolve_model
+
+
+@dataclass
+class AskOptions:
+    system: str | None = None
+    max_tokens: int = 512
+    temperature: float = 0.0
+    seed: int = 0
+    threads: int | None = None
+    gpu_layers: int | None = None
+    ctx: int | None = None
+    with_metadata: bool = False
+    show_thinking: bool = False
+    max_slices: int = dicom.MAX_SLICES
+    save_input: Path | None = None
+    verbose: bool = False
+
+
+@dataclass
+class AskResult:
+    answer: str
+    thinking: str | None
+    model: dict[str, Any]
+    inputs: list[dict[str, Any]]
+    images_sent: int
+    warnings: list[str]
+    tokens: dict[str, int]
+    timings: dict[str, float]
+    stopped: str
+    saved_inputs: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Counter:
+    """Exact token counts before the model is loaded, with the model's own vocabulary (loads in a blink)."""
+
+    def __init__(self, files: ModelFiles):
+        import llama_cpp
+
+        with quiet_stderr():
+            self.llm = llama_cpp.Llama(str(files.text), vocab_only=True, verbose=False)
+        self.n_ctx_train = int(self.llm._model.n_ctx_train()) or 8192
+
+    def count(self, text: str) -> int:
+        return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+
+def plan_context(question: str, inputs: Collected, files: ModelFiles, opts: AskOptions,
+                 counter: _Counter, image_tokens: int) -> tuple[list[dict[str, Any]], int, list[str]]:
+    """Messages and a context size that fit: notes are truncated visibly if they must be."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    warnings: list[str] = []
+    limit = min(opts.ctx or counter.n_ctx_train, counter.n_ctx_train)
+    template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
+        counter.llm.metadata.get("tokenizer.chat_template") or "")
+    per_image = image_tokens + 2  # <start_of_image> and <end_of_image> around the embeddings
+
+    def need(notes: list[tuple[str, str]]) -> int:
+        msgs = build_messages(question, inputs, opts.system, opts.with_metadata, notes)
+        text = template.render(messages=msgs, bos_token="<bos>", add_generation_prompt=True,
+                               raise_exception=lambda m: None)
+        text = text.replace("<start_of_image>", "\n\n\n\n")
+        return counter.count(text) + per_image * len(inputs.images) + opts.max_tokens
+
+    notes = list(inputs.notes)
+    needed = need(notes)
+    if needed > limit and notes:
+        total = sum(len(t) for _, t in notes)
+        lo, hi = 0, total
+        while lo < hi:  # the longest prefix of the notes that fits
+            mid = (lo + hi + 1) // 2
+            if need(truncate_notes(notes, mid)[0]) <= limit:
+                lo = mid
+            else:
+                hi = mid - 1
+        notes, cut = truncate_notes(notes, lo)
+        warnings.append(f"the notes did not fit the context of {limit} tokens: {cut} characters were left out "
+                        "(marked in the prompt)")
+        needed = need(notes)
+    if needed > limit:
+        raise MedgemmaError(f"the prompt needs {needed} tokens ({len(inputs.images)} images × {per_image}, the text, "
+                            f"{opts.max_tokens} to answer) but the context holds {limit}; send fewer images "
+                            "(--max-slices), lower --max-tokens or raise --ctx")
+    n_ctx = min(limit, max(256, -(-needed // 256) * 256))
+    return build_messages(question, inputs, opts.system, opts.with_metadata, notes), n_ctx, warnings
+
+
+def ask(question: str, files: list[Path] | None = None, *, model: Path | None = None, gguf: Path | None = None,
+        mmproj: Path | None = None, options: AskOptions | None = None,
+        on_text: Callable[[str], None] | None = None) -> AskResult:
+    """Answer a question about DICOM files, series, images and notes with MedGemma (streamed to `on_text`)."""
+    opts = options or AskOptions()
+    if not question.strip():
+        raise MedgemmaError("the question is empty")
+    model_files = resolve_model(model, gguf, mmproj)
+    vision = model_files.vision
+    t_start = time.perf_counter()
+    inputs = collect([Path(f) for f in files or []], vision["image_size"] if vision else None, opts.max_slices)
+    counter = _Counter(model_files)
+    image_tokens = vision["image_tokens"] if vision else 0
+    per_image = image_tokens + 2
+    limit = min(opts.ctx or counter.n_ctx_train, counter.n_ctx_train)
+    room = limit - opts.max_tokens - 512
+    if inputs.images and len(inputs.images) * per_image > room and inputs.volumes:
+        fit = max(1, room // per_image)
+        before = len(inputs.images)
+        inputs = collect([Path(f) for f in files or []], vision["image_size"], min(opts.max_slices, fit))
+        inputs.warnings.append(f"too many images for a context of {limit} tokens: {len(inputs.images)} of "
+                               f"{before} slices sent, sampled evenly")
+    messages, n_ctx, warnings = plan_context(question, inputs, model_files, opts, counter, image_tokens)
+    saved = []
+    if opts.save_input is not None:
+        opts.save_input.mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(inputs.images, 1):
+            path = opts.save_input / f"input-{i:03d}.png"
+            save_png(img.rgb, path)
+            saved.append(str(path))
+    timings = Timings()
+    engine = Engine(model_files, n_ctx=n_ctx, threads=opts.threads, gpu_layers=opts.gpu_layers, verbose=opts.verbose)
+    timings.load_s = engine.load_s
+    try:
+        prompt = engine.render(messages)
+        chunks = engine.chunks(prompt, [img.rgb for img in inputs.images])
+        try:
+            started = time.perf_counter()
+            engine.prefill(chunks, timings)
+            answer, thinking, n_out, stopped = engine.generate(
+                opts.max_tokens, opts.temperature, opts.seed, opts.show_thinking, on_text, timings, started)
+        finally:
+            n_prompt = chunks.n_tokens
+            chunks.free()
+    finally:
+        engine.close()
+    total = time.perf_counter() - t_start
+    return AskResult(
+        answer=answer.strip(),
+        thinking=thinking.strip() if opts.show_thinking else None,
+        model={"name": model_files.name, "text": str(model_files.text),
+               "mmproj": str(model_files.mmproj) if model_files.mmproj else None, "n_ctx": n_ctx,
+               "gpu_layers": engine.gpu_layers},
+        inputs=[{"path": str(r.path), "sha256": r.sha256, "kind": r.kind, "rendering": r.detail}
+                for r in inputs.records],
+        images_sent=len(inputs.images),
+        warnings=inputs.warnings + warnings,
+        tokens={"prompt": n_prompt, "completion": n_out},
+        timings={"load_s": round(timings.load_s, 3), "image_encode_s": round(timings.image_encode_s, 3),
+                 "prefill_s": round(timings.prefill_s, 3), "first_token_s": round(timings.first_token_s, 3),
+                 "decode_s": round(timings.decode_s, 3),
+                 "decode_tokens_per_s": round(n_out / timings.decode_s, 2) if timings.decode_s and n_out else 0.0,
+                 "total_s": round(total, 3)},
+        stopped=stopped,
+        saved_inputs=saved,
+    )

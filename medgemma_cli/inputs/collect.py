@@ -1,0 +1,134 @@
+"""Files and folders given on the command line → the images, labels and notes of one prompt."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medgemma_cli.errors import InputError
+from medgemma_cli.inputs import dicom
+from medgemma_cli.inputs.images import IMAGE_SUFFIXES, is_image, load_rgb, resize_square
+from medgemma_cli.inputs.notes import NOTE_SUFFIXES, read_note
+
+
+@dataclass
+class PromptImage:
+    rgb: np.ndarray  # already at the model's square input size
+    label: str | None  # "SLICE n" for slices of a volume
+    source: Path
+
+
+@dataclass
+class InputRecord:
+    path: Path
+    sha256: str
+    kind: str  # dicom | image | note | dicom-sr
+    detail: str  # what was made of it
+
+
+@dataclass
+class Collected:
+    images: list[PromptImage] = field(default_factory=list)
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (file name, text)
+    records: list[InputRecord] = field(default_factory=list)
+    metadata: list[dict[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    volumes: list[dicom.Volume] = field(default_factory=list)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def expand(paths: list[Path]) -> tuple[list[Path], list[str]]:
+    """Files named directly, plus every file under named folders (sorted; unreadable entries reported)."""
+    files, warnings = [], []
+    for p in paths:
+        if p.is_dir():
+            for f in sorted(p.rglob("*")):
+                if f.is_file() and not f.name.startswith(".") and f.name != "DICOMDIR":
+                    files.append(f)
+        elif p.is_file():
+            files.append(p)
+        elif p.exists():
+            raise InputError(p, "not a regular file or folder")
+        else:
+            raise InputError(p, "no such file or folder")
+    return files, warnings
+
+
+def kind_of(path: Path) -> str | None:
+    if dicom.is_dicom(path):
+        return "dicom"
+    if is_image(path):
+        return "image"
+    if path.suffix.lower() in NOTE_SUFFIXES:
+        return "note"
+    return None
+
+
+def collect(paths: list[Path], image_size: int | None, max_slices: int = dicom.MAX_SLICES) -> Collected:
+    """Read and render everything; DICOM images are grouped into series and rendered by modality."""
+    files, warnings = expand([Path(p) for p in paths])
+    named = {Path(p) for p in paths}
+    out = Collected(warnings=warnings)
+    dicoms: list[tuple[Path, Any]] = []
+    for f in files:
+        kind = kind_of(f)
+        if kind is None:
+            if f in named:
+                raise InputError(f, "not a DICOM file (no DICM preamble), PNG/JPEG image or text/PDF note")
+            out.warnings.append(f"skipped {f}: not DICOM, an image or a note")
+            continue
+        if kind == "note":
+            out.notes.append((f.name, read_note(f)))
+            out.records.append(InputRecord(f, sha256(f), "note", f"note, {len(out.notes[-1][1])} characters"))
+        elif kind == "image":
+            if image_size is None:
+                raise InputError(f, "this model has no vision projector (mmproj); it cannot read images")
+            rgb = load_rgb(f)
+            out.images.append(PromptImage(resize_square(rgb, image_size), None, f))
+            out.records.append(InputRecord(f, sha256(f), "image", f"{rgb.shape[1]}×{rgb.shape[0]} image"))
+        else:
+            ds = dicom.read(f)
+            if dicom.is_sr(ds):
+                text = dicom.sr_text(ds)
+                if not text:
+                    raise InputError(f, "structured report without text content")
+                out.notes.append((f.name, text))
+                out.records.append(InputRecord(f, sha256(f), "dicom-sr", f"structured report, {len(text)} characters"))
+            elif "PixelData" not in ds:
+                sop = getattr(ds.get("SOPClassUID"), "name", None) or str(ds.get("SOPClassUID", "unknown"))
+                raise InputError(f, f"{sop} object has no image or text for the model")
+            else:
+                dicoms.append((f, ds))
+    if dicoms:
+        if image_size is None:
+            raise InputError(dicoms[0][0], "this model has no vision projector (mmproj); it cannot read images")
+        for vol in dicom.assemble(dicoms, max_slices):
+            rendered = dicom.render_volume(vol)
+            for i, (s, rgb) in enumerate(zip(vol.slices, rendered), 1):
+                label = f"SLICE {i}" if vol.is_volume else None
+                out.images.append(PromptImage(resize_square(rgb, image_size), label, s.path))
+            out.volumes.append(vol)
+            out.metadata.append(vol.metadata)
+            how = {"CT": "CT, HU in 3 windows (R −1024..1024, G −135..215, B 0..80)",
+                   "MR": "MR, min–max over the volume" if vol.is_volume else "MR, min–max"}.get(
+                       vol.modality, f"{vol.modality or 'image'}, LUTs applied")
+            sent = len(vol.slices)
+            detail = f"{how}; {sent} of {vol.total_slices} slices" if vol.is_volume else how
+            files_in = sorted({s.path for s in vol.slices})
+            for p in files_in:
+                out.records.append(InputRecord(p, sha256(p), "dicom", detail))
+            if vol.total_slices > sent:
+                out.warnings.append(f"series {vol.series_uid or files_in[0]}: {vol.total_slices} slices, "
+                                    f"{sent} sampled evenly")
+    return out

@@ -1,0 +1,53 @@
+"""PNG/JPEG → RGB, and the square resize the Hugging Face Gemma 3 processor applies (PIL bilinear, no
+letterbox), done by us so that llama.cpp's aspect-preserving letterbox never applies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from medgemma_cli.errors import InputError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+def is_image(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return False
+    return head.startswith(b"\x89PNG\r\n\x1a\n") or head.startswith(b"\xff\xd8\xff")
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    """An image file as H×W×3 uint8: grey replicated, alpha dropped, 16-bit scaled by the dtype maximum."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                a = np.asarray(im).astype(np.float64)
+                peak = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+                g = np.clip(np.round(a / peak * 255.0), 0, 255).astype(np.uint8)
+                return np.repeat(g[..., None], 3, axis=-1)
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise InputError(path, f"not a readable image ({e})") from e
+
+
+def resize_square(rgb: np.ndarray, size: int) -> np.ndarray:
+    """Stretch to size×size with PIL's bilinear filter, exactly as Gemma3ImageProcessor does."""
+    from PIL import Image
+
+    if rgb.shape[0] == size and rgb.shape[1] == size:
+        return rgb
+    return np.asarray(Image.fromarray(rgb, "RGB").resize((size, size), Image.BILINEAR))
+
+
+def save_png(rgb: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(rgb, "RGB").save(path, format="PNG")
