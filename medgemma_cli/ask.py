@@ -56,7 +56,8 @@ class _Counter:
 
         with quiet_stderr():
             self.llm = llama_cpp.Llama(str(files.text), vocab_only=True, verbose=False)
-        self.n_ctx_train = int(self.llm._model.n_ctx_train()) or 8192
+        arch = self.llm.metadata.get("general.architecture", "gemma3")
+        self.n_ctx_train = int(self.llm.metadata.get(f"{arch}.context_length", 8192))
 
     def count(self, text: str) -> int:
         return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
@@ -116,9 +117,11 @@ def ask(question: str, files: list[Path] | None = None, *, model: Path | None = 
     inputs = collect([Path(f) for f in files or []], vision["image_size"] if vision else None, opts.max_slices)
     counter = _Counter(model_files)
     image_tokens = vision["image_tokens"] if vision else 0
-    per_image = image_tokens + 2
+    # each slice costs its embeddings, <start_of_image>/<end_of_image>, the blank lines and its label
+    per_image = image_tokens + 2 + counter.count("\n\nSLICE 85\n\n")
     limit = min(opts.ctx or counter.n_ctx_train, counter.n_ctx_train)
-    room = limit - opts.max_tokens - 512
+    text_tokens = counter.count(question + "".join(t for _, t in inputs.notes)) + 64
+    room = limit - opts.max_tokens - text_tokens
     if inputs.images and len(inputs.images) * per_image > room and inputs.volumes:
         fit = max(1, room // per_image)
         before = len(inputs.images)

@@ -280,7 +280,7 @@ class Engine:
 
     def generate(self, max_tokens: int, temperature: float = 0.0, seed: int = 0, show_thinking: bool = False,
                  on_text: Callable[[str], None] | None = None, timings: Timings | None = None,
-                 started: float | None = None) -> tuple[str, str, int, str]:
+                 started: float | None = None, stop_at_eos: bool = True) -> tuple[str, str, int, str]:
         """Sample after the prefilled prompt; stream visible text. Returns (answer, thinking, tokens, why stopped)."""
         lib = self._lib
         timings = timings or Timings()
@@ -303,7 +303,7 @@ class Engine:
                 tok = int(rng.choice(n_vocab, p=p / p.sum()))
             if n == 1:
                 timings.first_token_s = time.perf_counter() - started
-            if lib.llama_vocab_is_eog(self.vocab, tok):
+            if stop_at_eos and lib.llama_vocab_is_eog(self.vocab, tok):
                 stopped = "eos"
                 n -= 1
                 break

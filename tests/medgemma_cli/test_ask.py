@@ -1,0 +1,178 @@
+"""`medgemma ask` end to end on the tiny model: prompt contents, JSON, parity of what the model sees, errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from medgemma_cli.ask import AskOptions, ask
+from medgemma_cli.errors import InputError, MedgemmaError
+from medgemma_cli.inputs.collect import collect
+from medgemma_cli.inputs.images import resize_square
+from medgemma_cli.prompt import build_messages
+from medgemma_cli.runtime import Engine, resolve_model
+
+pytestmark = pytest.mark.slow
+CT = Path(get_testdata_file("CT_small.dcm", download=False))
+EMRI = Path(get_testdata_file("emri_small.dcm", download=False))
+NOTE_TEXT = "72-year-old smoker with three days of fever and productive cough."
+
+
+@pytest.fixture(scope="module")
+def model(convert_tiny) -> Path:
+    return convert_tiny("Q8_0")
+
+
+@pytest.fixture
+def note(tmp_path) -> Path:
+    p = tmp_path / "note.txt"
+    p.write_text(NOTE_TEXT + "\n")
+    return p
+
+
+def test_prompt_holds_images_slice_labels_and_note(model, note):
+    files = resolve_model(model)
+    inputs = collect([EMRI, note], 32)
+    engine = Engine(files, n_ctx=1024)
+    try:
+        chunks = engine.chunks(engine.render(build_messages("Any lesion?", inputs)), [i.rgb for i in inputs.images])
+        images = [p for kind, p in chunks.parts if kind == "image"]
+        assert images == [4] * 10  # one chunk of 4 embeddings per slice (tiny model)
+        text = "".join(engine.llm.detokenize(p, special=True).decode() for kind, p in chunks.parts if kind == "text")
+        for n in range(1, 11):
+            assert f"SLICE {n}" in text
+        assert NOTE_TEXT in text and text.index(NOTE_TEXT) < text.index("SLICE 1") < text.index("Any lesion?")
+        assert text.count("<start_of_image>") == text.count("<end_of_image>") == 10  # added by libmtmd
+        chunks.free()
+    finally:
+        engine.close()
+
+
+def test_ask_dicom_and_note(model, note, tmp_path):
+    streamed = []
+    r = ask("Describe the findings.", [CT, note], model=model,
+            options=AskOptions(max_tokens=12, save_input=tmp_path / "seen"), on_text=streamed.append)
+    assert r.images_sent == 1 and r.tokens["completion"] > 0 and r.tokens["prompt"] > 20
+    assert r.answer == "".join(streamed).strip()
+    kinds = {Path(i["path"]).name: i["kind"] for i in r.inputs}
+    assert kinds == {"CT_small.dcm": "dicom", "note.txt": "note"}
+    assert all(len(i["sha256"]) == 64 for i in r.inputs)
+    from PIL import Image
+
+    seen = np.asarray(Image.open(r.saved_inputs[0]))
+    assert seen.shape == (32, 32, 3)
+    expected = resize_square(collect([CT], None if False else 32).images[0].rgb, 32)
+    assert np.array_equal(seen, expected)
+    again = ask("Describe the findings.", [CT, note], model=model, options=AskOptions(max_tokens=12))
+    assert again.answer == r.answer  # greedy
+
+
+def test_json_from_the_command_line(model, note, tmp_path):
+    env = {**os.environ, "MEDGEMMA_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "medgemma_cli", "ask", "Describe.", str(CT), str(note), "--model",
+                           str(model), "--max-tokens", "8", "--json"], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert set(r) >= {"answer", "model", "inputs", "images_sent", "tokens", "timings", "warnings", "stopped"}
+    assert r["timings"]["first_token_s"] > 0 and r["timings"]["image_encode_s"] > 0
+    assert "add_text" not in proc.stderr and NOTE_TEXT not in proc.stderr  # libmtmd's prompt log stays silent
+
+
+def test_metadata_only_safe_fields(model, tmp_path):
+    ds = pydicom.dcmread(CT)
+    ds = copy.deepcopy(ds)
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientAge = "Doe^Jane", "MRN-998877", "19500101", "072Y"
+    p = tmp_path / "phi.dcm"
+    ds.save_as(p)
+    inputs = collect([p], 32)
+    text = json.dumps(build_messages("Q?", inputs, with_metadata=True))
+    assert "Modality: CT" in text and "PatientAge: 072Y" in text
+    assert "Doe" not in text and "998877" not in text and "1950" not in text
+    r = ask("Q?", [p], model=model, options=AskOptions(max_tokens=4, with_metadata=True))
+    assert "Doe" not in json.dumps(r.as_dict()) and "998877" not in json.dumps(r.as_dict())
+
+
+def test_image_embedding_matches_the_reference_processor_for_a_non_square_image(model, hf_tiny, tiny_ckpt, tmp_path):
+    """Our rendering + square resize + libmtmd equals transformers' processor + get_image_features."""
+    import llama_cpp
+    import torch
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    from medgemma_cli.inputs.images import load_rgb
+    from medgemma_cli.mtmd import MtmdVisionEncoder
+
+    yy, xx = np.mgrid[0:40, 0:72]
+    src = np.stack([(xx * 3) % 256, (yy * 6) % 256, ((xx + yy) * 2) % 256], -1).astype(np.uint8)
+    path = tmp_path / "wide.png"
+    Image.fromarray(src).save(path)
+    ours_rgb = resize_square(load_rgb(path), 32)
+    llm = llama_cpp.Llama(str(model / "text.gguf"), n_ctx=64, verbose=False)
+    with MtmdVisionEncoder(llm, model / "mmproj.gguf", threads=2) as enc:
+        got = enc.encode(ours_rgb)
+    proc = AutoImageProcessor.from_pretrained(tiny_ckpt)
+    px = proc(images=Image.open(path), return_tensors="pt")["pixel_values"]
+    assert tuple(px.shape) == (1, 3, 32, 32)
+    with torch.no_grad():
+        ref = hf_tiny.get_image_features(pixel_values=px)
+    ref = getattr(ref, "pooler_output", ref)
+    ref = (ref[0] if isinstance(ref, (list, tuple)) else ref).reshape(got.shape).numpy()
+    cos = float((got * ref).sum() / np.linalg.norm(got) / np.linalg.norm(ref))
+    assert cos >= 0.99999, cos
+
+
+def test_too_many_slices_for_the_context_are_resampled(model):
+    r = ask("Q?", [EMRI], model=model, options=AskOptions(max_tokens=8, ctx=160))
+    assert r.images_sent < 10
+    assert any("slices sent" in w for w in r.warnings)
+
+
+def test_long_notes_are_truncated_visibly(model, tmp_path):
+    long_note = tmp_path / "long.txt"
+    long_note.write_text("the patient presents with cough and fever. " * 400)
+    r = ask("Q?", [long_note], model=model, options=AskOptions(max_tokens=8, ctx=512))
+    assert any("notes did not fit" in w for w in r.warnings)
+    assert r.tokens["prompt"] + r.tokens["completion"] <= 512
+
+
+def test_text_only_question(model):
+    r = ask("What is pleural effusion?", [], model=model, options=AskOptions(max_tokens=6))
+    assert r.images_sent == 0 and r.inputs == [] and r.tokens["completion"] > 0
+
+
+def test_errors(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDGEMMA_HOME", str(tmp_path / "empty-home"))
+    with pytest.raises(MedgemmaError, match="medgemma convert"):
+        ask("Q?", [CT])
+    with pytest.raises(InputError, match="no such file"):
+        ask("Q?", [tmp_path / "missing.dcm"], model=model)
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\x00\x01" * 100)
+    with pytest.raises(InputError, match=r"junk\.bin: not a DICOM file"):
+        ask("Q?", [junk], model=model)
+    fake = tmp_path / "fake.png"
+    fake.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage")
+    with pytest.raises(InputError, match=r"fake\.png: not a readable image"):
+        ask("Q?", [fake], model=model)
+    with pytest.raises(MedgemmaError, match="question is empty"):
+        ask("  ", [CT], model=model)
+    with pytest.raises(InputError, match="RT Plan"):
+        ask("Q?", [Path(get_testdata_file("rtplan.dcm", download=False))], model=model)
+
+
+def test_cli_error_is_one_line(model, tmp_path):
+    env = {**os.environ, "MEDGEMMA_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "medgemma_cli", "ask", "Q?", str(tmp_path / "nope.dcm"), "--model",
+                           str(model)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert [ln for ln in proc.stderr.splitlines() if ln.strip()] == [f"error: {tmp_path / 'nope.dcm'}: no such file or folder"]
