@@ -74,7 +74,7 @@ def _root(
 def convert(
     src: Path = typer.Argument(..., help="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.model)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder [default: the model store]."),
-    quant: str = typer.Option(DEFAULT_PRESET, "--quant", "-q", help=f"Text model preset: {', '.join(PRESETS)}."),
+    quant: Optional[str] = typer.Option(None, "--quant", "-q", help=f"MedGemma preset: {', '.join(PRESETS)} [default: {DEFAULT_PRESET}]; MedSigLIP: fp32, int8, q4 [default: int8]."),
     mmproj_quant: str = typer.Option(DEFAULT_MMPROJ_TYPE, "--mmproj-quant",
                                      help=f"Vision projector type: {', '.join(MMPROJ_TYPES)}."),
     force: bool = typer.Option(False, "--force", help="Replace existing files in the output folder."),
@@ -93,11 +93,12 @@ def convert(
       medgemma convert ~/models/medgemma-4b-it --out ./medgemma-4b-q8 --quant Q8_0
       medgemma convert ~/models/medgemma-27b-text-it --quant Q5_K_M
       medgemma convert ~/models/medgemma-4b-it --imatrix imatrix.gguf
+      medgemma convert ~/models/medsiglip-448 --quant int8
     """
     from medgemma_cli.conversion import convert as run_convert
 
     progress = None if as_json else RichProgress()
-    result = run_convert(src, out_dir, preset=quant.upper(), mmproj_type=mmproj_quant.upper(), overwrite=force,
+    result = run_convert(src, out_dir, preset=quant.upper() if quant else None, mmproj_type=mmproj_quant.upper(), overwrite=force,
                          threads=threads, imatrix=imatrix, progress=progress)
     if as_json:
         out.print_json(json.dumps({"path": str(result.path), **result.manifest}))
@@ -108,8 +109,8 @@ def convert(
     for col in ("file", "size", "tensors", "types", "sha256"):
         table.add_column(col, justify="right" if col in ("size", "tensors") else "left")
     for name, f in result.manifest["files"].items():
-        types = ", ".join(f"{k}×{v}" for k, v in f["tensor_types"].items())
-        table.add_row(name, human_bytes(f["size"]), str(f["tensors"]), types, f["sha256"][:16] + "…")
+        types = ", ".join(f"{k}×{v}" for k, v in f.get("tensor_types", {}).items()) or f.get("preset", "")
+        table.add_row(name, human_bytes(f["size"]), str(f.get("tensors", "")), types, f["sha256"][:16] + "…")
     out.print(table)
     classes = result.manifest.get("quantization", {}).get("classes", {})
     lossy = {k: v for k, v in classes.items() if v["rel_rms"] > 0}
@@ -175,6 +176,66 @@ def ask(
               f"{t['decode_tokens_per_s']:.1f} tokens/s[/]")
     if result.saved_inputs:
         err.print(f"[dim]model inputs saved: {', '.join(result.saved_inputs)}[/]")
+
+
+@app.command()
+@_guard
+def classify(
+    files: list[Path] = typer.Argument(..., help="Images, DICOM files or folders."),
+    labels: list[str] = typer.Option(..., "--labels", "-l", help="Candidate findings (repeat, or give several after one --labels)."),
+    template: Optional[str] = typer.Option(None, "--template", help='Prompt template with {}, e.g. "chest x-ray showing {}".'),
+    softmax: bool = typer.Option(False, "--softmax", help="Softmax over the labels instead of an independent sigmoid per label."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Converted MedSigLIP folder [default: the newest in the store]."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="ONNX Runtime threads."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Zero-shot labels with MedSigLIP: a probability per label for each image (sigmoid of cos·exp(scale)+bias).
+
+    [bold]Examples[/]
+
+      medgemma classify chest.png --labels "pleural effusion" "pneumothorax" "no finding"
+      medgemma classify ./cxr/ --labels cardiomegaly --labels edema --template "chest x-ray showing {}" --json
+    """
+    from medgemma_cli.siglip import classify as run_classify
+
+    results = run_classify(files, labels, model=model, template=template, softmax=softmax, threads=threads)
+    if as_json:
+        out.print_json(json.dumps([r.__dict__ for r in results]))
+        return
+    from rich.table import Table
+
+    for r in results:
+        name = Path(r.path).name + (f" (frame {r.frame + 1})" if r.frame is not None else "")
+        t = Table(title=name, title_justify="left")
+        t.add_column("label")
+        t.add_column("probability", justify="right")
+        for label, p in r.scores.items():
+            t.add_row(label, f"{p:.3f}")
+        out.print(t)
+
+
+@app.command()
+@_guard
+def embed(
+    files: Optional[list[Path]] = typer.Argument(None, help="Images, DICOM files or folders."),
+    out_file: Path = typer.Option(..., "--out", "-o", help="Output .npz (numpy) or .csv (pandas)."),
+    text: Optional[list[str]] = typer.Option(None, "--text", help="Embed these texts instead of images (repeatable)."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Converted MedSigLIP folder [default: the newest in the store]."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="ONNX Runtime threads."),
+) -> None:
+    """L2-normalised MedSigLIP embeddings with their source paths, for numpy (.npz) or pandas (.csv).
+
+    [bold]Examples[/]
+
+      medgemma embed ./cxr/ --out cxr.npz
+      medgemma embed --text "pleural effusion" --text "normal chest" --out labels.csv
+    """
+    from medgemma_cli.siglip import embed as run_embed
+
+    if not files and not text:
+        raise typer.BadParameter("give image files or --text")
+    info = run_embed(files or [], out_file, model=model, text=text, threads=threads)
+    out.print(f"{info['count']} {info['kind']} embeddings of {info['dimensions']} dimensions → {info['path']}")
 
 
 @app.command()

@@ -22,14 +22,29 @@ def default_output(src: Path, preset: str) -> Path:
     return store.models_dir() / f"{Path(src).resolve().name}-{preset.lower()}"
 
 
-def convert(src: Path | str, out: Path | str | None = None, *, preset: str = DEFAULT_PRESET,
+def _is_siglip(src: Path) -> bool:
+    from medgemma_cli.converters.checkpoint import read_json
+    from medgemma_cli.converters.siglip_convert import is_siglip
+
+    return is_siglip(read_json(Path(src) / "config.json")) if Path(src).is_dir() else False
+
+
+def convert(src: Path | str, out: Path | str | None = None, *, preset: str | None = None,
             mmproj_type: str = DEFAULT_MMPROJ_TYPE, overwrite: bool = False, threads: int | None = None,
             imatrix: Path | str | None = None, progress: Progress | None = None) -> ConvertResult:
-    """Convert a Hugging Face MedGemma checkpoint folder into GGUF files for llama.cpp.
+    """Convert a Hugging Face checkpoint folder: MedGemma → GGUF for llama.cpp, MedSigLIP → ONNX.
 
-    Output goes to `out`, or to the model store (`medgemma models` lists it) when `out` is None.
+    Output goes to `out`, or to the model store (`medgemma models` lists it) when `out` is None. The preset
+    is a GGUF preset (default Q4_K_M) for MedGemma, or fp32/int8/q4 (default int8) for MedSigLIP.
     """
     src = Path(src)
+    if _is_siglip(src):
+        from medgemma_cli.converters.siglip_convert import convert_siglip
+
+        preset = (preset or "int8").lower()
+        target = Path(out) if out is not None else default_output(src, preset)
+        return ConvertResult(target, convert_siglip(src, target, preset, overwrite=overwrite, progress=progress))
+    preset = preset or DEFAULT_PRESET
     target = Path(out) if out is not None else default_output(src, preset)
     manifest = convert_gguf(src, target, preset, mmproj_type, overwrite=overwrite, threads=threads, imatrix=imatrix,
                             progress=progress)

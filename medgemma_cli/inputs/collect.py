@@ -11,7 +11,7 @@ import numpy as np
 
 from medgemma_cli.errors import InputError
 from medgemma_cli.inputs import dicom
-from medgemma_cli.inputs.images import IMAGE_SUFFIXES, is_image, load_rgb, resize_square
+from medgemma_cli.inputs.images import is_image, load_rgb, resize_square
 from medgemma_cli.inputs.notes import NOTE_SUFFIXES, read_note
 
 

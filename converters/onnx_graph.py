@@ -1,0 +1,151 @@
+"""A small ONNX graph builder over `onnx.helper`, and the SigLIP encoder written with it.
+
+Linears are MatMul + Add with the weight stored transposed as a constant, so ONNX Runtime's quantizers
+(dynamic int8, MatMulNBits) see them; everything else is standard opset-20 operators (LayerNormalization,
+Gelu with tanh approximation, Softmax).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 20
+
+
+class GraphBuilder:
+    def __init__(self, name: str):
+        self.name = name
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self._n = 0
+
+    def fresh(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}_{self._n}"
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        value = np.array(value, copy=True, order="C")  # ascontiguousarray would make 0-d arrays 1-d
+        self.inits.append(numpy_helper.from_array(value, name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], hint: str | None = None, **attrs) -> str:
+        out = self.fresh(hint or op_type.lower())
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
+        return out
+
+    def input(self, name: str, elem_type: int, shape: list) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+        return name
+
+    def output(self, value: str, name: str, shape: list) -> None:
+        self.nodes.append(helper.make_node("Identity", [value], [name], name=f"out_{name}"))
+        self.outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+
+    def model(self) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.inits)
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="medgemma-cli")
+        m.ir_version = 10
+        return m
+
+    # --- layers ---------------------------------------------------------------------------------
+    def linear(self, x: str, w: np.ndarray, b: np.ndarray | None, name: str) -> str:
+        """x @ wᵀ + b, with w as stored by PyTorch ([out, in])."""
+        y = self.op("MatMul", [x, self.const(f"{name}.weight_t", w.T.astype(np.float32))], name)
+        return self.op("Add", [y, self.const(f"{name}.bias", b.astype(np.float32))], name) if b is not None else y
+
+    def layer_norm(self, x: str, w: np.ndarray, b: np.ndarray, eps: float, name: str) -> str:
+        return self.op("LayerNormalization", [x, self.const(f"{name}.weight", w.astype(np.float32)),
+                                              self.const(f"{name}.bias", b.astype(np.float32))],
+                       name, axis=-1, epsilon=eps)
+
+    def shape_const(self, values: list[int], name: str) -> str:
+        return self.const(name, np.array(values, dtype=np.int64))
+
+    def attention(self, xq: str, xkv: str, get: Callable[[str], np.ndarray], prefix: str, heads: int, dim: int,
+                  qkv: tuple[np.ndarray, ...] | None = None) -> str:
+        """Multi-head attention without a mask. `qkv` overrides the q/k/v/out weights (for the pooling head)."""
+        hd = dim // heads
+        if qkv is None:
+            wq, bq, wk, bk, wv, bv, wo, bo = (get(f"{prefix}.{p}_proj.{t}") for p in ("q", "k", "v", "out")
+                                              for t in ("weight", "bias"))
+        else:
+            wq, bq, wk, bk, wv, bv, wo, bo = qkv
+        split = self.shape_const([0, -1, heads, hd], f"{prefix}.split_heads")
+        merge = self.shape_const([0, -1, dim], f"{prefix}.merge_heads")
+        q = self.op("Transpose", [self.op("Reshape", [self.linear(xq, wq, bq, f"{prefix}.q_proj"), split])], perm=[0, 2, 1, 3])
+        k = self.op("Transpose", [self.op("Reshape", [self.linear(xkv, wk, bk, f"{prefix}.k_proj"), split])], perm=[0, 2, 3, 1])
+        v = self.op("Transpose", [self.op("Reshape", [self.linear(xkv, wv, bv, f"{prefix}.v_proj"), split])], perm=[0, 2, 1, 3])
+        scores = self.op("Mul", [self.op("MatMul", [q, k]), self.const(f"{prefix}.scale", np.array(hd**-0.5, np.float32))])
+        probs = self.op("Softmax", [scores], axis=-1)
+        ctx = self.op("Reshape", [self.op("Transpose", [self.op("MatMul", [probs, v])], perm=[0, 2, 1, 3]), merge])
+        return self.linear(ctx, wo, bo, f"{prefix}.out_proj")
+
+    def mlp(self, x: str, get: Callable[[str], np.ndarray], prefix: str) -> str:
+        h = self.linear(x, get(f"{prefix}.fc1.weight"), get(f"{prefix}.fc1.bias"), f"{prefix}.fc1")
+        h = self.op("Gelu", [h], approximate="tanh")
+        return self.linear(h, get(f"{prefix}.fc2.weight"), get(f"{prefix}.fc2.bias"), f"{prefix}.fc2")
+
+    def encoder(self, x: str, get: Callable[[str], np.ndarray], prefix: str, layers: int, heads: int, dim: int,
+                eps: float) -> str:
+        """SigLIP's pre-LN encoder: x += attn(LN1(x)); x += mlp(LN2(x))."""
+        for i in range(layers):
+            p = f"{prefix}.layers.{i}"
+            h = self.layer_norm(x, get(f"{p}.layer_norm1.weight"), get(f"{p}.layer_norm1.bias"), eps, f"{p}.layer_norm1")
+            x = self.op("Add", [x, self.attention(h, h, get, f"{p}.self_attn", heads, dim)])
+            h = self.layer_norm(x, get(f"{p}.layer_norm2.weight"), get(f"{p}.layer_norm2.bias"), eps, f"{p}.layer_norm2")
+            x = self.op("Add", [x, self.mlp(h, get, f"{p}.mlp")])
+        return x
+
+
+def siglip_vision_tower(gb: GraphBuilder, get: Callable[[str], np.ndarray], prefix: str, cfg: dict) -> str:
+    """pixel_values [B, 3, S, S] → last hidden state after post_layernorm [B, patches, D]."""
+    d, p = cfg["hidden_size"], cfg["patch_size"]
+    px = gb.input("pixel_values", TensorProto.FLOAT, ["batch", 3, cfg["image_size"], cfg["image_size"]])
+    conv = gb.op("Conv", [px, gb.const(f"{prefix}.embeddings.patch_embedding.weight",
+                                       get(f"{prefix}.embeddings.patch_embedding.weight").astype(np.float32)),
+                          gb.const(f"{prefix}.embeddings.patch_embedding.bias",
+                                   get(f"{prefix}.embeddings.patch_embedding.bias").astype(np.float32))],
+                 "patch_embedding", kernel_shape=[p, p], strides=[p, p])
+    x = gb.op("Transpose", [gb.op("Reshape", [conv, gb.shape_const([0, d, -1], "patches_shape")])], perm=[0, 2, 1])
+    pos = get(f"{prefix}.embeddings.position_embedding.weight").astype(np.float32)[None]
+    x = gb.op("Add", [x, gb.const(f"{prefix}.embeddings.position_embedding", pos)])
+    eps = cfg.get("layer_norm_eps", 1e-6)
+    x = gb.encoder(x, get, f"{prefix}.encoder", cfg["num_hidden_layers"], cfg["num_attention_heads"], d, eps)
+    return gb.layer_norm(x, get(f"{prefix}.post_layernorm.weight"), get(f"{prefix}.post_layernorm.bias"), eps,
+                         f"{prefix}.post_layernorm")
+
+
+def siglip_pooling_head(gb: GraphBuilder, x: str, get: Callable[[str], np.ndarray], prefix: str, cfg: dict) -> str:
+    """The attention-pooling head: a learned probe attends over the tokens, then LN + MLP residual → [B, D]."""
+    d, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    eps = cfg.get("layer_norm_eps", 1e-6)
+    w_in, b_in = get(f"{prefix}.attention.in_proj_weight"), get(f"{prefix}.attention.in_proj_bias")
+    qkv = (w_in[:d], b_in[:d], w_in[d:2 * d], b_in[d:2 * d], w_in[2 * d:], b_in[2 * d:],
+           get(f"{prefix}.attention.out_proj.weight"), get(f"{prefix}.attention.out_proj.bias"))
+    probe = gb.const(f"{prefix}.probe", get(f"{prefix}.probe").astype(np.float32))  # [1, 1, D], broadcast over batch
+    h = gb.attention(probe, x, get, f"{prefix}.attention", heads, d, qkv)
+    n = gb.layer_norm(h, get(f"{prefix}.layernorm.weight"), get(f"{prefix}.layernorm.bias"), eps, f"{prefix}.layernorm")
+    h = gb.op("Add", [h, gb.mlp(n, get, f"{prefix}.mlp")])
+    return gb.op("Reshape", [h, gb.shape_const([-1, d], "pooled_shape")])
+
+
+def siglip_text_tower(gb: GraphBuilder, get: Callable[[str], np.ndarray], prefix: str, cfg: dict) -> str:
+    """input_ids [B, 64] → the head's projection of the last token [B, D]."""
+    d, length = cfg["hidden_size"], cfg["max_position_embeddings"]
+    ids = gb.input("input_ids", TensorProto.INT64, ["batch", length])
+    x = gb.op("Gather", [gb.const(f"{prefix}.embeddings.token_embedding.weight",
+                                  get(f"{prefix}.embeddings.token_embedding.weight").astype(np.float32)), ids], axis=0)
+    pos = get(f"{prefix}.embeddings.position_embedding.weight").astype(np.float32)[None]
+    x = gb.op("Add", [x, gb.const(f"{prefix}.embeddings.position_embedding", pos)])
+    eps = cfg.get("layer_norm_eps", 1e-6)
+    x = gb.encoder(x, get, f"{prefix}.encoder", cfg["num_hidden_layers"], cfg["num_attention_heads"], d, eps)
+    x = gb.layer_norm(x, get(f"{prefix}.final_layer_norm.weight"), get(f"{prefix}.final_layer_norm.bias"), eps,
+                      f"{prefix}.final_layer_norm")
+    last = gb.op("Gather", [x, gb.const("last_token", np.array(length - 1, dtype=np.int64))], axis=1)
+    return gb.linear(last, get(f"{prefix}.head.weight"), get(f"{prefix}.head.bias"), f"{prefix}.head")

@@ -1,0 +1,156 @@
+"""Hugging Face SigLIP (MedSigLIP) checkpoint → siglip-vision.onnx + siglip-text.onnx + tokenizer + manifest.
+
+Separate graphs so images are embedded once and label texts once. Built from the numpy weights with our
+graph builder; no torch, no optimum.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from medgemma_cli import __version__
+from medgemma_cli.atomic import AtomicFolder
+from medgemma_cli.converters.checkpoint import Checkpoint
+from medgemma_cli.converters.gguf_stream import sha256_file
+from medgemma_cli.converters.onnx_graph import GraphBuilder, siglip_pooling_head, siglip_text_tower, siglip_vision_tower
+from medgemma_cli.errors import InputError, OutputError
+from medgemma_cli.kernels.onnx_quant import ONNX_PRESETS, quantize_onnx
+from medgemma_cli.progress import NullProgress, Progress
+
+VISION_FILE, TEXT_FILE, TOKENIZER_FILE, MANIFEST_FILE = "siglip-vision.onnx", "siglip-text.onnx", "tokenizer.model", "manifest.json"
+_EXTERNAL_OVER = 1_500_000_000  # protobuf stops at 2 GB; larger graphs keep their weights beside them
+
+
+def is_siglip(config: dict[str, Any]) -> bool:
+    return config.get("model_type") == "siglip" or "SiglipModel" in (config.get("architectures") or [])
+
+
+def _prefix_map(ckpt: Checkpoint) -> str:
+    """'' or 'model.' — where SiglipModel's vision_model/text_model keys start."""
+    for pre in ("", "model."):
+        if f"{pre}vision_model.embeddings.patch_embedding.weight" in ckpt.entries:
+            return pre
+    raise InputError(ckpt.folder, "no SigLIP vision weights (vision_model.embeddings.patch_embedding.weight) found")
+
+
+def _save(model: onnx.ModelProto, path: Path) -> bool:
+    big = model.ByteSize() > _EXTERNAL_OVER if model.ByteSize() >= 0 else True
+    if big:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+    return big
+
+
+def _rename_external_data(graph: Path, data_tmp: Path, final_name: str) -> None:
+    """Move a graph's external weights to the file that will be renamed to `final_name`, and point the graph
+    at that final name (the graph and its data become final together)."""
+    m = onnx.load(str(graph), load_external_data=False)
+    locations = set()
+    for t in m.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            for e in t.external_data:
+                if e.key == "location":
+                    locations.add(e.value)
+                    e.value = final_name
+    if not locations:
+        return
+    if len(locations) != 1:
+        raise OutputError(graph, f"expected one external data file, found {sorted(locations)}")
+    (graph.parent / locations.pop()).rename(data_tmp)
+    onnx.save_model(m, str(graph))
+
+
+def convert_siglip(src: Path | str, out: Path | str, preset: str = "int8", text_preset: str = "fp32", *,
+                   overwrite: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+    progress = progress or NullProgress()
+    src, out = Path(src), Path(out)
+    for p in (preset, text_preset):
+        if p not in ONNX_PRESETS:
+            raise InputError(None, f"unknown ONNX preset {p!r}; choose one of {', '.join(ONNX_PRESETS)}")
+    with Checkpoint(src) as ckpt:
+        cfg = ckpt.config
+        if not is_siglip(cfg):
+            raise InputError(ckpt.config_path, "not a SigLIP checkpoint")
+        vc, tc = cfg.get("vision_config") or {}, cfg.get("text_config") or {}
+        vc = {"hidden_size": 768, "num_attention_heads": 12, "num_hidden_layers": 12, "patch_size": 16,
+              "image_size": 224, "layer_norm_eps": 1e-6, **vc}
+        tc = {"hidden_size": 768, "num_attention_heads": 12, "num_hidden_layers": 12, "max_position_embeddings": 64,
+              "layer_norm_eps": 1e-6, **tc}
+        tok = next((src / n for n in ("spiece.model", "tokenizer.model") if (src / n).is_file()), None)
+        if tok is None:
+            raise InputError(src / "spiece.model", "missing (SigLIP's SentencePiece tokenizer)")
+        pre = _prefix_map(ckpt)
+        used: set[str] = set()
+
+        def get(name: str) -> np.ndarray:
+            key = pre + name
+            if key not in ckpt.entries:
+                raise InputError(ckpt.folder, f"missing tensor {key!r}")
+            used.add(key)
+            return ckpt.read_f32(key)
+
+        progress.begin("Building ONNX graphs", 2, 0)
+        vis = GraphBuilder("siglip_vision")
+        hidden = siglip_vision_tower(vis, get, "vision_model", vc)
+        vis.output(siglip_pooling_head(vis, hidden, get, "vision_model.head", vc), "image_embeds", ["batch", vc["hidden_size"]])
+        txt = GraphBuilder("siglip_text")
+        txt.output(siglip_text_tower(txt, get, "text_model", tc), "text_embeds", ["batch", tc.get("projection_size", tc["hidden_size"])])
+        scale = float(get("logit_scale").reshape(-1)[0])
+        bias = float(get("logit_bias").reshape(-1)[0])
+        unused = sorted(set(ckpt.entries) - used)
+        if unused:
+            raise InputError(ckpt.entries[unused[0]].path, f"unexpected tensor {unused[0]!r}" +
+                             (f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""))
+        pre_cfg = ckpt.processor_config
+        files = [VISION_FILE, TEXT_FILE, TOKENIZER_FILE, MANIFEST_FILE]
+        with AtomicFolder(out, files + [VISION_FILE + ".data", TEXT_FILE + ".data"], overwrite=overwrite) as folder:
+            try:
+                entries = {}
+                for graph, final, qp in ((vis, VISION_FILE, preset), (txt, TEXT_FILE, text_preset)):
+                    progress.status(f"writing {final} ({qp})")
+                    tmp = folder.temp(final)
+                    model = graph.model()
+                    if qp == "fp32":
+                        ext = _save(model, tmp)
+                    else:
+                        fp32 = folder.scratch(final + ".fp32.onnx")
+                        ext = _save(model, fp32)
+                        del model
+                        quantize_onnx(fp32, tmp, qp, external_data=ext)
+                    onnx.checker.check_model(str(tmp))
+                    if ext:
+                        _rename_external_data(tmp, folder.temp(final + ".data"), final + ".data")
+                    entries[final] = {"size": tmp.stat().st_size, "sha256": sha256_file(tmp), "preset": qp}
+                    progress.advance(1, tensors=0)
+                shutil.copyfile(tok, folder.temp(TOKENIZER_FILE))
+                entries[TOKENIZER_FILE] = {"size": tok.stat().st_size, "sha256": sha256_file(tok)}
+                manifest = {
+                    "format": "medgemma-cli.model/1", "tool": {"name": "medgemma-cli", "version": __version__},
+                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "kind": "onnx-siglip",
+                    "source": {"path": str(ckpt.folder.resolve()), "architecture": "SiglipModel",
+                               "config_sha256": ckpt.config_sha256},
+                    "preset": preset, "text_preset": text_preset,
+                    "logit_scale": scale, "logit_bias": bias,
+                    "image_size": int(vc["image_size"]), "max_length": int(tc["max_position_embeddings"]),
+                    "image_mean": pre_cfg.get("image_mean", [0.5, 0.5, 0.5]),
+                    "image_std": pre_cfg.get("image_std", [0.5, 0.5, 0.5]),
+                    "embedding_size": int(vc["hidden_size"]),
+                    "files": entries,
+                }
+                folder.temp(MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+            except OSError as e:
+                why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+                raise OutputError(out, f"writing failed: {why}") from e
+            finally:
+                progress.end()
+    return manifest
