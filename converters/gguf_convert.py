@@ -18,7 +18,8 @@ from medgemma_cli import __version__
 from medgemma_cli.atomic import AtomicFolder
 from medgemma_cli.converters import gemma3
 from medgemma_cli.converters.checkpoint import Checkpoint
-from medgemma_cli.converters.gguf_stream import PlannedTensor, QuantError, write_gguf
+from medgemma_cli.converters.gguf_stream import PlannedTensor, QuantError, sha256_file, write_gguf
+from medgemma_cli.converters.vision_onnx import VISION_ONNX_PRESETS, write_vision_onnx
 from medgemma_cli.converters.tokenizer import TokenType, Vocabulary, read_vocabulary, write_vocabulary
 from medgemma_cli.errors import InputError, OutputError
 from medgemma_cli.kernels.ggml import GGUFInfo, read_gguf_info
@@ -30,6 +31,7 @@ from medgemma_cli.progress import NullProgress, Progress
 TEXT_FILE = "text.gguf"
 MMPROJ_FILE = "mmproj.gguf"
 MANIFEST_FILE = "manifest.json"
+VISION_ONNX_FILE = "vision.onnx"
 _FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
 
 
@@ -194,7 +196,7 @@ def quantization_report(plan: ConversionPlan, errors: dict[str, QuantError]) -> 
 
 def convert_gguf(src: Path | str, out: Path | str, preset: str = DEFAULT_PRESET, mmproj_type: str = DEFAULT_MMPROJ_TYPE,
                  *, overwrite: bool = False, threads: int | None = None, imatrix: Path | str | None = None,
-                 progress: Progress | None = None) -> dict[str, Any]:
+                 vision_onnx: str = "int8", progress: Progress | None = None) -> dict[str, Any]:
     """Convert a MedGemma checkpoint folder in one pass; returns the manifest that is also written to `out`.
 
     Every tensor is read, converted to float32 and written straight in its final type (block types through
@@ -207,6 +209,8 @@ def convert_gguf(src: Path | str, out: Path | str, preset: str = DEFAULT_PRESET,
     if mmproj_type not in MMPROJ_TYPES:
         raise InputError(None, f"unknown mmproj type {mmproj_type!r}; choose one of {', '.join(MMPROJ_TYPES)}")
     pre = PRESETS[preset]
+    if vision_onnx not in VISION_ONNX_PRESETS:
+        raise InputError(None, f"unknown vision ONNX preset {vision_onnx!r}; choose one of {', '.join(VISION_ONNX_PRESETS)}")
     importance = read_imatrix(imatrix) if imatrix is not None else None
     with Checkpoint(src) as ckpt:
         spec = gemma3.read_spec(ckpt.config, ckpt.processor_config, ckpt.config_path)
@@ -215,7 +219,9 @@ def convert_gguf(src: Path | str, out: Path | str, preset: str = DEFAULT_PRESET,
         if importance is not None and not any(t.imatrix is not None for t in plan.text):
             raise InputError(imatrix, "no entry of this importance matrix matches a tensor of this model")
         name = _model_name(ckpt)
-        files = [TEXT_FILE] + ([MMPROJ_FILE] if spec.vision else []) + [MANIFEST_FILE]
+        onnx_vision = spec.vision is not None and vision_onnx != "none"
+        files = [TEXT_FILE] + ([MMPROJ_FILE] if spec.vision else []) + \
+            ([VISION_ONNX_FILE, VISION_ONNX_FILE + ".data"] if onnx_vision else []) + [MANIFEST_FILE]
         total = sum(t.nbytes for t in plan.text + plan.vision)
         with AtomicFolder(out, files, overwrite=overwrite) as folder:
             try:
@@ -223,6 +229,18 @@ def convert_gguf(src: Path | str, out: Path | str, preset: str = DEFAULT_PRESET,
                 if importance is not None:
                     extra["imatrix"] = {"path": str(Path(imatrix).resolve()),
                                         "tensors": sum(t.imatrix is not None for t in plan.text)}
+                if onnx_vision:
+                    progress.status(f"writing {VISION_ONNX_FILE} ({vision_onnx})")
+                    scratch = folder.scratch("vision-fp32.onnx")
+                    folder.also_remove(scratch.parent / (scratch.name + ".data"))  # an external graph's weights
+                    tmp = folder.temp(VISION_ONNX_FILE)
+                    data_tmp = folder.temp(VISION_ONNX_FILE + ".data")
+                    write_vision_onnx(ckpt, spec, tmp, data_tmp, scratch, vision_onnx)
+                    extra["vision_onnx"] = {"preset": vision_onnx}
+                    entry = {"size": tmp.stat().st_size, "sha256": sha256_file(tmp), "preset": vision_onnx}
+                    if data_tmp.exists():
+                        entry["data_size"] = data_tmp.stat().st_size
+                    extra["vision_onnx_file"] = entry
                 manifest = _write_all(ckpt, plan, vocab, pre, mmproj_type, name, folder, total, threads, progress,
                                       extra)
             except OSError as e:
@@ -283,8 +301,10 @@ def _write_all(ckpt: Checkpoint, plan: ConversionPlan, vocab: Vocabulary, pre: P
         "image_tokens": spec.vision.image_tokens if spec.vision else None,
         "files": manifest_files,
         "quantization": quantization_report(plan, errors),
-        **extra,
+        **{k: v for k, v in extra.items() if k != "vision_onnx_file"},
     }
+    if "vision_onnx_file" in extra:
+        manifest["files"][VISION_ONNX_FILE] = extra["vision_onnx_file"]
     tmp = folder.temp(MANIFEST_FILE)
     tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest

@@ -149,3 +149,22 @@ def siglip_text_tower(gb: GraphBuilder, get: Callable[[str], np.ndarray], prefix
                       f"{prefix}.final_layer_norm")
     last = gb.op("Gather", [x, gb.const("last_token", np.array(length - 1, dtype=np.int64))], axis=1)
     return gb.linear(last, get(f"{prefix}.head.weight"), get(f"{prefix}.head.bias"), f"{prefix}.head")
+
+
+def gemma3_projector(gb: GraphBuilder, x: str, get: Callable[[str], np.ndarray], cfg: dict, image_tokens: int) -> str:
+    """Gemma 3's multimodal projector: average-pool the patch grid down to the image-token grid, RMS-norm with
+    the stored weight + 1, project to the text width: [B, patches, D] → [B, image_tokens, text hidden]."""
+    d = cfg["hidden_size"]
+    side = cfg["image_size"] // cfg["patch_size"]
+    tokens_side = int(round(image_tokens ** 0.5))
+    k = side // tokens_side
+    grid = gb.op("Reshape", [gb.op("Transpose", [x], perm=[0, 2, 1]), gb.shape_const([0, d, side, side], "grid_shape")])
+    pooled = gb.op("AveragePool", [grid], kernel_shape=[k, k], strides=[k, k])
+    seq = gb.op("Transpose", [gb.op("Reshape", [pooled, gb.shape_const([0, d, -1], "pooled_seq")])], perm=[0, 2, 1])
+    eps = gb.const("mm.soft_emb_norm.eps", np.array(cfg.get("layer_norm_eps", 1e-6), np.float32))
+    ms = gb.op("ReduceMean", [gb.op("Mul", [seq, seq]), gb.shape_const([-1], "last_axis")], keepdims=1)
+    normed = gb.op("Div", [seq, gb.op("Sqrt", [gb.op("Add", [ms, eps])])])
+    w = (get("mm.mm_soft_emb_norm.weight") + 1.0).astype(np.float32)
+    normed = gb.op("Mul", [normed, gb.const("mm.soft_emb_norm.weight_plus_one", w)])
+    proj = get("mm.mm_input_projection_weight").astype(np.float32)  # [D, text hidden]: x @ W
+    return gb.op("MatMul", [normed, gb.const("mm.input_projection", proj)], "mm_input_projection")

@@ -55,6 +55,11 @@ class AtomicFolder:
         self._scratch.append(path)
         return path
 
+    def also_remove(self, path: Path) -> Path:
+        """Register another temporary file (named by a library, say) to be removed whatever happens."""
+        self._scratch.append(Path(path))
+        return Path(path)
+
     def _cleanup(self, paths: list[Path]) -> None:
         for path in paths:
             try:
@@ -67,7 +72,7 @@ class AtomicFolder:
         self._cleanup(self._scratch)
         if exc_type is None:
             for name in self.final_names:
-                if name in self._temps:
+                if name in self._temps and self._temps[name].exists():  # optional outputs may not exist
                     os.replace(self._temps[name], self.folder / name)
             return
         self._cleanup(list(self._temps.values()))

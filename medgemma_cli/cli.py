@@ -79,6 +79,7 @@ def convert(
                                      help=f"Vision projector type: {', '.join(MMPROJ_TYPES)}."),
     force: bool = typer.Option(False, "--force", help="Replace existing files in the output folder."),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (llama.cpp's GGUF or .dat format)."),
+    vision_onnx: str = typer.Option("int8", "--vision-onnx", help="Also write MedGemma's vision tower as vision.onnx for fast CPU image encoding: int8, fp32 or none."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help="Quantization threads [default: all cores]."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
@@ -99,7 +100,7 @@ def convert(
 
     progress = None if as_json else RichProgress()
     result = run_convert(src, out_dir, preset=quant.upper() if quant else None, mmproj_type=mmproj_quant.upper(), overwrite=force,
-                         threads=threads, imatrix=imatrix, progress=progress)
+                         threads=threads, imatrix=imatrix, vision_onnx=vision_onnx.lower(), progress=progress)
     if as_json:
         out.print_json(json.dumps({"path": str(result.path), **result.manifest}))
         return

@@ -31,7 +31,8 @@ def _is_siglip(src: Path) -> bool:
 
 def convert(src: Path | str, out: Path | str | None = None, *, preset: str | None = None,
             mmproj_type: str = DEFAULT_MMPROJ_TYPE, overwrite: bool = False, threads: int | None = None,
-            imatrix: Path | str | None = None, progress: Progress | None = None) -> ConvertResult:
+            imatrix: Path | str | None = None, vision_onnx: str = "int8",
+            progress: Progress | None = None) -> ConvertResult:
     """Convert a Hugging Face checkpoint folder: MedGemma → GGUF for llama.cpp, MedSigLIP → ONNX.
 
     Output goes to `out`, or to the model store (`medgemma models` lists it) when `out` is None. The preset
@@ -47,5 +48,5 @@ def convert(src: Path | str, out: Path | str | None = None, *, preset: str | Non
     preset = preset or DEFAULT_PRESET
     target = Path(out) if out is not None else default_output(src, preset)
     manifest = convert_gguf(src, target, preset, mmproj_type, overwrite=overwrite, threads=threads, imatrix=imatrix,
-                            progress=progress)
+                            vision_onnx=vision_onnx, progress=progress)
     return ConvertResult(target, manifest)

@@ -51,6 +51,7 @@ class ModelFiles:
     text: Path
     mmproj: Path | None
     name: str
+    vision_onnx: Path | None = None
 
     @property
     def vision(self) -> dict[str, int] | None:
@@ -84,7 +85,8 @@ def resolve_model(model: Path | None = None, gguf: Path | None = None, mmproj: P
     model = Path(model)
     if (model / "text.gguf").is_file():
         mm = model / "mmproj.gguf"
-        return ModelFiles(model / "text.gguf", mm if mm.is_file() else None, model.name)
+        vo = model / "vision.onnx"
+        return ModelFiles(model / "text.gguf", mm if mm.is_file() else None, model.name, vo if vo.is_file() else None)
     if model.is_dir():
         raise InputError(model, "no text.gguf here (is this a folder written by `medgemma convert`?)")
     from medgemma_cli import store as _store
@@ -95,11 +97,35 @@ def resolve_model(model: Path | None = None, gguf: Path | None = None, mmproj: P
     raise InputError(model, "no such model folder (see `medgemma models`)")
 
 
+class OnnxVision:
+    """MedGemma's vision tower + projector on ONNX Runtime: RGB images → the embeddings mtmd would produce."""
+
+    def __init__(self, path: Path, threads: int, mean: float = 0.5, std: float = 0.5):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.mean, self.std = mean, std
+
+    def encode(self, rgb: np.ndarray) -> np.ndarray:
+        """One H×W×3 uint8 image at the model's input size → [image tokens, text width] float32."""
+        x = (rgb.astype(np.float32) / 255.0 - self.mean) / self.std
+        px = np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+        return np.ascontiguousarray(self.session.run(None, {"pixel_values": px})[0][0], dtype=np.float32)
+
+
+VISION_BACKENDS = ("auto", "onnx", "mtmd")
+
+
 @dataclass
 class Timings:
     load_s: float = 0.0
     image_encode_s: float = 0.0
     prefill_s: float = 0.0  # images included
+    image_decode_s: float = 0.0  # feeding ONNX-encoded embeddings to the text model
     first_token_s: float = 0.0  # from the start of prefill
     decode_s: float = 0.0
 
@@ -118,7 +144,7 @@ class Engine:
     """One text model (+ vision projector) loaded in llama.cpp, with a context of `n_ctx` tokens."""
 
     def __init__(self, files: ModelFiles, n_ctx: int = 4096, threads: int | None = None, gpu_layers: int | None = None,
-                 verbose: bool = False):
+                 verbose: bool = False, vision_backend: str = "auto"):
         import llama_cpp
         from llama_cpp import _logger
 
@@ -151,6 +177,18 @@ class Engine:
             if not self.mtmd:
                 raise InputError(files.mmproj, "llama.cpp could not load this vision projector")
             self._m = mtmd_cpp
+        self.onnx_vision = None
+        self.vision_backend = "mtmd" if self.mtmd is not None else "none"
+        if vision_backend not in VISION_BACKENDS:
+            raise MedgemmaError(f"unknown vision backend {vision_backend!r}; choose one of {', '.join(VISION_BACKENDS)}")
+        if self.mtmd is not None and vision_backend != "mtmd":
+            # auto: ONNX Runtime int8 on CPU-only runs, libmtmd where the layers sit on a GPU (fast there)
+            if vision_backend == "onnx" and files.vision_onnx is None:
+                raise MedgemmaError(f"{files.text.parent}: no vision.onnx; convert with `--vision-onnx int8`, or use "
+                                    "--vision-backend mtmd")
+            if files.vision_onnx is not None and (vision_backend == "onnx" or gpu_layers == 0):
+                self.onnx_vision = OnnxVision(files.vision_onnx, threads)
+                self.vision_backend = "onnx"
         self.load_s = time.perf_counter() - t0
         template = self.llm.metadata.get("tokenizer.chat_template")
         if not template:
@@ -196,7 +234,7 @@ class Engine:
         if images and self.mtmd is None:
             raise MedgemmaError(f"{self.files.text}: images need a vision projector (--mmproj)")
         if not images:
-            return Chunks(self, None, [("text", self.tokenize(prompt))])
+            return Chunks(self, None, [("text", self.tokenize(prompt))], [])
         m = self._m
         marker = m.mtmd_default_marker().decode()
         text = prompt.replace(boi, "\n\n" + marker + "\n\n")
@@ -227,7 +265,7 @@ class Engine:
                 parts.append(("text", [ptr[j] for j in range(n.value)]))
             else:
                 parts.append(("image", m.mtmd_input_chunk_get_n_tokens(c)))
-        return Chunks(self, raw, parts)
+        return Chunks(self, raw, parts, keep)
 
     # --- running ------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -244,14 +282,29 @@ class Engine:
         else:
             m = self._m
             last = m.mtmd_input_chunks_size(chunks.raw) - 1
+            image_index = 0
             for i in range(last + 1):
                 c = m.mtmd_input_chunks_get(chunks.raw, i)
                 is_image = m.mtmd_input_chunk_get_type(c) != m.MTMD_INPUT_CHUNK_TYPE_TEXT
                 t1 = time.perf_counter()
                 new_n_past = self._lib.llama_pos(self.n_past)  # the helper adds to it for text chunks
-                with quiet_stderr(not self.verbose):
-                    rc = m.mtmd_helper_eval_chunk_single(self.mtmd, self.ctx, c, self.n_past, 0, 512, i == last,
-                                                         ctypes.byref(new_n_past))
+                if is_image and self.onnx_vision is not None:
+                    embd = self.onnx_vision.encode(chunks.images[image_index])
+                    timings.image_encode_s += time.perf_counter() - t1
+                    t1 = time.perf_counter()
+                    ptr = embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+                    with quiet_stderr(not self.verbose):
+                        rc = m.mtmd_helper_decode_image_chunk(self.mtmd, self.ctx, c, ptr, self.n_past, 0, 512,
+                                                              ctypes.byref(new_n_past),
+                                                              ctypes.cast(None, m.mtmd_helper_post_decode_callback), None)
+                    timings.image_decode_s += time.perf_counter() - t1
+                    is_image = False  # encode time is already counted
+                else:
+                    with quiet_stderr(not self.verbose):
+                        rc = m.mtmd_helper_eval_chunk_single(self.mtmd, self.ctx, c, self.n_past, 0, 512, i == last,
+                                                             ctypes.byref(new_n_past))
+                if m.mtmd_input_chunk_get_type(c) != m.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                    image_index += 1
                 if rc != 0:
                     raise MedgemmaError(f"llama.cpp failed to evaluate prompt chunk {i} (code {rc})")
                 self.n_past = new_n_past.value
@@ -340,6 +393,7 @@ class Chunks:
     engine: Engine
     raw: Any  # mtmd_input_chunks pointer, or None for text-only prompts
     parts: list[tuple[str, Any]]  # ("text", token ids) | ("image", n_tokens)
+    images: list[np.ndarray] = field(default_factory=list)  # the RGB images, in chunk order
 
     @property
     def n_tokens(self) -> int:
