@@ -13,6 +13,7 @@ from medgemma_cli.inputs.collect import Collected, collect
 from medgemma_cli.inputs.images import save_png
 from medgemma_cli.prompt import build_messages, truncate_notes
 from medgemma_cli.runtime import Engine, ModelFiles, Timings, quiet_stderr, resolve_model
+from medgemma_cli.session import PrefixSession, Turn
 
 
 @dataclass
@@ -29,6 +30,7 @@ class AskOptions:
     max_slices: int = dicom.MAX_SLICES
     save_input: Path | None = None
     verbose: bool = False
+    vision_backend: str = "auto"  # auto: ONNX Runtime on CPU-only runs when vision.onnx exists, else libmtmd
 
 
 @dataclass
@@ -64,8 +66,8 @@ class _Counter:
 
 
 def plan_context(question: str, inputs: Collected, files: ModelFiles, opts: AskOptions,
-                 counter: _Counter, image_tokens: int) -> tuple[list[dict[str, Any]], int, list[str]]:
-    """Messages and a context size that fit: notes are truncated visibly if they must be."""
+                 counter: _Counter, image_tokens: int) -> tuple[list[tuple[str, str]], int, list[str]]:
+    """Notes and a context size that fit: notes are truncated visibly if they must be."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     warnings: list[str] = []
@@ -101,26 +103,23 @@ def plan_context(question: str, inputs: Collected, files: ModelFiles, opts: AskO
                             f"{opts.max_tokens} to answer) but the context holds {limit}; send fewer images "
                             "(--max-slices), lower --max-tokens or raise --ctx")
     n_ctx = min(limit, max(256, -(-needed // 256) * 256))
-    return build_messages(question, inputs, opts.system, opts.with_metadata, notes), n_ctx, warnings
+    return notes, n_ctx, warnings
 
 
-def ask(question: str, files: list[Path] | None = None, *, model: Path | None = None, gguf: Path | None = None,
-        mmproj: Path | None = None, options: AskOptions | None = None,
-        on_text: Callable[[str], None] | None = None) -> AskResult:
-    """Answer a question about DICOM files, series, images and notes with MedGemma (streamed to `on_text`)."""
-    opts = options or AskOptions()
+def _prepare(question: str, files: list[Path] | None, model: Path | None, gguf: Path | None, mmproj: Path | None,
+             opts: AskOptions, extra_tokens: int = 0) -> tuple[ModelFiles, Collected, list[tuple[str, str]], int, list[str]]:
     if not question.strip():
         raise MedgemmaError("the question is empty")
     model_files = resolve_model(model, gguf, mmproj)
     vision = model_files.vision
-    t_start = time.perf_counter()
     inputs = collect([Path(f) for f in files or []], vision["image_size"] if vision else None, opts.max_slices)
     counter = _Counter(model_files)
     image_tokens = vision["image_tokens"] if vision else 0
     # each slice costs its embeddings, <start_of_image>/<end_of_image>, the blank lines and its label
     per_image = image_tokens + 2 + counter.count("\n\nSLICE 85\n\n")
     limit = min(opts.ctx or counter.n_ctx_train, counter.n_ctx_train)
-    text_tokens = counter.count(question + "".join(t for _, t in inputs.notes)) + 64
+    extra_tokens = min(extra_tokens, limit // 2)  # room kept for a conversation's later turns
+    text_tokens = counter.count(question + "".join(t for _, t in inputs.notes)) + 64 + extra_tokens
     room = limit - opts.max_tokens - text_tokens
     if inputs.images and len(inputs.images) * per_image > room and inputs.volumes:
         fit = max(1, room // per_image)
@@ -128,47 +127,96 @@ def ask(question: str, files: list[Path] | None = None, *, model: Path | None = 
         inputs = collect([Path(f) for f in files or []], vision["image_size"], min(opts.max_slices, fit))
         inputs.warnings.append(f"too many images for a context of {limit} tokens: {len(inputs.images)} of "
                                f"{before} slices sent, sampled evenly")
-    messages, n_ctx, warnings = plan_context(question, inputs, model_files, opts, counter, image_tokens)
-    saved = []
+    opts_for_plan = AskOptions(**{**opts.__dict__, "max_tokens": opts.max_tokens + extra_tokens})
+    notes, n_ctx, warnings = plan_context(question, inputs, model_files, opts_for_plan, counter, image_tokens)
+    if extra_tokens:
+        n_ctx = limit  # a conversation gets the whole context it was given
     if opts.save_input is not None:
         opts.save_input.mkdir(parents=True, exist_ok=True)
-        for i, img in enumerate(inputs.images, 1):
-            path = opts.save_input / f"input-{i:03d}.png"
-            save_png(img.rgb, path)
-            saved.append(str(path))
-    timings = Timings()
-    engine = Engine(model_files, n_ctx=n_ctx, threads=opts.threads, gpu_layers=opts.gpu_layers, verbose=opts.verbose)
-    timings.load_s = engine.load_s
-    try:
-        prompt = engine.render(messages)
-        chunks = engine.chunks(prompt, [img.rgb for img in inputs.images])
-        try:
-            started = time.perf_counter()
-            engine.prefill(chunks, timings)
-            answer, thinking, n_out, stopped = engine.generate(
-                opts.max_tokens, opts.temperature, opts.seed, opts.show_thinking, on_text, timings, started)
-        finally:
-            n_prompt = chunks.n_tokens
-            chunks.free()
-    finally:
-        engine.close()
-    total = time.perf_counter() - t_start
+    return model_files, inputs, notes, n_ctx, warnings
+
+
+def _result(model_files: ModelFiles, engine: Engine, inputs: Collected, warnings: list[str], turn: Turn,
+            prefill: Timings, opts: AskOptions, saved: list[str], t_start: float) -> AskResult:
+    t = turn.timings
     return AskResult(
-        answer=answer.strip(),
-        thinking=thinking.strip() if opts.show_thinking else None,
+        answer=turn.answer,
+        thinking=turn.thinking if opts.show_thinking else None,
         model={"name": model_files.name, "text": str(model_files.text),
-               "mmproj": str(model_files.mmproj) if model_files.mmproj else None, "n_ctx": n_ctx,
-               "gpu_layers": engine.gpu_layers},
+               "mmproj": str(model_files.mmproj) if model_files.mmproj else None, "n_ctx": engine.n_ctx,
+               "gpu_layers": engine.gpu_layers, "vision_backend": engine.vision_backend},
         inputs=[{"path": str(r.path), "sha256": r.sha256, "kind": r.kind, "rendering": r.detail}
                 for r in inputs.records],
         images_sent=len(inputs.images),
         warnings=inputs.warnings + warnings,
-        tokens={"prompt": n_prompt, "completion": n_out},
-        timings={"load_s": round(timings.load_s, 3), "image_encode_s": round(timings.image_encode_s, 3),
-                 "prefill_s": round(timings.prefill_s, 3), "first_token_s": round(timings.first_token_s, 3),
-                 "decode_s": round(timings.decode_s, 3),
-                 "decode_tokens_per_s": round(n_out / timings.decode_s, 2) if timings.decode_s and n_out else 0.0,
-                 "total_s": round(total, 3)},
-        stopped=stopped,
+        tokens={"prompt": turn.prompt_tokens, "completion": turn.completion_tokens},
+        timings={"load_s": round(engine.load_s, 3), "image_encode_s": round(prefill.image_encode_s, 3),
+                 "prefill_s": round(prefill.prefill_s + t.prefill_s, 3),
+                 "first_token_s": round(prefill.first_token_s + t.first_token_s, 3),
+                 "decode_s": round(t.decode_s, 3),
+                 "decode_tokens_per_s": round(turn.completion_tokens / t.decode_s, 2) if t.decode_s and turn.completion_tokens else 0.0,
+                 "total_s": round(time.perf_counter() - t_start, 3)},
+        stopped=turn.stopped,
         saved_inputs=saved,
     )
+
+
+def _save_inputs(inputs: Collected, folder: Path | None) -> list[str]:
+    saved = []
+    if folder is not None:
+        for i, img in enumerate(inputs.images, 1):
+            path = folder / f"input-{i:03d}.png"
+            save_png(img.rgb, path)
+            saved.append(str(path))
+    return saved
+
+
+def open_session(question_hint: str, files: list[Path] | None, *, model: Path | None = None, gguf: Path | None = None,
+                 mmproj: Path | None = None, options: AskOptions | None = None, extra_tokens: int = 0
+                 ) -> tuple[PrefixSession, ModelFiles, list[str], list[str]]:
+    """Load the model and encode the inputs once; answer questions with the returned session."""
+    opts = options or AskOptions()
+    model_files, inputs, notes, n_ctx, warnings = _prepare(question_hint, files, model, gguf, mmproj, opts, extra_tokens)
+    saved = _save_inputs(inputs, opts.save_input)
+    engine = Engine(model_files, n_ctx=n_ctx, threads=opts.threads, gpu_layers=opts.gpu_layers, verbose=opts.verbose,
+                    vision_backend=opts.vision_backend)
+    session = PrefixSession(engine, inputs, opts.system, opts.with_metadata, notes)
+    try:
+        session.start()
+    except BaseException:
+        engine.close()
+        raise
+    return session, model_files, warnings, saved
+
+
+def ask(question: str, files: list[Path] | None = None, *, model: Path | None = None, gguf: Path | None = None,
+        mmproj: Path | None = None, options: AskOptions | None = None,
+        on_text: Callable[[str], None] | None = None) -> AskResult:
+    """Answer a question about DICOM files, series, images and notes with MedGemma (streamed to `on_text`)."""
+    return ask_many([question], files, model=model, gguf=gguf, mmproj=mmproj, options=options, on_text=on_text)[0]
+
+
+def ask_many(questions: list[str], files: list[Path] | None = None, *, model: Path | None = None,
+             gguf: Path | None = None, mmproj: Path | None = None, options: AskOptions | None = None,
+             on_text: Callable[[str], None] | None = None) -> list[AskResult]:
+    """Several independent questions about the same inputs: images and notes are encoded once, and each
+    question starts again from that state (the same answers, token for token, as separate `ask`s)."""
+    opts = options or AskOptions()
+    if not questions:
+        raise MedgemmaError("no question given")
+    t_start = time.perf_counter()
+    longest = max(questions, key=len)
+    session, model_files, warnings, saved = open_session(longest, files, model=model, gguf=gguf, mmproj=mmproj,
+                                                         options=opts)
+    results = []
+    try:
+        for q in questions:
+            if not q.strip():
+                raise MedgemmaError("the question is empty")
+            turn = session.ask(q, opts.max_tokens, opts.temperature, opts.seed, opts.show_thinking, on_text)
+            first = not results
+            results.append(_result(model_files, session.engine, session.inputs, warnings, turn,
+                                   session.prefill_timings if first else Timings(), opts, saved, t_start))
+    finally:
+        session.engine.close()
+    return results

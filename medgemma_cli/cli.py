@@ -143,6 +143,7 @@ def ask(
     save_input: Optional[Path] = typer.Option(None, "--save-input", help="Write PNGs of exactly the pixels the model receives here."),
     with_metadata: bool = typer.Option(False, "--with-metadata", help="Add modality, body part, view, age and sex (never names, IDs or dates)."),
     show_thinking: bool = typer.Option(False, "--show-thinking", help="Keep MedGemma 27B's thinking trace in the output."),
+    vision_backend: str = typer.Option("auto", "--vision-backend", help="auto (ONNX Runtime on CPU-only runs when vision.onnx exists), onnx or mtmd."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (answer, inputs with SHA-256, tokens, timings)."),
 ) -> None:
     """Ask MedGemma about local DICOM files, series, images and clinical notes; the answer streams as it comes.
@@ -162,7 +163,7 @@ def ask(
 
     opts = AskOptions(system=system, max_tokens=max_tokens, temperature=temperature, seed=seed, threads=threads,
                       gpu_layers=gpu_layers, ctx=ctx, with_metadata=with_metadata, show_thinking=show_thinking,
-                      max_slices=max_slices, save_input=save_input, verbose=_DEBUG)
+                      max_slices=max_slices, save_input=save_input, verbose=_DEBUG, vision_backend=vision_backend.lower())
     stream = None if as_json else (lambda piece: out.print(piece, end="", markup=False, highlight=False))
     result = run_ask(question, files or [], model=model, gguf=gguf, mmproj=mmproj, options=opts, on_text=stream)
     if as_json:
@@ -177,6 +178,78 @@ def ask(
               f"{t['decode_tokens_per_s']:.1f} tokens/s[/]")
     if result.saved_inputs:
         err.print(f"[dim]model inputs saved: {', '.join(result.saved_inputs)}[/]")
+
+
+@app.command()
+@_guard
+def chat(
+    files: Optional[list[Path]] = typer.Argument(None, help="DICOM files or series folders, images, notes."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Converted model folder or its name in the store [default: the newest]."),
+    gguf: Optional[Path] = typer.Option(None, "--gguf", help="A text-model GGUF from elsewhere."),
+    mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="Its vision projector GGUF."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    max_tokens: int = typer.Option(512, "--max-tokens", help="Longest answer per turn, in tokens."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
+    seed: int = typer.Option(0, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads [default: physical cores]."),
+    gpu_layers: Optional[int] = typer.Option(None, "--gpu-layers"),
+    ctx: int = typer.Option(8192, "--ctx", help="Context for the whole conversation; old turns are dropped (with a notice) beyond it."),
+    with_metadata: bool = typer.Option(False, "--with-metadata", help="Add modality, body part, view, age and sex."),
+    vision_backend: str = typer.Option("auto", "--vision-backend", help="auto, onnx or mtmd."),
+) -> None:
+    """Talk about the same images and notes: they are encoded once, follow-up questions reuse them.
+
+    Type a question and press Enter. [bold]/save FILE[/] writes the transcript (questions, answers, input
+    checksums; no paths, no patient identifiers), [bold]/quit[/] or Ctrl-D ends.
+
+    [bold]Example[/]
+
+      medgemma chat chest.dcm note.txt --system "You are an expert radiologist."
+    """
+    from medgemma_cli.ask import AskOptions, open_session
+
+    opts = AskOptions(system=system, max_tokens=max_tokens, temperature=temperature, seed=seed, threads=threads,
+                      gpu_layers=gpu_layers, ctx=ctx, with_metadata=with_metadata, verbose=_DEBUG,
+                      vision_backend=vision_backend.lower())
+    with err.status("reading the inputs and encoding the images…"):
+        session, model_files, warnings, _ = open_session("?", files or [], model=model, gguf=gguf, mmproj=mmproj,
+                                                         options=opts, extra_tokens=max(0, ctx // 2))
+    try:
+        for w in session.inputs.warnings + warnings:
+            err.print(f"[yellow]note:[/] {w}")
+        t = session.prefill_timings
+        err.print(f"[dim]{model_files.name} · {len(session.inputs.images)} image(s) encoded in {t.image_encode_s:.1f} s "
+                  f"({session.engine.vision_backend}) · /save FILE, /quit[/]")
+        interactive = sys.stdin.isatty()
+        while True:
+            try:
+                line = input("> " if interactive else "")
+            except EOFError:
+                break
+            line = line.strip()
+            if not line:
+                continue
+            if line in ("/quit", "/exit", "/q"):
+                break
+            if line.startswith("/save"):
+                target = Path(line[5:].strip() or "medgemma-chat.json")
+                tmp = target.with_name(f".{target.name}.partial")
+                tmp.write_text(json.dumps(session.transcript(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+                os.replace(tmp, target)
+                err.print(f"[dim]transcript saved to {target}[/]")
+                continue
+            if line.startswith("/"):
+                err.print("[yellow]commands:[/] /save FILE, /quit")
+                continue
+            turn = session.follow_up(line, max_tokens, temperature, seed,
+                                     on_text=lambda piece: out.print(piece, end="", markup=False, highlight=False),
+                                     on_notice=lambda msg: err.print(f"[yellow]note:[/] {msg}"))
+            out.print()
+            tt = turn.timings
+            err.print(f"[dim]first token {tt.first_token_s:.1f} s · {turn.completion_tokens} tokens · "
+                      f"images encoded {session.engine.images_encoded} time(s) in total[/]")
+    finally:
+        session.engine.close()
 
 
 @app.command()

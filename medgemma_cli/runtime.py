@@ -204,6 +204,7 @@ class Engine:
         self.bos = self._piece(llama_cpp.llama_vocab_bos(self.vocab), special=True)
         self.think_ids = (self.token_id(THINK_OPEN), self.token_id(THINK_CLOSE))
         self.n_past = 0
+        self.images_encoded = 0
 
     # --- tokens -------------------------------------------------------------------------------------
     def tokenize(self, text: str, special: bool = True) -> list[int]:
@@ -272,13 +273,22 @@ class Engine:
         self._lib.llama_memory_clear(self._lib.llama_get_memory(self.ctx), True)
         self.n_past = 0
 
-    def prefill(self, chunks: "Chunks", timings: Timings) -> None:
+    def rewind(self, n_past: int) -> None:
+        """Forget everything after position `n_past` (the images and notes before it stay)."""
+        if not self._lib.llama_memory_seq_rm(self._lib.llama_get_memory(self.ctx), 0, n_past, -1):
+            raise MedgemmaError("llama.cpp could not cut the context back (this cache type cannot)")
+        self.n_past = n_past
+
+    def decode_text(self, text: str, tokens: list[int] | None = None) -> None:
+        self._decode_tokens(tokens if tokens is not None else self.tokenize(text), logits_last=True)
+
+    def prefill(self, chunks: "Chunks", timings: Timings, logits_last: bool = True) -> None:
         """Decode the prompt (text and image chunks) after what is already in the context."""
         if self.n_past + chunks.n_tokens > self.n_ctx:
             raise MedgemmaError(f"the prompt needs {self.n_past + chunks.n_tokens} tokens but the context holds {self.n_ctx}")
         t0 = time.perf_counter()
         if chunks.raw is None:
-            self._decode_tokens(chunks.parts[0][1], logits_last=True)
+            self._decode_tokens(chunks.parts[0][1], logits_last=logits_last)
         else:
             m = self._m
             last = m.mtmd_input_chunks_size(chunks.raw) - 1
@@ -301,10 +311,11 @@ class Engine:
                     is_image = False  # encode time is already counted
                 else:
                     with quiet_stderr(not self.verbose):
-                        rc = m.mtmd_helper_eval_chunk_single(self.mtmd, self.ctx, c, self.n_past, 0, 512, i == last,
-                                                             ctypes.byref(new_n_past))
+                        rc = m.mtmd_helper_eval_chunk_single(self.mtmd, self.ctx, c, self.n_past, 0, 512,
+                                                             logits_last and i == last, ctypes.byref(new_n_past))
                 if m.mtmd_input_chunk_get_type(c) != m.MTMD_INPUT_CHUNK_TYPE_TEXT:
                     image_index += 1
+                    self.images_encoded += 1
                 if rc != 0:
                     raise MedgemmaError(f"llama.cpp failed to evaluate prompt chunk {i} (code {rc})")
                 self.n_past = new_n_past.value

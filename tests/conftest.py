@@ -39,10 +39,11 @@ def convert_tiny(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
     cache: dict[tuple[str, str], Path] = {}
     root = tmp_path_factory.mktemp("converted")
 
-    def run(preset: str, mmproj: str = "F16") -> Path:
-        key = (preset, mmproj)
+    def run(preset: str, mmproj: str = "F16", vision_onnx: str = "int8") -> Path:
+        key = (preset, mmproj, vision_onnx)
         if key not in cache:
-            cache[key] = convert(tiny_ckpt, root / f"{preset}-{mmproj}", preset=preset, mmproj_type=mmproj).path
+            cache[key] = convert(tiny_ckpt, root / f"{preset}-{mmproj}-{vision_onnx}", preset=preset,
+                                 mmproj_type=mmproj, vision_onnx=vision_onnx).path
         return cache[key]
 
     return run
