@@ -231,11 +231,9 @@ def convert_gguf(src: Path | str, out: Path | str, preset: str = DEFAULT_PRESET,
                                         "tensors": sum(t.imatrix is not None for t in plan.text)}
                 if onnx_vision:
                     progress.status(f"writing {VISION_ONNX_FILE} ({vision_onnx})")
-                    scratch = folder.scratch("vision-fp32.onnx")
-                    folder.also_remove(scratch.parent / (scratch.name + ".data"))  # an external graph's weights
                     tmp = folder.temp(VISION_ONNX_FILE)
                     data_tmp = folder.temp(VISION_ONNX_FILE + ".data")
-                    write_vision_onnx(ckpt, spec, tmp, data_tmp, scratch, vision_onnx)
+                    write_vision_onnx(ckpt, spec, tmp, data_tmp, vision_onnx)
                     extra["vision_onnx"] = {"preset": vision_onnx}
                     entry = {"size": tmp.stat().st_size, "sha256": sha256_file(tmp), "preset": vision_onnx}
                     if data_tmp.exists():

@@ -7,7 +7,7 @@ Gelu with tanh approximation, Softmax).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -17,8 +17,19 @@ OPSET = 20
 
 
 class GraphBuilder:
-    def __init__(self, name: str):
+    """`int8=True` writes every constant-weight matmul already quantized, in the pattern ONNX Runtime's
+    dynamic quantization produces (DynamicQuantizeLinear → MatMulInteger → Cast → Mul, per-tensor symmetric
+    int8 weights), so a graph never needs to exist in float32 first."""
+
+    def __init__(self, name: str, int8: bool = False, data_file: Any = None, data_location: str | None = None):
+        """`data_file` (an open binary file) streams constants into external data as they are made, so the
+        graph never holds its weights: memory stays at one tensor. `data_location` is the data file's name
+        as the graph refers to it (its final name, beside the graph)."""
         self.name = name
+        self.int8 = int8
+        self.data_file = data_file
+        self.data_location = data_location
+        self._quantized_inputs: dict[str, tuple[str, str, str]] = {}
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
@@ -31,7 +42,19 @@ class GraphBuilder:
 
     def const(self, name: str, value: np.ndarray) -> str:
         value = np.array(value, copy=True, order="C")  # ascontiguousarray would make 0-d arrays 1-d
-        self.inits.append(numpy_helper.from_array(value, name))
+        if self.data_file is None or value.nbytes < 1024:
+            self.inits.append(numpy_helper.from_array(value, name))
+            return name
+        f = self.data_file
+        f.write(b"\0" * (-f.tell() % 64))
+        offset = f.tell()
+        f.write(value.tobytes())
+        t = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(value.dtype), dims=list(value.shape))
+        t.data_location = onnx.TensorProto.EXTERNAL
+        for key, val in (("location", self.data_location), ("offset", str(offset)), ("length", str(value.nbytes))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, val
+        self.inits.append(t)
         return name
 
     def op(self, op_type: str, inputs: list[str], hint: str | None = None, **attrs) -> str:
@@ -54,9 +77,26 @@ class GraphBuilder:
         return m
 
     # --- layers ---------------------------------------------------------------------------------
+    def matmul_const(self, x: str, w: np.ndarray, name: str) -> str:
+        """x @ w for a constant w [in, out]: float32, or int8 weights with dynamically quantized inputs."""
+        if not self.int8:
+            return self.op("MatMul", [x, self.const(name, w.astype(np.float32))], name)
+        w = np.asarray(w, dtype=np.float32)
+        scale = np.float32(np.abs(w).max() / 127.0) if np.abs(w).max() > 0 else np.float32(1.0)
+        wq = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+        if x not in self._quantized_inputs:  # one quantization of an activation serves all its matmuls
+            xq, xs, xz = f"{x}_quantized", f"{x}_scale", f"{x}_zero_point"
+            self.nodes.append(helper.make_node("DynamicQuantizeLinear", [x], [xq, xs, xz], name=f"{x}_QuantizeLinear"))
+            self._quantized_inputs[x] = (xq, xs, xz)
+        xq, xs, xz = self._quantized_inputs[x]
+        scales = self.op("Mul", [xs, self.const(f"{name}_scale", np.array(scale, np.float32))], f"{name}_scales")
+        acc = self.op("MatMulInteger", [xq, self.const(f"{name}_quantized", wq), xz,
+                                        self.const(f"{name}_zero_point", np.array(0, np.int8))], f"{name}_int32")
+        return self.op("Mul", [self.op("Cast", [acc], f"{name}_float", to=TensorProto.FLOAT), scales], name)
+
     def linear(self, x: str, w: np.ndarray, b: np.ndarray | None, name: str) -> str:
         """x @ wᵀ + b, with w as stored by PyTorch ([out, in])."""
-        y = self.op("MatMul", [x, self.const(f"{name}.weight_t", w.T.astype(np.float32))], name)
+        y = self.matmul_const(x, w.T, f"{name}.weight_t")
         return self.op("Add", [y, self.const(f"{name}.bias", b.astype(np.float32))], name) if b is not None else y
 
     def layer_norm(self, x: str, w: np.ndarray, b: np.ndarray, eps: float, name: str) -> str:
@@ -166,5 +206,4 @@ def gemma3_projector(gb: GraphBuilder, x: str, get: Callable[[str], np.ndarray],
     normed = gb.op("Div", [seq, gb.op("Sqrt", [gb.op("Add", [ms, eps])])])
     w = (get("mm.mm_soft_emb_norm.weight") + 1.0).astype(np.float32)
     normed = gb.op("Mul", [normed, gb.const("mm.soft_emb_norm.weight_plus_one", w)])
-    proj = get("mm.mm_input_projection_weight").astype(np.float32)  # [D, text hidden]: x @ W
-    return gb.op("MatMul", [normed, gb.const("mm.input_projection", proj)], "mm_input_projection")
+    return gb.matmul_const(normed, get("mm.mm_input_projection_weight"), "mm.input_projection")  # [D, H]: x @ W

@@ -133,7 +133,7 @@ def synthetic_gguf(shape: str, preset: str = "Q4_K_M", folder: Path | None = Non
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         f = w.fout[0]
-        for name, shp, q in plan:
+        for _name, shp, q in plan:
             f.write(b"\0" * (-f.tell() % w.data_alignment))
             if len(shp) == 1:
                 f.write((np.ones(shp, np.float32) + rng.standard_normal(shp, dtype=np.float32) * 0.1).tobytes())

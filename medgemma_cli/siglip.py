@@ -218,7 +218,7 @@ def classify(paths: list[Path], labels: list[str], *, model: Path | None = None,
     else:
         p = 1.0 / (1.0 + np.exp(-z))
     out = []
-    for (path, frame, _), row in zip(items, p):
+    for (path, frame, _), row in zip(items, p, strict=True):
         order = np.argsort(-row)
         out.append(Classification(str(path), frame, {labels[j]: float(row[j]) for j in order}))
     return out
@@ -252,7 +252,7 @@ def embed(paths: list[Path], out: Path, *, model: Path | None = None, text: list
             with open(tmp, "w", newline="", encoding="utf-8") as f:
                 w = csv.writer(f)
                 w.writerow(["source", "frame"] + [f"e{i}" for i in range(vectors.shape[1])])
-                for s, fr, v in zip(sources, frames, vectors):
+                for s, fr, v in zip(sources, frames, vectors, strict=True):
                     w.writerow([s, "" if fr is None else fr] + [f"{x:.7g}" for x in v])
         os.replace(tmp, out)
     finally:

@@ -115,7 +115,7 @@ def collect(paths: list[Path], image_size: int | None, max_slices: int = dicom.M
             raise InputError(dicoms[0][0], "this model has no vision projector (mmproj); it cannot read images")
         for vol in dicom.assemble(dicoms, max_slices):
             rendered = dicom.render_volume(vol)
-            for i, (s, rgb) in enumerate(zip(vol.slices, rendered), 1):
+            for i, (s, rgb) in enumerate(zip(vol.slices, rendered, strict=True), 1):
                 label = f"SLICE {i}" if vol.is_volume else None
                 out.images.append(PromptImage(resize_square(rgb, image_size), label, s.path))
             out.volumes.append(vol)
