@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 
 from medgemma_cli import __version__
-from medgemma_cli.atomic import AtomicFolder
+from medgemma_cli.atomic import AtomicFolder, write_errors
 from medgemma_cli.converters import gemma3
 from medgemma_cli.converters.checkpoint import Checkpoint
 from medgemma_cli.converters.gguf_stream import PlannedTensor, QuantError, sha256_file, write_gguf
@@ -223,7 +222,7 @@ def convert_gguf(src: Path | str, out: Path | str, preset: str = DEFAULT_PRESET,
         files = [TEXT_FILE] + ([MMPROJ_FILE] if spec.vision else []) + \
             ([VISION_ONNX_FILE, VISION_ONNX_FILE + ".data"] if onnx_vision else []) + [MANIFEST_FILE]
         total = sum(t.nbytes for t in plan.text + plan.vision)
-        with AtomicFolder(out, files, overwrite=overwrite) as folder:
+        with AtomicFolder(out, files, overwrite=overwrite) as folder, write_errors(out):
             try:
                 extra = {}
                 if importance is not None:
@@ -241,9 +240,6 @@ def convert_gguf(src: Path | str, out: Path | str, preset: str = DEFAULT_PRESET,
                     extra["vision_onnx_file"] = entry
                 manifest = _write_all(ckpt, plan, vocab, pre, mmproj_type, name, folder, total, threads, progress,
                                       extra)
-            except OSError as e:
-                why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-                raise OutputError(out, f"writing failed: {why}") from e
             finally:
                 progress.end()
     return manifest

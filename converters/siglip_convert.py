@@ -6,7 +6,6 @@ graph builder; no torch, no optimum.
 
 from __future__ import annotations
 
-import errno
 import json
 import shutil
 from datetime import datetime, timezone
@@ -17,7 +16,7 @@ import numpy as np
 import onnx
 
 from medgemma_cli import __version__
-from medgemma_cli.atomic import AtomicFolder
+from medgemma_cli.atomic import AtomicFolder, write_errors
 from medgemma_cli.converters.checkpoint import Checkpoint
 from medgemma_cli.converters.gguf_stream import sha256_file
 from medgemma_cli.converters.onnx_graph import GraphBuilder, siglip_pooling_head, siglip_text_tower, siglip_vision_tower
@@ -113,7 +112,8 @@ def convert_siglip(src: Path | str, out: Path | str, preset: str = "int8", text_
                              (f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""))
         pre_cfg = ckpt.processor_config
         files = [VISION_FILE, TEXT_FILE, TOKENIZER_FILE, MANIFEST_FILE]
-        with AtomicFolder(out, files + [VISION_FILE + ".data", TEXT_FILE + ".data"], overwrite=overwrite) as folder:
+        with AtomicFolder(out, files + [VISION_FILE + ".data", TEXT_FILE + ".data"], overwrite=overwrite) as folder, \
+                write_errors(out):
             try:
                 entries = {}
                 for graph, final, qp in ((vis, VISION_FILE, preset), (txt, TEXT_FILE, text_preset)):
@@ -148,9 +148,6 @@ def convert_siglip(src: Path | str, out: Path | str, preset: str = "int8", text_
                     "files": entries,
                 }
                 folder.temp(MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-            except OSError as e:
-                why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-                raise OutputError(out, f"writing failed: {why}") from e
             finally:
                 progress.end()
     return manifest

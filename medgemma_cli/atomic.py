@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 from types import TracebackType
 
 from medgemma_cli.errors import OutputError
@@ -81,3 +84,13 @@ class AtomicFolder:
                 folder.rmdir()
             except OSError:
                 break
+
+
+@contextmanager
+def write_errors(target: Path) -> Iterator[None]:
+    """Report a failing write (full disk, permissions) as one line about `target`."""
+    try:
+        yield
+    except OSError as e:
+        why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise OutputError(target, f"writing failed: {why}") from e

@@ -76,12 +76,7 @@ def resolve_model(model: Path | None = None, gguf: Path | None = None, mmproj: P
             raise InputError(mmproj, "no such mmproj file")
         return ModelFiles(Path(gguf), Path(mmproj) if mmproj else None, Path(gguf).stem)
     if model is None:
-        found = [m for m in store.list_models() if m.kind == "gguf" and (m.path / "text.gguf").is_file()]
-        if not found:
-            raise MedgemmaError(f"no converted model in {store.models_dir()}: convert one with "
-                                "`medgemma convert CHECKPOINT_DIR`, or pass --model DIR / --gguf FILE --mmproj FILE")
-        found.sort(key=lambda m: (m.path / "manifest.json").stat().st_mtime)
-        model = found[-1].path
+        model = store.newest("gguf", "MedGemma")
     model = Path(model)
     if (model / "text.gguf").is_file():
         mm = model / "mmproj.gguf"

@@ -115,12 +115,7 @@ def resolve_siglip(model: Path | None) -> SiglipModelFiles:
     from medgemma_cli import store
 
     if model is None:
-        found = [m for m in store.list_models() if m.kind == "onnx-siglip"]
-        if not found:
-            raise MedgemmaError(f"no converted MedSigLIP model in {store.models_dir()}: convert one with "
-                                "`medgemma convert MEDSIGLIP_CHECKPOINT_DIR`, or pass --model DIR")
-        found.sort(key=lambda m: (m.path / "manifest.json").stat().st_mtime)
-        model = found[-1].path
+        model = store.newest("onnx-siglip", "MedSigLIP")
     folder = Path(model)
     if not (folder / "manifest.json").is_file() and (store.models_dir() / str(model) / "manifest.json").is_file():
         folder = store.models_dir() / str(model)

@@ -55,3 +55,15 @@ def list_models(root: Path | None = None) -> list[StoredModel]:
                 except (OSError, json.JSONDecodeError):
                     continue
     return out
+
+
+def newest(kind: str, how_to_convert: str) -> Path:
+    """The most recently converted model of a kind (gguf, onnx-siglip), or a message saying how to make one."""
+    from medgemma_cli.errors import MedgemmaError
+
+    found = [m for m in list_models() if m.kind == kind]
+    if not found:
+        raise MedgemmaError(f"no converted {how_to_convert} model in {models_dir()}: convert one with "
+                            f"`medgemma convert CHECKPOINT_DIR`, or pass --model DIR")
+    found.sort(key=lambda m: (m.path / "manifest.json").stat().st_mtime)
+    return found[-1].path
