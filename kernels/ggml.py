@@ -37,9 +37,31 @@ def _candidates() -> list[Path]:
     return [d / n for d in dirs for n in names]
 
 
+TESTED_LLAMA_CPP_PYTHON = "0.3.36"  # the ggml our byte-for-byte and parity tests ran against
+
+
+def check_version(version: str | None = None) -> None:
+    """Refuse an untested ggml: quantized bytes, GGUF parsing and kernels are checked against this one.
+    MEDGEMMA_ALLOW_UNTESTED_GGML=1 lets a user go on anyway."""
+    if version is None:
+        try:
+            import llama_cpp
+
+            version = getattr(llama_cpp, "__version__", None)
+        except ImportError:
+            version = None
+    if version != TESTED_LLAMA_CPP_PYTHON and not os.environ.get("MEDGEMMA_ALLOW_UNTESTED_GGML"):
+        raise GgmlLibraryError(
+            f"llama-cpp-python {version or 'unknown'} is installed, but medgemma-cli is tested with "
+            f"{TESTED_LLAMA_CPP_PYTHON}: pip install llama-cpp-python=={TESTED_LLAMA_CPP_PYTHON} "
+            "(or set MEDGEMMA_ALLOW_UNTESTED_GGML=1 to try anyway)")
+
+
 @lru_cache(maxsize=1)
 def lib() -> ctypes.CDLL:
     """libggml-base, found next to llama-cpp-python's libllama (or at MEDGEMMA_GGML_LIB)."""
+    if not os.environ.get("MEDGEMMA_GGML_LIB"):
+        check_version()
     for path in _candidates():
         if path.is_file():
             try:

@@ -2,7 +2,7 @@
 
 The Python API does everything the command line does:
 
-    from medgemma_cli import convert, make_checkpoint, list_models
+    from medgemma_cli import convert, ask, ask_many, open_session, classify, embed, run_bench, list_models
 """
 
 from __future__ import annotations
@@ -33,8 +33,13 @@ def __getattr__(name: str):  # lazy, so `medgemma --help` does not load numpy, g
         from medgemma_cli import store
 
         return getattr(store, name)
-    if name == "run_demo":
-        from medgemma_cli.demo import run_demo
+    lazy = {
+        "run_demo": "medgemma_cli.demo", "ask": "medgemma_cli.ask", "ask_many": "medgemma_cli.ask",
+        "open_session": "medgemma_cli.ask", "AskOptions": "medgemma_cli.ask", "classify": "medgemma_cli.siglip",
+        "embed": "medgemma_cli.siglip", "run_bench": "medgemma_cli.bench",
+    }
+    if name in lazy:
+        import importlib
 
-        return run_demo
+        return getattr(importlib.import_module(lazy[name]), name)
     raise AttributeError(name)

@@ -85,3 +85,14 @@ def test_read_gguf_info_agrees_with_gguf_py(convert_tiny):
             assert got == pytest.approx(want), key
         else:
             assert got == want, key
+
+
+def test_untested_ggml_is_refused_clearly(monkeypatch):
+    from medgemma_cli.kernels.ggml import TESTED_LLAMA_CPP_PYTHON, GgmlLibraryError, check_version
+
+    check_version(TESTED_LLAMA_CPP_PYTHON)  # the tested one passes
+    monkeypatch.delenv("MEDGEMMA_ALLOW_UNTESTED_GGML", raising=False)
+    with pytest.raises(GgmlLibraryError, match=r"llama-cpp-python 0\.9\.0 is installed.*pip install llama-cpp-python=="):
+        check_version("0.9.0")
+    monkeypatch.setenv("MEDGEMMA_ALLOW_UNTESTED_GGML", "1")
+    check_version("0.9.0")  # the user's explicit choice

@@ -176,3 +176,85 @@ def test_cli_error_is_one_line(model, tmp_path):
                            str(model)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert [ln for ln in proc.stderr.splitlines() if ln.strip()] == [f"error: {tmp_path / 'nope.dcm'}: no such file or folder"]
+
+
+def _minimal_pdf(text: str) -> bytes:
+    """A one-page PDF with a text layer, written by hand (offsets computed)."""
+    stream = f"BT /F1 12 Tf 20 100 Td ({text}) Tj ET".encode()
+    objs = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+            b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 300 200] /Contents 4 0 R "
+            b"/Resources << /Font << /F1 5 0 R >> >> >>",
+            b"<< /Length " + str(len(stream)).encode() + b" >>\nstream\n" + stream + b"\nendstream",
+            b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    out, offsets = b"%PDF-1.4\n", []
+    for i, body in enumerate(objs, 1):
+        offsets.append(len(out))
+        out += f"{i} 0 obj\n".encode() + body + b"\nendobj\n"
+    xref = len(out)
+    out += f"xref\n0 {len(objs) + 1}\n0000000000 65535 f \n".encode()
+    out += b"".join(f"{o:010d} 00000 n \n".encode() for o in offsets)
+    out += f"trailer\n<< /Size {len(objs) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    return out
+
+
+def test_pdf_note(model, tmp_path):
+    pdf = tmp_path / "discharge.pdf"
+    pdf.write_bytes(_minimal_pdf("Discharge summary: stable, afebrile."))
+    inputs = collect([pdf], 32)
+    assert inputs.notes and "Discharge summary" in inputs.notes[0][1]
+    r = ask("Summarise.", [pdf], model=model, options=AskOptions(max_tokens=4))
+    assert r.inputs[0]["kind"] == "note"
+
+
+def test_models_from_elsewhere_and_from_the_store(model, tmp_path, monkeypatch):
+    r = ask("Describe.", [CT], gguf=model / "text.gguf", mmproj=model / "mmproj.gguf", options=AskOptions(max_tokens=4))
+    assert r.images_sent == 1 and r.model["mmproj"].endswith("mmproj.gguf")
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(model, home / "models" / "tiny-q8")
+    monkeypatch.setenv("MEDGEMMA_HOME", str(home))
+    r = ask("Describe.", [CT], options=AskOptions(max_tokens=4))  # no --model: the store's newest
+    assert r.model["name"] == "tiny-q8"
+    with pytest.raises(MedgemmaError, match="images need a vision projector|no vision projector"):
+        ask("Describe.", [CT], gguf=model / "text.gguf", options=AskOptions(max_tokens=4))
+
+
+def test_thinking_trace_is_stripped_unless_asked(model, monkeypatch):
+    """Drive generate() with scripted logits: <unused94> thought <unused95> answer <end_of_turn>."""
+    files = resolve_model(model)
+    engine = Engine(files, n_ctx=128)
+    try:
+        n_vocab = engine._lib.llama_vocab_n_tokens(engine.vocab)
+        script = [engine.think_ids[0], engine.token_id("fever"), engine.think_ids[1], engine.token_id("cough"),
+                  engine.token_id("<end_of_turn>")]
+        assert None not in script
+        logits = iter(script)
+        real = engine._lib
+
+        class Scripted:
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            @staticmethod
+            def llama_get_logits_ith(ctx, i):
+                import ctypes
+
+                arr = np.zeros(n_vocab, np.float32)
+                arr[next(logits)] = 1.0
+                Scripted._keep = arr
+                return arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+
+        monkeypatch.setattr(engine, "_lib", Scripted())
+        monkeypatch.setattr(engine, "_decode_tokens", lambda tokens, logits_last: None)
+        shown: list[str] = []
+        answer, thinking, n, stopped = engine.generate(10, on_text=shown.append)
+        assert answer.strip() == "cough" and thinking.strip() == "fever" and stopped == "eos"
+        assert "fever" not in "".join(shown)
+        logits = iter(script)
+        shown.clear()
+        engine.generate(10, show_thinking=True, on_text=shown.append)
+        assert "fever" in "".join(shown)
+    finally:
+        engine.close()

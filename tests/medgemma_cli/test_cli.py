@@ -68,3 +68,11 @@ def test_demo_runs_from_nothing(tmp_path):
     assert again.returncode == 0
     answer = r.stdout.split("Answer:", 1)[1].split("tokens generated", 1)[0]
     assert again.stdout.split("Answer:", 1)[1].split("tokens generated", 1)[0] == answer
+
+
+def test_python_api_exposes_every_command():
+    import medgemma_cli
+
+    for name in ("convert", "ask", "ask_many", "open_session", "classify", "embed", "run_bench", "list_models",
+                 "make_checkpoint", "run_demo"):
+        assert callable(getattr(medgemma_cli, name)), name
