@@ -83,7 +83,7 @@ def convert(
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help="Quantization threads [default: all cores]."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
-    """Convert a MedGemma checkpoint into GGUF for llama.cpp (text.gguf + mmproj.gguf + manifest.json).
+    """Convert a checkpoint: MedGemma → GGUF for llama.cpp (+ vision.onnx); MedSigLIP → ONNX.
 
     One pass: each tensor is read, quantized by ggml's own kernels and written, so memory stays small whatever
     the model size and nothing intermediate touches the disk; files appear only when complete and verified.
@@ -164,8 +164,23 @@ def ask(
     opts = AskOptions(system=system, max_tokens=max_tokens, temperature=temperature, seed=seed, threads=threads,
                       gpu_layers=gpu_layers, ctx=ctx, with_metadata=with_metadata, show_thinking=show_thinking,
                       max_slices=max_slices, save_input=save_input, verbose=_DEBUG, vision_backend=vision_backend.lower())
-    stream = None if as_json else (lambda piece: out.print(piece, end="", markup=False, highlight=False))
-    result = run_ask(question, files or [], model=model, gguf=gguf, mmproj=mmproj, options=opts, on_text=stream)
+    status = None if as_json else err.status("reading the inputs, encoding the images…")
+    waiting = [status is not None]
+
+    def stream(piece: str) -> None:
+        if waiting[0]:  # the spinner gives way to the answer
+            status.stop()
+            waiting[0] = False
+        out.print(piece, end="", markup=False, highlight=False)
+
+    if status is not None:
+        status.start()
+    try:
+        result = run_ask(question, files or [], model=model, gguf=gguf, mmproj=mmproj, options=opts,
+                         on_text=None if as_json else stream)
+    finally:
+        if status is not None:
+            status.stop()
     if as_json:
         out.print_json(json.dumps(result.as_dict()))
         return
@@ -405,8 +420,9 @@ def bench(
 @app.command()
 @_guard
 def demo() -> None:
-    """Run the whole pipeline with nothing downloaded: a tiny random MedGemma is generated, converted, and asked
-    about a CT slice that ships with pydicom and a short note.
+    """Run the whole pipeline with nothing downloaded, on a tiny random MedGemma.
+
+    The model is generated, converted, and asked about a CT slice that ships with pydicom and a short note.
 
     [bold]Example[/]
 
