@@ -25,7 +25,7 @@ def main() -> None:
     args = ap.parse_args()
     from PIL import Image
 
-    from medgemma_cli.ask import AskOptions, ask
+    from medgemma_cli.answering import AskOptions, ask
     from medgemma_cli.bench import memory_bandwidth
     from medgemma_cli.conversion import convert
     from medgemma_cli.inputs.collect import collect

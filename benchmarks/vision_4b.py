@@ -37,7 +37,7 @@ def main() -> None:
     if args.child:
         _convert_child(*args.child)
         return
-    from medgemma_cli.ask import AskOptions, ask, ask_many
+    from medgemma_cli.answering import AskOptions, ask, ask_many
 
     src = args.work / "synthetic-4b-bf16"
     model = args.work / "vision-4b-q4_k_m-onnx-int8"

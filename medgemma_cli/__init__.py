@@ -34,8 +34,8 @@ def __getattr__(name: str):  # lazy, so `medgemma --help` does not load numpy, g
 
         return getattr(store, name)
     lazy = {
-        "run_demo": "medgemma_cli.demo", "ask": "medgemma_cli.ask", "ask_many": "medgemma_cli.ask",
-        "open_session": "medgemma_cli.ask", "AskOptions": "medgemma_cli.ask", "classify": "medgemma_cli.siglip",
+        "run_demo": "medgemma_cli.demo", "ask": "medgemma_cli.answering", "ask_many": "medgemma_cli.answering",
+        "open_session": "medgemma_cli.answering", "AskOptions": "medgemma_cli.answering", "classify": "medgemma_cli.siglip",
         "embed": "medgemma_cli.siglip", "run_bench": "medgemma_cli.bench",
     }
     if name in lazy:

@@ -159,7 +159,7 @@ def ask(
       medgemma ask "Summarise." note.txt report-sr.dcm --json
       medgemma ask "What changed?" scan.png --gguf medgemma-4b-it-Q4_K_M.gguf --mmproj mmproj-F16.gguf
     """
-    from medgemma_cli.ask import AskOptions, ask as run_ask
+    from medgemma_cli.answering import AskOptions, ask as run_ask
 
     opts = AskOptions(system=system, max_tokens=max_tokens, temperature=temperature, seed=seed, threads=threads,
                       gpu_layers=gpu_layers, ctx=ctx, with_metadata=with_metadata, show_thinking=show_thinking,
@@ -221,7 +221,7 @@ def chat(
 
       medgemma chat chest.dcm note.txt --system "You are an expert radiologist."
     """
-    from medgemma_cli.ask import AskOptions, open_session
+    from medgemma_cli.answering import AskOptions, open_session
 
     opts = AskOptions(system=system, max_tokens=max_tokens, temperature=temperature, seed=seed, threads=threads,
                       gpu_layers=gpu_layers, ctx=ctx, with_metadata=with_metadata, verbose=_DEBUG,

@@ -74,7 +74,7 @@ def sample_inputs(folder: Path) -> list[Path]:
 
 
 def run_demo(progress: Progress | None = None, on_text: Callable[[str], None] | None = None) -> DemoResult:
-    from medgemma_cli.ask import AskOptions, ask
+    from medgemma_cli.answering import AskOptions, ask
 
     t0 = time.perf_counter()
     model = demo_model(progress)

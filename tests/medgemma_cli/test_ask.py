@@ -14,7 +14,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from medgemma_cli.ask import AskOptions, ask
+from medgemma_cli.answering import AskOptions, ask
 from medgemma_cli.errors import InputError, MedgemmaError
 from medgemma_cli.inputs.collect import collect
 from medgemma_cli.inputs.images import resize_square

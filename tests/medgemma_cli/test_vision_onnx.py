@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
-from medgemma_cli.ask import AskOptions, ask, ask_many, open_session
+from medgemma_cli.answering import AskOptions, ask, ask_many, open_session
 from medgemma_cli.errors import MedgemmaError
 from medgemma_cli.inputs.collect import collect
 from medgemma_cli.prompt import build_messages
