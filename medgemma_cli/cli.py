@@ -197,6 +197,87 @@ def ask(
 
 @app.command()
 @_guard
+def batch(
+    folder: Path = typer.Argument(..., help="A folder of scans (walked recursively; DICOM recognised by content)."),
+    question: Optional[list[str]] = typer.Option(None, "--question", "-q", help="A question for every unit (repeatable)."),
+    questions_file: Optional[Path] = typer.Option(None, "--questions", help="A file with one question per line."),
+    out_file: Path = typer.Option(..., "--out", "-o", help="Results file; re-running the same command resumes it."),
+    fmt: str = typer.Option("jsonl", "--format", help="jsonl or csv."),
+    unit: str = typer.Option("series", "--unit", help="series (default), study or file."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Converted model folder or name [default: the newest]."),
+    gguf: Optional[Path] = typer.Option(None, "--gguf"),
+    mmproj: Optional[Path] = typer.Option(None, "--mmproj"),
+    system: Optional[str] = typer.Option(None, "--system"),
+    max_tokens: int = typer.Option(256, "--max-tokens"),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t"),
+    gpu_layers: Optional[int] = typer.Option(None, "--gpu-layers"),
+    ctx: int = typer.Option(8192, "--ctx", help="Context per unit; long series are sampled to fit."),
+    vision_backend: str = typer.Option("auto", "--vision-backend", help="auto, onnx or mtmd."),
+    include_phi: bool = typer.Option(False, "--include-phi", help="Add patient names, IDs and dates to the records."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar; one log line per unit."),
+) -> None:
+    """Answer questions about every series (or study, or file) in a folder; results are written as they come.
+
+    A killed run resumes where it stopped when the same command is run again; a bad unit becomes an error
+    record and the batch goes on. Exit code 1 if any unit failed.
+
+    [bold]Examples[/]
+
+      medgemma batch ./night-run/ -q "Any acute findings?" --out results.jsonl
+      medgemma batch ./cxr/ --questions questions.txt --unit study --out results.csv --format csv
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+
+    from medgemma_cli.answering import AskOptions
+    from medgemma_cli.batch import run_batch
+
+    qs = list(question or [])
+    if questions_file is not None:
+        try:
+            qs += [ln.strip() for ln in questions_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except OSError as e:
+            raise MedgemmaError(f"{questions_file}: cannot read ({e.strerror or e})") from e
+    opts = AskOptions(system=system, max_tokens=max_tokens, threads=threads, gpu_layers=gpu_layers, ctx=ctx,
+                      vision_backend=vision_backend.lower(), verbose=_DEBUG)
+    bar = None if quiet else Bar(TextColumn("[bold]units"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                 TextColumn("{task.description}"), console=err, transient=True)
+    task = None
+
+    def progress(i: int, total: int, unit_id: str) -> None:
+        nonlocal task
+        if bar is None:
+            err.print(f"[{i + 1}/{total}] {unit_id}", markup=False)
+            return
+        if task is None:
+            task = bar.add_task("", total=total)
+        bar.update(task, completed=i, description=unit_id[-24:])
+
+    if bar is not None:
+        bar.start()
+    try:
+        s = run_batch(folder, qs, out_file, fmt=fmt.lower(), unit=unit.lower(), model=model, gguf=gguf,
+                      mmproj=mmproj, options=opts, include_phi=include_phi, on_progress=progress)
+    finally:
+        if bar is not None:
+            bar.stop()
+    from rich.table import Table
+
+    t = Table(title=f"Batch → {out_file}", title_justify="left")
+    for col in ("units", "records written", "already done", "failed", "skipped files", "time"):
+        t.add_column(col, justify="right")
+    t.add_row(str(s.units), str(s.records_written), str(s.done_before), str(s.failed), str(len(s.skipped)),
+              f"{s.seconds:.1f} s")
+    out.print(t)
+    for path, why in s.skipped[:20]:
+        err.print(f"[dim]skipped {path}: {why}[/]", markup=True)
+    if len(s.skipped) > 20:
+        err.print(f"[dim]… and {len(s.skipped) - 20} more skipped[/]")
+    if s.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+@_guard
 def chat(
     files: Optional[list[Path]] = typer.Argument(None, help="DICOM files or series folders, images, notes."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Converted model folder or its name in the store [default: the newest]."),
