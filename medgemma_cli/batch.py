@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 from medgemma_cli.errors import InputError, MedgemmaError
 from medgemma_cli.inputs import dicom
 from medgemma_cli.inputs.collect import Collected, collect, kind_of
+from medgemma_cli.report import save_thumbnail
 
 UNIT_KINDS = ("series", "study", "file")
 PHI_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "StudyDate", "AccessionNumber", "InstitutionName")
@@ -282,6 +283,7 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
                     t0 = time.perf_counter()
                     session = PrefixSession(engine, inputs, opts.system, opts.with_metadata)
                     session.start()
+                    save_thumbnail(Path(out), u.id, [img.rgb for img in inputs.images])
                     for q in questions:
                         if (u.id, keys[q]) in records.done:
                             continue

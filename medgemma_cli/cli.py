@@ -214,6 +214,7 @@ def batch(
     ctx: int = typer.Option(8192, "--ctx", help="Context per unit; long series are sampled to fit."),
     vision_backend: str = typer.Option("auto", "--vision-backend", help="auto, onnx or mtmd."),
     include_phi: bool = typer.Option(False, "--include-phi", help="Add patient names, IDs and dates to the records."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write one self-contained HTML file to review the run."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar; one log line per unit."),
 ) -> None:
     """Answer questions about every series (or study, or file) in a folder; results are written as they come.
@@ -225,6 +226,7 @@ def batch(
 
       medgemma batch ./night-run/ -q "Any acute findings?" --out results.jsonl
       medgemma batch ./cxr/ --questions questions.txt --unit study --out results.csv --format csv
+      medgemma batch ./night-run/ -q "Any acute findings?" --out results.jsonl --report review.html
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
 
@@ -268,6 +270,11 @@ def batch(
     t.add_row(str(s.units), str(s.records_written), str(s.done_before), str(s.failed), str(len(s.skipped)),
               f"{s.seconds:.1f} s")
     out.print(t)
+    if report is not None:
+        from medgemma_cli.report import write_report
+
+        write_report(out_file, report)
+        out.print(f"report: {report}")
     for path, why in s.skipped[:20]:
         err.print(f"[dim]skipped {path}: {why}[/]", markup=True)
     if len(s.skipped) > 20:

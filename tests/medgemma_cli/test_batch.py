@@ -145,3 +145,43 @@ def test_kill_and_resume(tmp_path, convert_tiny):
     assert r.returncode == 0, r.stderr
     keys = [(rec["unit"], rec["question"]) for rec in map(json.loads, out.read_text().splitlines())]
     assert len(keys) == len(set(keys)) == n * 2
+
+
+def test_html_report(messy, convert_tiny, tmp_path):
+    """The report is one self-contained file: each unit's thumbnail decodes as an image, answers and errors are
+    there and escaped, and nothing is fetched from elsewhere."""
+    import base64
+    import io
+    from html.parser import HTMLParser
+
+    from medgemma_cli.report import write_report
+
+    out = tmp_path / "r.jsonl"
+    run_batch(messy, ["Size <5 mm & shape?"], out, model=convert_tiny("Q8_0"), options=AskOptions(max_tokens=4))
+    report = write_report(out, tmp_path / "review.html")
+    page = report.read_text()
+
+    class Collect(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.imgs, self.sections, self.external = [], 0, []
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "img":
+                self.imgs.append(a["src"])
+            if tag == "section":
+                self.sections += 1
+            for key in ("src", "href"):
+                if a.get(key, "").startswith(("http:", "https:", "//")):
+                    self.external.append(a[key])
+
+    c = Collect()
+    c.feed(page)
+    assert c.sections == 6 and not c.external
+    assert len(c.imgs) == 5  # every unit but the broken one has what the model saw
+    for src in c.imgs:
+        img = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+        assert img.height == 160 and img.width % 160 == 0
+    assert "Size &lt;5 mm &amp; shape?" in page and "<5 mm" not in page
+    assert page.count('class="unit err"') == 1 and "broken.dcm" in page

@@ -1,0 +1,105 @@
+"""One self-contained HTML file for reviewing a batch: what the model saw for each unit, the answers, the errors."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+THUMB = 160
+
+
+def thumbnails_dir(results: Path) -> Path:
+    return results.with_name(results.name + ".thumbs")
+
+
+def save_thumbnail(results: Path, unit_id: str, images: list[np.ndarray]) -> None:
+    """Up to four of the images the model received (first, middle, last slices), side by side."""
+    from PIL import Image
+
+    if not images:
+        return
+    picks = sorted({0, len(images) // 3, 2 * len(images) // 3, len(images) - 1})[:4]
+    tiles = [Image.fromarray(images[i]).resize((THUMB, THUMB)) for i in picks]
+    sheet = Image.new("RGB", (THUMB * len(tiles), THUMB))
+    for k, tile in enumerate(tiles):
+        sheet.paste(tile, (k * THUMB, 0))
+    folder = thumbnails_dir(results)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = base64.urlsafe_b64encode(unit_id.encode()).decode().rstrip("=")[:120] + ".png"
+    tmp = folder / f".{name}.partial"
+    sheet.save(tmp, format="PNG")
+    os.replace(tmp, folder / name)
+
+
+def _thumb_data(results: Path, unit_id: str) -> str | None:
+    name = base64.urlsafe_b64encode(unit_id.encode()).decode().rstrip("=")[:120] + ".png"
+    path = thumbnails_dir(results) / name
+    if not path.is_file():
+        return None
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def load_records(results: Path) -> list[dict[str, Any]]:
+    if results.suffix.lower() == ".csv":
+        import csv
+
+        with open(results, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+        for r in rows:
+            r["files"] = r["files"].split(";") if r.get("files") else []
+            r["error"] = r.get("error") or None
+        return rows
+    out = []
+    for line in results.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def write_report(results: Path, report: Path, title: str = "MedGemma batch") -> Path:
+    """Group records by unit; embed thumbnails as data URIs so the file opens anywhere, offline."""
+    records = load_records(results)
+    units: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        units.setdefault(r["unit"], []).append(r)
+    failed = sum(1 for rs in units.values() if any(r.get("error") for r in rs))
+    e = html.escape
+    parts = [f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>
+<style>body{{font:14px system-ui,sans-serif;margin:2em;color:#222}} .unit{{border:1px solid #ccc;border-radius:6px;
+padding:1em;margin:1em 0}} .err{{border-color:#c33;background:#fff4f4}} .qa dt{{font-weight:600;margin-top:.6em}}
+.qa dd{{margin:0 0 0 1em;white-space:pre-wrap}} .meta{{color:#666;font-size:12px}} img{{max-width:100%}}</style>
+</head><body><h1>{e(title)}</h1><p class="meta">{_n(len(units), "unit")} · {_n(len(records), "answer")} · {failed} failed ·
+source: {e(results.name)}. Random-weight demo models give meaningless answers.</p>"""]
+    for uid, rs in units.items():
+        first = rs[0]
+        err = next((r.get("error") for r in rs if r.get("error")), None)
+        thumb = _thumb_data(results, uid)
+        parts.append(f'<section class="unit{" err" if err else ""}" id="{e(uid)}">'
+                     f'<h2>{e(first.get("modality") or "image")} · {e(", ".join(first.get("files") or []))}</h2>'
+                     f'<p class="meta">unit {e(uid)} · {e(str(first.get("images_sent", "")))} image(s) sent · '
+                     f'model {e(str(first.get("model", "")))}</p>')
+        if thumb:
+            parts.append(f'<img alt="what the model saw" src="{thumb}">')
+        if err:
+            parts.append(f"<p><strong>Error:</strong> {e(str(err))}</p>")
+        parts.append('<dl class="qa">')
+        for r in rs:
+            parts.append(f"<dt>{e(str(r.get('question', '')))}</dt><dd>{e(str(r.get('answer') or ''))}</dd>")
+        parts.append("</dl></section>")
+    parts.append("</body></html>\n")
+    tmp = report.with_name(f".{report.name}.partial")
+    tmp.write_text("".join(parts), encoding="utf-8")
+    os.replace(tmp, report)
+    return report
