@@ -17,7 +17,8 @@ from medgemma_cli import __version__
 from medgemma_cli.atomic import AtomicFolder, write_errors
 from medgemma_cli.converters import gemma3
 from medgemma_cli.converters.checkpoint import Checkpoint
-from medgemma_cli.converters.gguf_stream import PlannedTensor, QuantError, sha256_file, write_gguf
+from medgemma_cli.checksums import sha256_file
+from medgemma_cli.converters.gguf_stream import PlannedTensor, QuantError, write_gguf
 from medgemma_cli.converters.vision_onnx import VISION_ONNX_PRESETS, write_vision_onnx
 from medgemma_cli.converters.tokenizer import TokenType, Vocabulary, read_vocabulary, write_vocabulary
 from medgemma_cli.errors import InputError, OutputError

@@ -197,13 +197,3 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], 
     finally:
         w.close()
     return sha.hexdigest(), errors
-
-
-def sha256_file(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
-    sha = hashlib.sha256()
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            sha.update(view[:n])
-    return sha.hexdigest()

@@ -18,7 +18,7 @@ import onnx
 from medgemma_cli import __version__
 from medgemma_cli.atomic import AtomicFolder, write_errors
 from medgemma_cli.converters.checkpoint import Checkpoint
-from medgemma_cli.converters.gguf_stream import sha256_file
+from medgemma_cli.checksums import sha256_file
 from medgemma_cli.converters.onnx_graph import GraphBuilder, siglip_pooling_head, siglip_text_tower, siglip_vision_tower
 from medgemma_cli.errors import InputError, OutputError
 from medgemma_cli.kernels.onnx_quant import ONNX_PRESETS, quantize_onnx

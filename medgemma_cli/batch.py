@@ -231,7 +231,7 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
               options: Any = None, include_phi: bool = False,
               on_progress: Callable[[int, int, str], None] | None = None) -> BatchSummary:
     from medgemma_cli.answering import AskOptions
-    from medgemma_cli.converters.gguf_stream import sha256_file
+    from medgemma_cli.checksums import sha256_file
     from medgemma_cli.runtime import Engine, resolve_model
     from medgemma_cli.session import PrefixSession
 

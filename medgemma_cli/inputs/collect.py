@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medgemma_cli.checksums import sha256_file
 from medgemma_cli.errors import InputError
 from medgemma_cli.inputs import dicom
 from medgemma_cli.inputs.images import is_image, load_rgb, resize_square
@@ -38,14 +38,6 @@ class Collected:
     metadata: list[dict[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     volumes: list[dicom.Volume] = field(default_factory=list)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def expand(paths: list[Path]) -> tuple[list[Path], list[str]]:
@@ -90,13 +82,13 @@ def collect(paths: list[Path], image_size: int | None, max_slices: int = dicom.M
             continue
         if kind == "note":
             out.notes.append((f.name, read_note(f)))
-            out.records.append(InputRecord(f, sha256(f), "note", f"note, {len(out.notes[-1][1])} characters"))
+            out.records.append(InputRecord(f, sha256_file(f), "note", f"note, {len(out.notes[-1][1])} characters"))
         elif kind == "image":
             if image_size is None:
                 raise InputError(f, "this model has no vision projector (mmproj); it cannot read images")
             rgb = load_rgb(f)
             out.images.append(PromptImage(resize_square(rgb, image_size), None, f))
-            out.records.append(InputRecord(f, sha256(f), "image", f"{rgb.shape[1]}×{rgb.shape[0]} image"))
+            out.records.append(InputRecord(f, sha256_file(f), "image", f"{rgb.shape[1]}×{rgb.shape[0]} image"))
         else:
             ds = dicom.read(f)
             if dicom.is_sr(ds):
@@ -104,7 +96,7 @@ def collect(paths: list[Path], image_size: int | None, max_slices: int = dicom.M
                 if not text:
                     raise InputError(f, "structured report without text content")
                 out.notes.append((f.name, text))
-                out.records.append(InputRecord(f, sha256(f), "dicom-sr", f"structured report, {len(text)} characters"))
+                out.records.append(InputRecord(f, sha256_file(f), "dicom-sr", f"structured report, {len(text)} characters"))
             elif "PixelData" not in ds:
                 sop = getattr(ds.get("SOPClassUID"), "name", None) or str(ds.get("SOPClassUID", "unknown"))
                 raise InputError(f, f"{sop} object has no image or text for the model")
@@ -127,7 +119,7 @@ def collect(paths: list[Path], image_size: int | None, max_slices: int = dicom.M
             detail = f"{how}; {sent} of {vol.total_slices} slices" if vol.is_volume else how
             files_in = sorted({s.path for s in vol.slices})
             for p in files_in:
-                out.records.append(InputRecord(p, sha256(p), "dicom", detail))
+                out.records.append(InputRecord(p, sha256_file(p), "dicom", detail))
             if vol.total_slices > sent:
                 out.warnings.append(f"series {vol.series_uid or files_in[0]}: {vol.total_slices} slices, "
                                     f"{sent} sampled evenly")
