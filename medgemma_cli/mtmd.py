@@ -14,8 +14,11 @@ from medgemma_cli.errors import InputError
 class MtmdVisionEncoder:
     """An mtmd context over an mmproj file, bound to a loaded text model (mtmd needs its vocab and width)."""
 
-    def __init__(self, llama: object, mmproj: Path | str, threads: int | None = None, use_gpu: bool = False):
+    def __init__(self, llama: object, mmproj: Path | str, threads: int | None = None, use_gpu: bool = False,
+                 verbose: bool = False):
         from llama_cpp import mtmd_cpp
+
+        from medgemma_cli.runtime import quiet_stderr
 
         self._m = mtmd_cpp
         self._llama = llama  # keep the model alive as long as we are
@@ -24,7 +27,8 @@ class MtmdVisionEncoder:
         params.print_timings = False
         params.warmup = False
         params.n_threads = int(threads or os.cpu_count() or 1)
-        self._ctx = mtmd_cpp.mtmd_init_from_file(os.fsencode(mmproj), llama._model.model, params)
+        with quiet_stderr(not verbose):  # clip's loader lists every tensor on stderr
+            self._ctx = mtmd_cpp.mtmd_init_from_file(os.fsencode(mmproj), llama._model.model, params)
         if not self._ctx:
             raise InputError(mmproj, "llama.cpp could not load this vision projector (mmproj)")
         import llama_cpp
@@ -63,6 +67,11 @@ class MtmdVisionEncoder:
         finally:
             m.mtmd_input_chunks_free(chunks)
             m.mtmd_bitmap_free(bitmap)
+
+    @property
+    def ctx(self) -> object:
+        """The mtmd context, for callers that tokenize and decode whole prompts (the runtime's Engine)."""
+        return self._ctx
 
     def close(self) -> None:
         if self._ctx:

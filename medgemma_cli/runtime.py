@@ -159,18 +159,14 @@ class Engine:
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm._model.model)
         self.n_ctx = n_ctx
         self.mtmd = None
+        self._vision = None
         if files.mmproj is not None:
             from llama_cpp import mtmd_cpp
 
-            params = mtmd_cpp.mtmd_context_params_default()
-            params.use_gpu = gpu_layers != 0
-            params.print_timings = False
-            params.n_threads = threads
-            params.warmup = False
-            with quiet_stderr(not verbose):
-                self.mtmd = mtmd_cpp.mtmd_init_from_file(os.fsencode(files.mmproj), self.llm._model.model, params)
-            if not self.mtmd:
-                raise InputError(files.mmproj, "llama.cpp could not load this vision projector")
+            from medgemma_cli.mtmd import MtmdVisionEncoder
+
+            self._vision = MtmdVisionEncoder(self.llm, files.mmproj, threads, use_gpu=gpu_layers != 0, verbose=verbose)
+            self.mtmd = self._vision.ctx
             self._m = mtmd_cpp
         self.onnx_vision = None
         self.vision_backend = "mtmd" if self.mtmd is not None else "none"
@@ -388,9 +384,9 @@ class Engine:
         return "".join(answer), "".join(thinking), n, stopped
 
     def close(self) -> None:
-        if self.mtmd:
-            self._m.mtmd_free(self.mtmd)
-            self.mtmd = None
+        if self._vision is not None:
+            self._vision.close()
+            self._vision = self.mtmd = None
         self.llm.close()
 
 
