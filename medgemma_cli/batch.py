@@ -29,7 +29,7 @@ from medgemma_cli.report import save_thumbnail
 UNIT_KINDS = ("series", "study", "file")
 PHI_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "StudyDate", "AccessionNumber", "InstitutionName")
 CSV_FIELDS = ["unit", "unit_kind", "files", "modality", "images_sent", "question", "answer", "error", "model",
-              "run_key", "first_token_s", "total_s", "phi"]
+              "run_key", "first_token_s", "total_s", "prompt_tokens", "completion_tokens", "classify", "phi"]
 
 
 @dataclass
@@ -172,7 +172,10 @@ class RecordFile:
                 except (json.JSONDecodeError, KeyError):
                     continue
         else:
-            for r in csv.DictReader(io.StringIO(text)):
+            reader = csv.DictReader(io.StringIO(text))
+            if reader.fieldnames and reader.fieldnames != CSV_FIELDS:
+                raise InputError(self.path, "a CSV with other columns (another tool or version); choose a new --out")
+            for r in reader:
                 if r.get("unit") and r.get("run_key"):
                     self.done.add((r["unit"], r["run_key"]))
 
@@ -191,14 +194,37 @@ class RecordFile:
         if self.fmt == "jsonl":
             self._write_line(json.dumps(record, ensure_ascii=False) + "\n")
         else:
+            timings, tokens = record.get("timings") or {}, record.get("tokens") or {}
             row = {**record, "files": ";".join(record["files"]), "phi": json.dumps(record.get("phi") or {}),
-                   "first_token_s": (record.get("timings") or {}).get("first_token_s", ""),
-                   "total_s": (record.get("timings") or {}).get("total_s", "")}
+                   "classify": json.dumps(record["classify"]) if record.get("classify") else "",
+                   "first_token_s": timings.get("first_token_s", ""), "total_s": timings.get("total_s", ""),
+                   "prompt_tokens": tokens.get("prompt", ""), "completion_tokens": tokens.get("completion", "")}
             self._write_line(self._csv_line([row.get(k, "") for k in CSV_FIELDS]))
         self.done.add((record["unit"], record["run_key"]))
 
     def close(self) -> None:
         self.f.close()
+
+
+@dataclass
+class ClassifyOptions:
+    """`--classify`: MedSigLIP probabilities for the images each unit sent, added to its records."""
+    labels: list[str]
+    model: Path | None = None
+    template: str | None = None
+    softmax: bool = False
+    threads: int | None = None
+
+
+@dataclass
+class ServerOptions:
+    """`--server`: answers come from an OpenAI-compatible server; images are rendered and resized here."""
+    url: str
+    model: str | None = None
+    workers: int = 1
+    image_size: int = 896  # MedGemma's SigLIP input; the server would resize anything else again
+    image_tokens: int = 256  # Gemma 3's tokens per image, for fitting slices into --ctx
+    timeout: float = 600.0
 
 
 @dataclass
@@ -209,34 +235,93 @@ class BatchSummary:
     failed: int
     skipped: list[tuple[str, str]]
     seconds: float
-    model_seconds: float
+    model_seconds: float  # local: time inside the model (encode, prefill, decode); server: summed request time
+    model: str = ""
 
 
-def _prefetch(units: list[Unit], render: Callable[[Unit], tuple[Collected | None, str | None]]) -> Iterator:
-    """Render the next unit's images in a helper thread while the model answers the current one."""
-    q: queue.Queue = queue.Queue(maxsize=1)
+@dataclass
+class _Prepared:
+    unit: Unit
+    inputs: Collected | None
+    error: str | None
+    image_uris: list[str] = field(default_factory=list)
+
+
+def _prefetch(units: list[Unit], prepare: Callable[[Unit], _Prepared], depth: int = 1) -> Iterator[_Prepared]:
+    """Read and render the next units in a helper thread while the model answers the current one."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
 
     def run() -> None:
         for u in units:
-            q.put((u, *render(u)))
+            if stop.is_set():
+                return
+            q.put(prepare(u))
         q.put(None)
 
     threading.Thread(target=run, name="medgemma-batch-prefetch", daemon=True).start()
-    while (item := q.get()) is not None:
-        yield item
+    try:
+        while (item := q.get()) is not None:
+            yield item
+    finally:
+        stop.set()
+
+
+def _classification(zero_shot: Any, inputs: Collected) -> dict[str, Any]:
+    """Over the slices the model saw, before resizing (MedSigLIP pads to a square rather than stretching):
+    the mean and the max, so a series reads as 'how much, and where most'."""
+    images = [img.full if img.full is not None else img.rgb for img in inputs.images]
+    p = zero_shot.probabilities(images)
+    for img in inputs.images:
+        img.full = None  # only MedSigLIP needed it; the unit may wait a while for the server
+    return {"images": len(images),
+            "mean": {lb: round(float(v), 4) for lb, v in zip(zero_shot.labels, p.mean(axis=0))},
+            "max": {lb: round(float(v), 4) for lb, v in zip(zero_shot.labels, p.max(axis=0))}}
+
+
+class _Writer:
+    """Builds and appends the records of one run; counts what was written and what failed."""
+
+    def __init__(self, records: RecordFile, folder: Path, keys: dict[str, str], model: str, include_phi: bool):
+        self.records, self.folder, self.keys, self.model, self.include_phi = records, folder, keys, model, include_phi
+        self.written = self.failed = 0
+
+    def pending(self, u: Unit) -> list[str]:
+        return [q for q, k in self.keys.items() if (u.id, k) not in self.records.done]
+
+    def base(self, u: Unit) -> dict[str, Any]:
+        return {"unit": u.id, "unit_kind": u.kind, "files": [str(f.relative_to(self.folder)) for f in u.files],
+                "modality": u.modality, "model": self.model,
+                **({"phi": u.phi} if self.include_phi and u.phi else {})}
+
+    def answer(self, u: Unit, q: str, images_sent: int, answer: str, timings: dict[str, float],
+               tokens: dict[str, Any], classification: dict[str, Any] | None) -> None:
+        self.records.append({**self.base(u), "images_sent": images_sent, "question": q, "answer": answer,
+                             "error": None, "run_key": self.keys[q], "timings": timings, "tokens": tokens,
+                             **({"classify": classification} if classification else {})})
+        self.written += 1
+
+    def error(self, u: Unit, q: str, error: str) -> None:
+        self.records.append({**self.base(u), "images_sent": 0, "question": q, "answer": None, "error": error,
+                             "run_key": self.keys[q], "timings": None})
+        self.written += 1
+
+    def fail_unit(self, u: Unit, error: str) -> None:
+        self.failed += 1
+        for q in self.pending(u):
+            self.error(u, q, error)
 
 
 def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "jsonl", unit: str = "series",
               model: Path | None = None, gguf: Path | None = None, mmproj: Path | None = None,
-              options: Any = None, include_phi: bool = False,
+              options: Any = None, include_phi: bool = False, classify: ClassifyOptions | None = None,
+              server: ServerOptions | None = None,
               on_progress: Callable[[int, int, str], None] | None = None) -> BatchSummary:
+    """Answer every question about every unit under `folder`, appending records to `out` as they finish."""
     from medgemma_cli.answering import AskOptions
-    from medgemma_cli.checksums import sha256_file
-    from medgemma_cli.runtime import Engine, resolve_model
-    from medgemma_cli.session import PrefixSession
 
     t_start = time.perf_counter()
-    questions = [q.strip() for q in questions if q.strip()]
+    questions = list(dict.fromkeys(q.strip() for q in questions if q.strip()))
     if not questions:
         raise MedgemmaError("give at least one question (--question or --questions FILE)")
     if fmt not in ("jsonl", "csv"):
@@ -245,67 +330,172 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
     folder = Path(folder)
     w = walk(folder)
     units = make_units(folder, w.files, unit)
-    files = resolve_model(model, gguf, mmproj)
-    model_sha = sha256_file(files.text)[:16]
-    keys = {q: run_key(model_sha, q) for q in questions}
+
+    if server is not None:
+        from medgemma_cli.remote import ChatServer
+
+        if server.workers < 1:
+            raise MedgemmaError("--workers must be at least 1")
+        client = ChatServer(server.url, server.model, timeout=server.timeout)
+        model_name = client.resolve_model()
+        identity = "server:" + model_name
+        image_size, image_tokens = server.image_size, server.image_tokens
+    else:
+        from medgemma_cli.checksums import sha256_file
+        from medgemma_cli.runtime import resolve_model
+
+        files = resolve_model(model, gguf, mmproj)
+        model_name, identity = files.name, sha256_file(files.text)[:16]
+        image_size = files.vision["image_size"] if files.vision else None
+        image_tokens = files.vision["image_tokens"] if files.vision else 0
+    zero_shot = None
+    if classify is not None:
+        from medgemma_cli.siglip import ZeroShot
+
+        zero_shot = ZeroShot(classify.labels, model=classify.model, template=classify.template,
+                             softmax=classify.softmax, threads=classify.threads)
+        identity += "\nclassify:" + zero_shot.identity()
+
+    keys = {q: run_key(identity, q) for q in questions}
     records = RecordFile(out, fmt)
-    done_before = sum(1 for u in units for q in questions if (u.id, keys[q]) in records.done)
-    todo = [u for u in units if any((u.id, keys[q]) not in records.done for q in questions)]
-    vision = files.vision
+    writer = _Writer(records, folder, keys, model_name, include_phi)
+    done_before = sum(1 for u in units for k in keys.values() if (u.id, k) in records.done)
+    todo = [u for u in units if writer.pending(u)]
     n_ctx = min(opts.ctx or 8192, 131072)
-    per_image = (vision["image_tokens"] + 8) if vision else 0
-    max_slices = max(1, min(opts.max_slices, (n_ctx - opts.max_tokens - 512) // per_image)) if vision else 0
+    per_image = image_tokens + 8  # the image, its markers and a slice label
+    max_slices = max(1, min(opts.max_slices, (n_ctx - opts.max_tokens - 512) // per_image)) if image_size else 0
 
-    def render(u: Unit) -> tuple[Collected | None, str | None]:
+    def prepare(u: Unit) -> _Prepared:
         if u.error:
-            return None, u.error
+            return _Prepared(u, None, u.error)
         try:
-            return collect(u.files, vision["image_size"] if vision else None, max_slices), None
-        except InputError as e:
-            return None, f"{Path(e.path).name if e.path else ''}: {e.problem}".strip(": ")
-        except Exception as e:  # noqa: BLE001 - a bad unit must not stop the batch
-            return None, f"{type(e).__name__}: {e}"
+            inputs = collect(u.files, image_size, max_slices, keep_full=zero_shot is not None)
+            images = [img.rgb for img in inputs.images]
+            save_thumbnail(Path(out), u.id, images)
+            uris = []
+            if server is not None:
+                from medgemma_cli.remote import png_data_uri
 
-    written = failed = 0
-    model_seconds = 0.0
-    engine = None
+                uris = [png_data_uri(rgb) for rgb in images]
+            return _Prepared(u, inputs, None, uris)
+        except InputError as e:
+            return _Prepared(u, None, f"{Path(e.path).name if e.path else ''}: {e.problem}".strip(": "))
+        except Exception as e:  # noqa: BLE001 - a bad unit must not stop the batch
+            return _Prepared(u, None, f"{type(e).__name__}: {e}")
+
     try:
-        engine = Engine(files, n_ctx=n_ctx, threads=opts.threads, gpu_layers=opts.gpu_layers,
-                        vision_backend=opts.vision_backend)
-        for i, (u, inputs, error) in enumerate(_prefetch(todo, render)):
+        if server is not None:
+            model_seconds = _answer_by_server(client, server.workers, todo, prepare, questions, opts, writer,
+                                              zero_shot, on_progress)
+        else:
+            model_seconds = _answer_locally(files, n_ctx, todo, prepare, opts, writer, zero_shot, on_progress)
+    finally:
+        records.close()
+    return BatchSummary(len(units), writer.written, done_before, writer.failed, w.skipped,
+                        time.perf_counter() - t_start, model_seconds, model_name)
+
+
+def _answer_locally(files: Any, n_ctx: int, todo: list[Unit], prepare: Callable[[Unit], _Prepared], opts: Any,
+                    writer: _Writer, zero_shot: Any, on_progress: Callable[[int, int, str], None] | None) -> float:
+    """One model load for the whole batch; each unit is encoded once and answers all its questions."""
+    from medgemma_cli.runtime import Engine
+    from medgemma_cli.session import PrefixSession
+
+    model_seconds = 0.0
+    engine = Engine(files, n_ctx=n_ctx, threads=opts.threads, gpu_layers=opts.gpu_layers,
+                    vision_backend=opts.vision_backend)
+    try:
+        for i, p in enumerate(_prefetch(todo, prepare)):
+            u = p.unit
             if on_progress:
                 on_progress(i, len(todo), u.id)
-            rel = [str(f.relative_to(folder)) for f in u.files]
-            base = {"unit": u.id, "unit_kind": u.kind, "files": rel, "modality": u.modality,
-                    "model": files.name, **({"phi": u.phi} if include_phi and u.phi else {})}
+            error = p.error
             if error is None:
                 try:
+                    images = [img.rgb for img in p.inputs.images]
+                    classification = _classification(zero_shot, p.inputs) if zero_shot and images else None
                     t0 = time.perf_counter()
-                    session = PrefixSession(engine, inputs, opts.system, opts.with_metadata)
+                    session = PrefixSession(engine, p.inputs, opts.system, opts.with_metadata)
                     session.start()
-                    save_thumbnail(Path(out), u.id, [img.rgb for img in inputs.images])
-                    for q in questions:
-                        if (u.id, keys[q]) in records.done:
-                            continue
-                        turn = session.ask(q, opts.max_tokens, opts.temperature, opts.seed)
-                        records.append({**base, "images_sent": len(inputs.images), "question": q,
-                                        "answer": turn.answer, "error": None, "run_key": keys[q],
-                                        "timings": {"first_token_s": round(turn.timings.first_token_s, 3),
-                                                    "total_s": round(turn.timings.decode_s + turn.timings.prefill_s, 3)}})
-                        written += 1
                     model_seconds += time.perf_counter() - t0
+                    for q in writer.pending(u):
+                        t0 = time.perf_counter()
+                        turn = session.ask(q, opts.max_tokens, opts.temperature, opts.seed)
+                        model_seconds += time.perf_counter() - t0
+                        writer.answer(u, q, len(images), turn.answer,
+                                      {"first_token_s": round(turn.timings.first_token_s, 3),
+                                       "total_s": round(turn.timings.decode_s + turn.timings.prefill_s, 3)},
+                                      {"prompt": turn.prompt_tokens, "completion": turn.completion_tokens},
+                                      classification)
                     continue
                 except MedgemmaError as e:
                     error = str(e)
-            failed += 1
-            for q in questions:
-                if (u.id, keys[q]) not in records.done:
-                    records.append({**base, "images_sent": 0, "question": q, "answer": None, "error": error,
-                                    "run_key": keys[q], "timings": None})
-                    written += 1
+            writer.fail_unit(u, error)
     finally:
-        records.close()
-        if engine is not None:
-            engine.close()
-    return BatchSummary(len(units), written, done_before, failed, w.skipped, time.perf_counter() - t_start,
-                        model_seconds)
+        engine.close()
+    return model_seconds
+
+
+def _answer_by_server(client: Any, workers: int, todo: list[Unit], prepare: Callable[[Unit], _Prepared],
+                      questions: list[str], opts: Any, writer: _Writer, zero_shot: Any,
+                      on_progress: Callable[[int, int, str], None] | None) -> float:
+    """Up to `workers` requests in flight; records are appended here, in the order answers arrive."""
+    from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
+    from medgemma_cli.remote import ServerError, chat_messages
+
+    @dataclass
+    class State:
+        prepared: _Prepared
+        remaining: int
+        classification: dict[str, Any] | None = None
+        failed: bool = False
+
+    pending: dict[Future, tuple[State, str]] = {}
+    finished_units = 0
+    request_seconds = 0.0
+
+    def settle(limit: int) -> None:
+        nonlocal finished_units, request_seconds
+        while len(pending) > limit:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for f in done:
+                state, q = pending.pop(f)
+                u = state.prepared.unit
+                try:
+                    reply = f.result()
+                    request_seconds += reply.seconds
+                    writer.answer(u, q, len(state.prepared.inputs.images), reply.answer,
+                                  {"total_s": round(reply.seconds, 3)},
+                                  {"prompt": reply.prompt_tokens, "completion": reply.completion_tokens},
+                                  state.classification)
+                except ServerError as e:
+                    state.failed = True
+                    writer.error(u, q, str(e))
+                state.remaining -= 1
+                if state.remaining == 0:
+                    finished_units += 1
+                    writer.failed += state.failed
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="medgemma-batch-request")
+    try:
+        for p in _prefetch(todo, prepare, depth=workers):
+            u = p.unit
+            if on_progress:
+                on_progress(finished_units, len(todo), u.id)
+            if p.error is not None:
+                writer.fail_unit(u, p.error)
+                finished_units += 1
+                continue
+            qs = writer.pending(u)
+            state = State(p, len(qs))
+            for q in qs:
+                messages = chat_messages(q, p.inputs, p.image_uris, opts.system, opts.with_metadata)
+                pending[pool.submit(client.chat, messages, opts.max_tokens, opts.temperature, opts.seed)] = (state, q)
+            if zero_shot is not None and p.inputs.images:  # runs here while the server works
+                state.classification = _classification(zero_shot, p.inputs)
+            settle(limit=2 * workers)
+        settle(limit=0)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    return request_seconds

@@ -209,29 +209,44 @@ def batch(
     mmproj: Optional[Path] = typer.Option(None, "--mmproj"),
     system: Optional[str] = typer.Option(None, "--system"),
     max_tokens: int = typer.Option(256, "--max-tokens"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
+    seed: int = typer.Option(0, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads", "-t"),
     gpu_layers: Optional[int] = typer.Option(None, "--gpu-layers"),
     ctx: int = typer.Option(8192, "--ctx", help="Context per unit; long series are sampled to fit."),
     vision_backend: str = typer.Option("auto", "--vision-backend", help="auto, onnx or mtmd."),
+    with_metadata: bool = typer.Option(False, "--with-metadata", help="Add modality, body part, view, age and sex (never names, IDs or dates)."),
     include_phi: bool = typer.Option(False, "--include-phi", help="Add patient names, IDs and dates to the records."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write one self-contained HTML file to review the run."),
+    classify_labels: Optional[list[str]] = typer.Option(None, "--classify", help="Add MedSigLIP probabilities for this label (repeatable)."),
+    siglip_model: Optional[Path] = typer.Option(None, "--siglip-model", help="Converted MedSigLIP for --classify [default: the newest]."),
+    classify_template: Optional[str] = typer.Option(None, "--classify-template", help='e.g. "chest x-ray showing {}".'),
+    server: Optional[str] = typer.Option(None, "--server", help="An OpenAI-compatible server (llama.cpp, vLLM) instead of the local model. "
+                                          "API key, if needed, from $MEDGEMMA_API_KEY."),
+    server_model: Optional[str] = typer.Option(None, "--server-model", help="The model name on the server [default: its only one]."),
+    workers: int = typer.Option(1, "--workers", "-w", help="Concurrent requests with --server."),
+    image_size: int = typer.Option(896, "--image-size", help="With --server: the size images are resized to here (MedGemma: 896)."),
+    timeout: float = typer.Option(600.0, "--timeout", help="With --server: seconds to wait for one answer."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar; one log line per unit."),
 ) -> None:
     """Answer questions about every series (or study, or file) in a folder; results are written as they come.
 
     A killed run resumes where it stopped when the same command is run again; a bad unit becomes an error
-    record and the batch goes on. Exit code 1 if any unit failed.
+    record and the batch goes on. Exit code 1 if any unit failed. With [bold]--server[/] the images are
+    rendered here and sent (as PNG) only to that server; nothing else leaves the machine.
 
     [bold]Examples[/]
 
       medgemma batch ./night-run/ -q "Any acute findings?" --out results.jsonl
       medgemma batch ./cxr/ --questions questions.txt --unit study --out results.csv --format csv
       medgemma batch ./night-run/ -q "Any acute findings?" --out results.jsonl --report review.html
+      medgemma batch ./cxr/ -q "Describe the findings." --out r.jsonl --classify effusion --classify "no finding"
+      medgemma batch ./night-run/ -q "Any acute findings?" --out r.jsonl --server http://gpu-box:8000 --workers 4
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
 
     from medgemma_cli.answering import AskOptions
-    from medgemma_cli.batch import run_batch
+    from medgemma_cli.batch import ClassifyOptions, ServerOptions, run_batch
 
     qs = list(question or [])
     if questions_file is not None:
@@ -239,8 +254,19 @@ def batch(
             qs += [ln.strip() for ln in questions_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
         except OSError as e:
             raise MedgemmaError(f"{questions_file}: cannot read ({e.strerror or e})") from e
-    opts = AskOptions(system=system, max_tokens=max_tokens, threads=threads, gpu_layers=gpu_layers, ctx=ctx,
+    opts = AskOptions(system=system, max_tokens=max_tokens, temperature=temperature, seed=seed, threads=threads,
+                      gpu_layers=gpu_layers, ctx=ctx, with_metadata=with_metadata,
                       vision_backend=vision_backend.lower(), verbose=_DEBUG)
+    classifier = ClassifyOptions(classify_labels, siglip_model, classify_template, threads=threads) if classify_labels else None
+    remote = None
+    if server is not None:
+        from medgemma_cli.remote import is_private_host
+
+        remote = ServerOptions(server, server_model, workers, image_size, timeout=timeout)
+        if not is_private_host(server) and not server.lower().startswith("https://"):
+            err.print(f"[yellow]note:[/] images go to {server} unencrypted (http); use https beyond this machine")
+    elif workers != 1:
+        raise MedgemmaError("--workers applies to --server; the local model answers one unit at a time")
     bar = None if quiet else Bar(TextColumn("[bold]units"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                                  TextColumn("{task.description}"), console=err, transient=True)
     task = None
@@ -250,15 +276,15 @@ def batch(
         if bar is None:
             err.print(f"[{i + 1}/{total}] {unit_id}", markup=False)
             return
-        if task is None:
+        if task is None:  # started here, so errors found before the first unit print without a bar around them
+            bar.start()
             task = bar.add_task("", total=total)
         bar.update(task, completed=i, description=unit_id[-24:])
 
-    if bar is not None:
-        bar.start()
     try:
         s = run_batch(folder, qs, out_file, fmt=fmt.lower(), unit=unit.lower(), model=model, gguf=gguf,
-                      mmproj=mmproj, options=opts, include_phi=include_phi, on_progress=progress)
+                      mmproj=mmproj, options=opts, include_phi=include_phi, classify=classifier, server=remote,
+                      on_progress=progress)
     finally:
         if bar is not None:
             bar.stop()

@@ -54,6 +54,7 @@ def load_records(results: Path) -> list[dict[str, Any]]:
         for r in rows:
             r["files"] = r["files"].split(";") if r.get("files") else []
             r["error"] = r.get("error") or None
+            r["classify"] = json.loads(r["classify"]) if r.get("classify") else None
         return rows
     out = []
     for line in results.read_text(encoding="utf-8").splitlines():
@@ -68,6 +69,18 @@ def _n(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
+def _classification_table(cls: dict[str, Any]) -> str:
+    e = html.escape
+    several = cls.get("images", 1) > 1
+    head = "<tr><th>MedSigLIP label</th><th>mean</th>" + ("<th>max</th>" if several else "") + "</tr>"
+    rows = []
+    for label, mean in sorted(cls["mean"].items(), key=lambda kv: -kv[1]):
+        top = f"<td>{cls['max'][label]:.3f}</td>" if several else ""
+        rows.append(f"<tr><td>{e(label)}</td><td>{mean:.3f}</td>{top}</tr>")
+    note = f" over {cls['images']} images" if several else ""
+    return f'<table class="cls"><caption class="meta">zero-shot probabilities{note}</caption>{head}{"".join(rows)}</table>'
+
+
 def write_report(results: Path, report: Path, title: str = "MedGemma batch") -> Path:
     """Group records by unit; embed thumbnails as data URIs so the file opens anywhere, offline."""
     records = load_records(results)
@@ -79,9 +92,9 @@ def write_report(results: Path, report: Path, title: str = "MedGemma batch") -> 
     parts = [f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>
 <style>body{{font:14px system-ui,sans-serif;margin:2em;color:#222}} .unit{{border:1px solid #ccc;border-radius:6px;
 padding:1em;margin:1em 0}} .err{{border-color:#c33;background:#fff4f4}} .qa dt{{font-weight:600;margin-top:.6em}}
-.qa dd{{margin:0 0 0 1em;white-space:pre-wrap}} .meta{{color:#666;font-size:12px}} img{{max-width:100%}}</style>
+.qa dd{{margin:0 0 0 1em;white-space:pre-wrap}} .cls td,.cls th{{padding:0 .8em 0 0;text-align:left}} .meta{{color:#666;font-size:12px}} img{{max-width:100%}}</style>
 </head><body><h1>{e(title)}</h1><p class="meta">{_n(len(units), "unit")} · {_n(len(records), "answer")} · {failed} failed ·
-source: {e(results.name)}. Random-weight demo models give meaningless answers.</p>"""]
+source: {e(results.name)}.</p>"""]
     for uid, rs in units.items():
         first = rs[0]
         err = next((r.get("error") for r in rs if r.get("error")), None)
@@ -94,6 +107,8 @@ source: {e(results.name)}. Random-weight demo models give meaningless answers.</
             parts.append(f'<img alt="what the model saw" src="{thumb}">')
         if err:
             parts.append(f"<p><strong>Error:</strong> {e(str(err))}</p>")
+        if cls := first.get("classify"):
+            parts.append(_classification_table(cls))
         parts.append('<dl class="qa">')
         for r in rs:
             parts.append(f"<dt>{e(str(r.get('question', '')))}</dt><dd>{e(str(r.get('answer') or ''))}</dd>")

@@ -193,29 +193,49 @@ def _gather(paths: list[Path]) -> list[tuple[Path, int | None, np.ndarray]]:
     return items
 
 
+class ZeroShot:
+    """Label probabilities for arrays already in memory; the label texts are embedded once.
+
+    sigmoid(cos · exp(scale) + bias) per label by default (MedSigLIP's training objective), softmax over
+    the labels on request."""
+
+    def __init__(self, labels: list[str], *, model: Path | None = None, template: str | None = None,
+                 softmax: bool = False, threads: int | None = None):
+        self.labels = [lb.strip() for lb in labels if lb.strip()]
+        if not self.labels:
+            raise MedgemmaError("give at least one label (--labels \"pleural effusion\" \"pneumothorax\" …)")
+        if template is not None and "{}" not in template:
+            raise MedgemmaError("the template must contain {} where the label goes, e.g. \"chest x-ray showing {}\"")
+        self.files = resolve_siglip(model)
+        self.template, self.softmax = template, softmax
+        self.model = Siglip(self.files, threads)
+        self.texts = self.model.embed_texts([template.format(lb) if template else lb for lb in self.labels])
+
+    def identity(self) -> str:
+        """What the probabilities depend on: the model's files, the labels, the template, the activation."""
+        import hashlib
+
+        key = json.dumps([self.files.manifest.get("files"), self.labels, self.template, self.softmax], sort_keys=True)
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def probabilities(self, arrays: list[np.ndarray]) -> np.ndarray:
+        z = self.model.logits(self.model.embed_images(arrays), self.texts)
+        if self.softmax:
+            e = np.exp(z - z.max(axis=1, keepdims=True))
+            return e / e.sum(axis=1, keepdims=True)
+        return 1.0 / (1.0 + np.exp(-z))
+
+
 def classify(paths: list[Path], labels: list[str], *, model: Path | None = None, template: str | None = None,
              softmax: bool = False, threads: int | None = None) -> list[Classification]:
-    """Per-label probabilities: sigmoid(cos · exp(scale) + bias) by default, softmax over labels on request."""
-    labels = [lb.strip() for lb in labels if lb.strip()]
-    if not labels:
-        raise MedgemmaError("give at least one label (--labels \"pleural effusion\" \"pneumothorax\" …)")
-    if template is not None and "{}" not in template:
-        raise MedgemmaError("the template must contain {} where the label goes, e.g. \"chest x-ray showing {}\"")
-    files = resolve_siglip(model)
+    """Per-label probabilities for every image (every frame of a multi-frame DICOM), highest first."""
+    zero_shot = ZeroShot(labels, model=model, template=template, softmax=softmax, threads=threads)
     items = _gather(paths)
-    sig = Siglip(files, threads)
-    texts = sig.embed_texts([template.format(lb) if template else lb for lb in labels])
-    images = sig.embed_images([a for _, _, a in items])
-    z = sig.logits(images, texts)
-    if softmax:
-        e = np.exp(z - z.max(axis=1, keepdims=True))
-        p = e / e.sum(axis=1, keepdims=True)
-    else:
-        p = 1.0 / (1.0 + np.exp(-z))
+    p = zero_shot.probabilities([a for _, _, a in items])
     out = []
     for (path, frame, _), row in zip(items, p, strict=True):
         order = np.argsort(-row)
-        out.append(Classification(str(path), frame, {labels[j]: float(row[j]) for j in order}))
+        out.append(Classification(str(path), frame, {zero_shot.labels[j]: float(row[j]) for j in order}))
     return out
 
 

@@ -229,16 +229,19 @@ def _values(shape: tuple[int, ...], kind: str, rng: np.random.Generator) -> np.n
 
 def make_checkpoint(folder: Path | str, shape: str = "tiny", *, architecture: str = "Gemma3ForConditionalGeneration",
                     dtype: str = "float32", layout: str = "hf4", seed: int = 0, shard_bytes: int | None = None,
-                    layers: int | None = None, progress: Callable[[int, int], None] | None = None) -> Path:
+                    layers: int | None = None, sliding_window: int | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> Path:
     """Write a complete random checkpoint of a named shape into `folder` (created; must be empty or absent).
 
     `layers` overrides the text depth (a tiny-width model with 34 or 62 layers exercises every
-    layer-position rule of the quantization presets)."""
+    layer-position rule of the quantization presets); `sliding_window` the local-attention span."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     s = SHAPES[shape]
-    if layers is not None:
-        s = Shape(s.name, {**s.text, "num_hidden_layers": layers}, s.vision, s.image_tokens, s.sp_pieces)
+    if layers is not None or sliding_window is not None:
+        text = {**s.text, "num_hidden_layers": layers or s.text["num_hidden_layers"],
+                "sliding_window": sliding_window or s.text["sliding_window"]}
+        s = Shape(s.name, text, s.vision, s.image_tokens, s.sp_pieces)
     ids = _tokenizer_files(folder, s)
     config = _config(s, architecture, dtype, ids)
     _json(folder / "config.json", config)

@@ -6,6 +6,7 @@ tests never touch the user's store.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -74,3 +75,51 @@ def chat_prompt(hf_tokenizer) -> tuple[str, list[int]]:
     ids = hf_tokenizer(text, add_special_tokens=False)["input_ids"]
     assert len(ids) >= 64
     return text, ids
+
+
+def _sp_model(path: Path) -> None:
+    import io
+
+    import sentencepiece as spm
+
+    from medgemma_cli.synthetic import _corpus
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(_corpus().lower().splitlines()), model_writer=buf,
+                                   vocab_size=256, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>", character_coverage=1.0,
+                                   num_threads=1, minloglevel=2)
+    path.write_bytes(buf.getvalue())
+
+
+@pytest.fixture(scope="session")
+def siglip_ckpt(tmp_path_factory) -> Path:
+    """A tiny random SiglipModel (transformers) with a SentencePiece vocabulary: MedSigLIP's architecture."""
+    torch = pytest.importorskip("torch")
+    import numpy as np
+    from transformers import SiglipConfig, SiglipModel
+
+    folder = tmp_path_factory.mktemp("siglip") / "tiny-medsiglip"
+    cfg = SiglipConfig(
+        text_config=dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=64),
+        vision_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8))
+    torch.manual_seed(0)
+    model = SiglipModel(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif name == "logit_scale":
+                p.fill_(np.log(10.0))
+            elif name == "logit_bias":
+                p.fill_(-2.0)
+            else:
+                p.copy_(0.1 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    _sp_model(folder / "spiece.model")
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "SiglipImageProcessor", "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+         "size": {"height": 32, "width": 32}, "resample": 2, "rescale_factor": 1 / 255}))
+    return folder

@@ -20,6 +20,7 @@ class PromptImage:
     rgb: np.ndarray  # already at the model's square input size
     label: str | None  # "SLICE n" for slices of a volume
     source: Path
+    full: np.ndarray | None = None  # the rendering before resizing, kept only on request (MedSigLIP pads instead)
 
 
 @dataclass
@@ -67,7 +68,8 @@ def kind_of(path: Path) -> str | None:
     return None
 
 
-def collect(paths: list[Path], image_size: int | None, max_slices: int = dicom.MAX_SLICES) -> Collected:
+def collect(paths: list[Path], image_size: int | None, max_slices: int = dicom.MAX_SLICES,
+            keep_full: bool = False) -> Collected:
     """Read and render everything; DICOM images are grouped into series and rendered by modality."""
     files, warnings = expand([Path(p) for p in paths])
     named = {Path(p) for p in paths}
@@ -87,7 +89,7 @@ def collect(paths: list[Path], image_size: int | None, max_slices: int = dicom.M
             if image_size is None:
                 raise InputError(f, "this model has no vision projector (mmproj); it cannot read images")
             rgb = load_rgb(f)
-            out.images.append(PromptImage(resize_square(rgb, image_size), None, f))
+            out.images.append(PromptImage(resize_square(rgb, image_size), None, f, rgb if keep_full else None))
             out.records.append(InputRecord(f, sha256_file(f), "image", f"{rgb.shape[1]}×{rgb.shape[0]} image"))
         else:
             ds = dicom.read(f)
@@ -109,7 +111,7 @@ def collect(paths: list[Path], image_size: int | None, max_slices: int = dicom.M
             rendered = dicom.render_volume(vol)
             for i, (s, rgb) in enumerate(zip(vol.slices, rendered, strict=True), 1):
                 label = f"SLICE {i}" if vol.is_volume else None
-                out.images.append(PromptImage(resize_square(rgb, image_size), label, s.path))
+                out.images.append(PromptImage(resize_square(rgb, image_size), label, s.path, rgb if keep_full else None))
             out.volumes.append(vol)
             out.metadata.append(vol.metadata)
             how = {"CT": "CT, HU in 3 windows (R −1024..1024, G −135..215, B 0..80)",

@@ -185,3 +185,188 @@ def test_html_report(messy, convert_tiny, tmp_path):
         assert img.height == 160 and img.width % 160 == 0
     assert "Size &lt;5 mm &amp; shape?" in page and "<5 mm" not in page
     assert page.count('class="unit err"') == 1 and "broken.dcm" in page
+
+
+# --- --classify: MedSigLIP probabilities per unit -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def siglip_fp32(siglip_ckpt, tmp_path_factory) -> Path:
+    from medgemma_cli.conversion import convert
+
+    return convert(siglip_ckpt, tmp_path_factory.mktemp("siglip-batch") / "fp32", preset="fp32").path
+
+
+def test_classify_adds_probabilities(messy, convert_tiny, siglip_fp32, tmp_path):
+    """Each record carries the mean and max over the slices the model saw, equal to `classify` on those files
+    (MedSigLIP's own recipe on the full rendering, not the model's resized square)."""
+    from medgemma_cli.batch import ClassifyOptions
+    from medgemma_cli.report import write_report
+    from medgemma_cli.siglip import classify
+
+    labels = ["pleural effusion", "no finding"]
+    out = tmp_path / "r.jsonl"
+    run_batch(messy, ["Findings?"], out, model=convert_tiny("Q8_0"), options=AskOptions(max_tokens=3),
+              classify=ClassifyOptions(labels, siglip_fp32))
+    records = {tuple(r["files"]): r for r in map(json.loads, out.read_text().splitlines())}
+    png = records[("photo.png",)]["classify"]
+    ref = classify([messy / "photo.png"], labels, model=siglip_fp32)[0].scores
+    assert png["images"] == 1 and set(png["mean"]) == set(labels)
+    for lb in labels:
+        assert abs(png["mean"][lb] - ref[lb]) < 1e-4 and png["max"][lb] == png["mean"][lb]
+    ct_files = next(k for k in records if len(k) == 6)
+    ct = records[ct_files]["classify"]
+    per_slice = classify([messy / f for f in ct_files], labels, model=siglip_fp32)
+    assert ct["images"] == 6
+    for lb in labels:
+        values = [r.scores[lb] for r in per_slice]
+        assert abs(ct["mean"][lb] - float(np.mean(values))) < 1e-4 and abs(ct["max"][lb] - max(values)) < 1e-4
+        assert 0.0 < ct["mean"][lb] < 1.0
+    assert "classify" not in records[("broken.dcm",)]
+    page = write_report(out, tmp_path / "review.html").read_text()
+    assert "pleural effusion" in page and f"{png['mean']['pleural effusion']:.3f}" in page
+    changed = run_batch(messy, ["Findings?"], out, model=convert_tiny("Q8_0"), options=AskOptions(max_tokens=3),
+                        classify=ClassifyOptions(["pneumothorax"], siglip_fp32))
+    assert changed.records_written == 6  # other labels: new records, old ones are not reused
+
+
+# --- --server: llama-cpp-python's own OpenAI-compatible server, started here on 127.0.0.1 ----------------------
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory):
+    """`python -m llama_cpp.server` with a tiny converted MedGemma (text + mmproj, chat format mtmd)."""
+    import urllib.request
+
+    from medgemma_cli.conversion import convert
+    from medgemma_cli.synthetic import make_checkpoint
+
+    root = tmp_path_factory.mktemp("served")
+    # llama-cpp-python's server fails ("failed to find a memory slot") once the prompt outgrows a 16-token
+    # sliding window; MedGemma's window is 1024, so the served tiny model gets 512.
+    ckpt = make_checkpoint(root / "ckpt", "tiny", sliding_window=512)
+    model = convert(ckpt, root / "model", preset="F16", vision_onnx="none").path
+    port = _free_port()
+    log_path = root / "server.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(model / "text.gguf"),
+                             "--clip_model_path", str(model / "mmproj.gguf"), "--chat_format", "mtmd",
+                             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--verbose", "true"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/v1/models", timeout=2) as r:
+                served = json.loads(r.read())["data"][0]["id"]
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("the llama-cpp-python server did not start:\n" + log_path.read_text()[-3000:])
+            time.sleep(0.3)
+    yield {"url": url, "model": served, "log": log_path}
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def _server(llama_server, workers: int = 1):
+    from medgemma_cli.batch import ServerOptions
+
+    return ServerOptions(llama_server["url"] + "/v1", workers=workers, image_size=32, image_tokens=4)
+
+
+def test_server_batch(messy, llama_server, tmp_path):
+    """The same units and records as locally, answered by the server; more workers change nothing but speed."""
+    questions = ["Is there a pleural effusion?", "Any findings?"]
+    out1 = tmp_path / "w1.jsonl"
+    s = run_batch(messy, questions, out1, server=_server(llama_server), options=AskOptions(max_tokens=8))
+    records = [json.loads(ln) for ln in out1.read_text().splitlines()]
+    assert len(records) == 12 and s.failed == 1 and s.model == llama_server["model"]
+    good = [r for r in records if r["error"] is None]
+    assert len(good) == 10
+    for r in good:
+        assert isinstance(r["answer"], str) and r["model"] == llama_server["model"]
+        # the images reached the model: 4 embeddings each, plus the text
+        assert r["tokens"]["prompt"] >= 4 * r["images_sent"] + 10
+    by_files = {tuple(r["files"]): r for r in good if r["question"] == questions[0]}
+    assert by_files[("cine/multi.dcm",)]["images_sent"] == 10
+    assert next(r for k, r in by_files.items() if len(k) == 6)["images_sent"] == 6
+    broken = [r for r in records if r["error"]]
+    assert {tuple(r["files"]) for r in broken} == {("broken.dcm",)}
+
+    out3 = tmp_path / "w3.jsonl"
+    s3 = run_batch(messy, questions, out3, server=_server(llama_server, workers=3), options=AskOptions(max_tokens=8))
+    assert s3.records_written == 12
+    answers = {(r["unit"], r["question"]): r["answer"] for r in map(json.loads, out1.read_text().splitlines())}
+    answers3 = {(r["unit"], r["question"]): r["answer"] for r in map(json.loads, out3.read_text().splitlines())}
+    assert answers3 == answers
+    assert len({a for (u, q), a in answers.items() if q == questions[0] and a is not None}) >= 2  # images matter
+    again = run_batch(messy, questions, out3, server=_server(llama_server, workers=3), options=AskOptions(max_tokens=8))
+    assert again.records_written == 0 and again.done_before == 12
+
+
+def test_server_refusal_becomes_error_records(tmp_path, llama_server):
+    """A request the server refuses (here: longer than its context) is an error record; the rest go on."""
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((20, 20, 3), 40 * i, np.uint8)).save(root / f"i{i}.png")
+    out = tmp_path / "r.jsonl"
+    too_long = "Describe " * 2500 + "?"
+    s = run_batch(root, ["Findings?", too_long], out, server=_server(llama_server, workers=2),
+                  options=AskOptions(max_tokens=4))
+    records = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert len(records) == 6 and s.failed == 3
+    errors = [r for r in records if r["error"]]
+    assert len(errors) == 3 and all(r["question"] == too_long for r in errors)
+    assert all("500" in r["error"] and "n_ctx" in r["error"] for r in errors), errors[0]["error"]
+
+
+def test_server_cli_sends_no_phi(tmp_path, llama_server):
+    """Through the CLI with 2 workers and a report: the server never sees patient names, IDs or dates (its
+    verbose log prints every prompt), even when the records keep them on request."""
+    root = tmp_path / "phi"
+    root.mkdir()
+    _ct_series(root, 3, "1.2.826.0.1.3680043.99.8", phi=True)
+    env = {**os.environ, "MEDGEMMA_HOME": str(tmp_path / "home")}
+    out = tmp_path / "r.jsonl"
+    before = llama_server["log"].stat().st_size
+    cmd = [sys.executable, "-m", "medgemma_cli", "batch", str(root), "-q", "Findings?", "-q", "Size?", "--out", str(out),
+           "--server", llama_server["url"], "--workers", "2", "--image-size", "32", "--max-tokens", "4",
+           "--include-phi", "--with-metadata", "--report", str(tmp_path / "review.html"), "--quiet"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Roe^Richard" in out.read_text()  # kept in the records, as asked
+    with open(llama_server["log"], "rb") as f:
+        f.seek(before)
+        seen = f.read().decode("utf-8", "replace")
+    assert "Findings?" in seen and "Size?" in seen  # the log does show the prompts
+    assert "Roe" not in seen and "424242" not in seen and "20240102" not in seen
+    assert (tmp_path / "review.html").is_file()
+
+
+def test_server_unreachable_is_one_line(tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "a.png")
+    out = tmp_path / "r.jsonl"
+    r = subprocess.run([sys.executable, "-m", "medgemma_cli", "batch", str(root), "-q", "x", "--out", str(out),
+                        "--server", f"http://127.0.0.1:{_free_port()}"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "MEDGEMMA_HOME": str(tmp_path / "home")})
+    assert r.returncode == 1 and "cannot reach" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
+    r = subprocess.run([sys.executable, "-m", "medgemma_cli", "batch", str(root), "-q", "x", "--out", str(out),
+                        "--workers", "2"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "MEDGEMMA_HOME": str(tmp_path / "home")})
+    assert r.returncode != 0 and "--server" in r.stderr and not out.exists()
