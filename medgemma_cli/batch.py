@@ -143,7 +143,13 @@ def run_key(model_sha: str, question: str) -> str:
 
 
 class RecordFile:
-    """Append-only records, one line each, flushed and synced; a torn last line is cut on open."""
+    """Append-only records, one line each; a torn last line is cut on open.
+
+    Every line is flushed to the OS at once, so a killed process (SIGKILL included) loses nothing written.
+    fsync, which only matters if the machine itself goes down, runs at most once a second and on close:
+    per line it cost 0.4 ms, a tenth of a tiny model's time per unit."""
+
+    SYNC_EVERY_S = 1.0
 
     def __init__(self, path: Path, fmt: str):
         self.path, self.fmt = Path(path), fmt
@@ -153,6 +159,7 @@ class RecordFile:
             self._repair_and_load()
         new = not self.path.exists() or self.path.stat().st_size == 0
         self.f = open(self.path, "a", encoding="utf-8", newline="")
+        self._synced = time.monotonic()
         if new and fmt == "csv":
             self._write_line(self._csv_line(CSV_FIELDS))
 
@@ -188,7 +195,9 @@ class RecordFile:
     def _write_line(self, line: str) -> None:
         self.f.write(line)
         self.f.flush()
-        os.fsync(self.f.fileno())
+        if time.monotonic() - self._synced >= self.SYNC_EVERY_S:
+            os.fsync(self.f.fileno())
+            self._synced = time.monotonic()
 
     def append(self, record: dict[str, Any]) -> None:
         if self.fmt == "jsonl":
@@ -203,6 +212,8 @@ class RecordFile:
         self.done.add((record["unit"], record["run_key"]))
 
     def close(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
         self.f.close()
 
 

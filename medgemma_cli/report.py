@@ -19,7 +19,10 @@ def thumbnails_dir(results: Path) -> Path:
 
 
 def save_thumbnail(results: Path, unit_id: str, images: list[np.ndarray]) -> None:
-    """Up to four of the images the model received (first, middle, last slices), side by side."""
+    """Up to four of the images the model received (first, middle, last slices), side by side.
+
+    JPEG: a preview for review, not a diagnostic image; it costs a tenth of a millisecond where PNG took three,
+    and on a fast model that time competes with the model for the CPU."""
     from PIL import Image
 
     if not images:
@@ -31,18 +34,21 @@ def save_thumbnail(results: Path, unit_id: str, images: list[np.ndarray]) -> Non
         sheet.paste(tile, (k * THUMB, 0))
     folder = thumbnails_dir(results)
     folder.mkdir(parents=True, exist_ok=True)
-    name = base64.urlsafe_b64encode(unit_id.encode()).decode().rstrip("=")[:120] + ".png"
+    name = _thumb_name(unit_id)
     tmp = folder / f".{name}.partial"
-    sheet.save(tmp, format="PNG")
+    sheet.save(tmp, format="JPEG", quality=85)
     os.replace(tmp, folder / name)
 
 
+def _thumb_name(unit_id: str) -> str:
+    return base64.urlsafe_b64encode(unit_id.encode()).decode().rstrip("=")[:120] + ".jpg"
+
+
 def _thumb_data(results: Path, unit_id: str) -> str | None:
-    name = base64.urlsafe_b64encode(unit_id.encode()).decode().rstrip("=")[:120] + ".png"
-    path = thumbnails_dir(results) / name
+    path = thumbnails_dir(results) / _thumb_name(unit_id)
     if not path.is_file():
         return None
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    return "data:image/jpeg;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
 def load_records(results: Path) -> list[dict[str, Any]]:

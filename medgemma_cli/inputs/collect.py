@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,13 @@ class PromptImage:
 @dataclass
 class InputRecord:
     path: Path
-    sha256: str
     kind: str  # dicom | image | note | dicom-sr
     detail: str  # what was made of it
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """Computed when first asked for (ask's JSON, chat transcripts); a batch never pays for it."""
+        return sha256_file(self.path)
 
 
 @dataclass
@@ -84,13 +89,13 @@ def collect(paths: list[Path], image_size: int | None, max_slices: int = dicom.M
             continue
         if kind == "note":
             out.notes.append((f.name, read_note(f)))
-            out.records.append(InputRecord(f, sha256_file(f), "note", f"note, {len(out.notes[-1][1])} characters"))
+            out.records.append(InputRecord(f, "note", f"note, {len(out.notes[-1][1])} characters"))
         elif kind == "image":
             if image_size is None:
                 raise InputError(f, "this model has no vision projector (mmproj); it cannot read images")
             rgb = load_rgb(f)
             out.images.append(PromptImage(resize_square(rgb, image_size), None, f, rgb if keep_full else None))
-            out.records.append(InputRecord(f, sha256_file(f), "image", f"{rgb.shape[1]}×{rgb.shape[0]} image"))
+            out.records.append(InputRecord(f, "image", f"{rgb.shape[1]}×{rgb.shape[0]} image"))
         else:
             ds = dicom.read(f)
             if dicom.is_sr(ds):
@@ -98,7 +103,7 @@ def collect(paths: list[Path], image_size: int | None, max_slices: int = dicom.M
                 if not text:
                     raise InputError(f, "structured report without text content")
                 out.notes.append((f.name, text))
-                out.records.append(InputRecord(f, sha256_file(f), "dicom-sr", f"structured report, {len(text)} characters"))
+                out.records.append(InputRecord(f, "dicom-sr", f"structured report, {len(text)} characters"))
             elif "PixelData" not in ds:
                 sop = getattr(ds.get("SOPClassUID"), "name", None) or str(ds.get("SOPClassUID", "unknown"))
                 raise InputError(f, f"{sop} object has no image or text for the model")
@@ -121,7 +126,7 @@ def collect(paths: list[Path], image_size: int | None, max_slices: int = dicom.M
             detail = f"{how}; {sent} of {vol.total_slices} slices" if vol.is_volume else how
             files_in = sorted({s.path for s in vol.slices})
             for p in files_in:
-                out.records.append(InputRecord(p, sha256_file(p), "dicom", detail))
+                out.records.append(InputRecord(p, "dicom", detail))
             if vol.total_slices > sent:
                 out.warnings.append(f"series {vol.series_uid or files_in[0]}: {vol.total_slices} slices, "
                                     f"{sent} sampled evenly")
