@@ -2,7 +2,7 @@
 
 The Python API does everything the command line does:
 
-    from medgemma_cli import convert, ask, ask_many, open_session, classify, embed, run_bench, list_models
+    from medgemma_cli import convert, ask, ask_many, open_session, run_batch, classify, embed, run_bench, list_models
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ def __getattr__(name: str):  # lazy, so `medgemma --help` does not load numpy, g
     lazy = {
         "run_demo": "medgemma_cli.demo", "ask": "medgemma_cli.answering", "ask_many": "medgemma_cli.answering",
         "open_session": "medgemma_cli.answering", "AskOptions": "medgemma_cli.answering", "classify": "medgemma_cli.siglip",
-        "embed": "medgemma_cli.siglip", "run_bench": "medgemma_cli.bench",
+        "embed": "medgemma_cli.siglip", "run_bench": "medgemma_cli.bench", "run_batch": "medgemma_cli.batch",
+        "ServerOptions": "medgemma_cli.batch", "ClassifyOptions": "medgemma_cli.batch",
+        "write_report": "medgemma_cli.report",
     }
     if name in lazy:
         import importlib

@@ -1,4 +1,5 @@
-"""`medgemma batch` (local mode): walking a messy folder, units, records, resume after SIGKILL, no PHI."""
+"""`medgemma batch`: walking a messy folder, units, records, resume after SIGKILL, no PHI, the HTML report,
+MedSigLIP labels, and `--server` against llama-cpp-python's real server."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import copy
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -370,3 +372,47 @@ def test_server_unreachable_is_one_line(tmp_path):
                         "--workers", "2"], capture_output=True, text=True, timeout=60,
                        env={**os.environ, "MEDGEMMA_HOME": str(tmp_path / "home")})
     assert r.returncode != 0 and "--server" in r.stderr and not out.exists()
+
+
+def _working_chromium() -> str | None:
+    """A headless Chromium that really starts (a snap wrapper inside a container does not)."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            try:
+                r = subprocess.run([path, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", "about:blank"],
+                                   capture_output=True, text=True, timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                continue
+            if r.returncode == 0 and "<html" in r.stdout:
+                return path
+    return None
+
+
+CHROMIUM = _working_chromium()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no working Chromium on this machine; test_html_report checks the "
+                                             "page's structure and images without a browser")
+def test_report_renders_in_chromium(convert_tiny, tmp_path):
+    """Debian's headless Chromium opens the report offline and paints each unit's thumbnail: a red and a blue
+    scan must show up as red and blue squares of the thumbnail's size in the screenshot."""
+    root = tmp_path / "colours"
+    root.mkdir()
+    Image.fromarray(np.tile(np.array([220, 20, 20], np.uint8), (48, 48, 1))).save(root / "red.png")
+    Image.fromarray(np.tile(np.array([20, 20, 220], np.uint8), (48, 48, 1))).save(root / "blue.png")
+    out = tmp_path / "r.jsonl"
+    run_batch(root, ["Findings?"], out, model=convert_tiny("Q8_0"), options=AskOptions(max_tokens=3))
+    from medgemma_cli.report import write_report
+
+    report = write_report(out, tmp_path / "review.html")
+    shot = tmp_path / "shot.png"
+    r = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                        f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,1200",
+                        f"--screenshot={shot}", report.as_uri()], capture_output=True, text=True, timeout=120)
+    assert shot.is_file(), r.stderr[-2000:]
+    px = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    red = (px[..., 0] > 180) & (px[..., 1] < 70) & (px[..., 2] < 70)
+    blue = (px[..., 2] > 180) & (px[..., 0] < 70) & (px[..., 1] < 70)
+    assert red.sum() >= 0.9 * 160 * 160 and blue.sum() >= 0.9 * 160 * 160, (red.sum(), blue.sum())
+    rows = np.flatnonzero(red.any(axis=1))
+    assert 150 <= rows[-1] - rows[0] + 1 <= 170  # one thumbnail tall, as laid out
