@@ -151,40 +151,69 @@ class RecordFile:
 
     SYNC_EVERY_S = 1.0
 
-    def __init__(self, path: Path, fmt: str):
+    def __init__(self, path: Path, fmt: str, retry_failed: bool = False):
         self.path, self.fmt = Path(path), fmt
         self.done: set[tuple[str, str]] = set()
+        self.dropped_errors = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            self._repair_and_load()
+            self._repair_and_load(retry_failed)
         new = not self.path.exists() or self.path.stat().st_size == 0
         self.f = open(self.path, "a", encoding="utf-8", newline="")
         self._synced = time.monotonic()
         if new and fmt == "csv":
             self._write_line(self._csv_line(CSV_FIELDS))
 
-    def _repair_and_load(self) -> None:
+    def _complete(self, data: bytes) -> int:
+        """Length of the whole records at the start of `data`: a JSON line never holds a raw newline, a CSV
+        answer may, so there the cut must also fall outside quotes (an even number of them before it)."""
+        end = data.rfind(b"\n") + 1
+        if self.fmt == "csv":
+            while end and data.count(b'"', 0, end) % 2:
+                end = data.rfind(b"\n", 0, end - 1) + 1
+        return end
+
+    def _repair_and_load(self, retry_failed: bool) -> None:
         data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):  # killed mid-line: drop the torn part
-            keep = data.rfind(b"\n") + 1
+        if (keep := self._complete(data)) < len(data):  # killed mid-record: drop the torn part
             with open(self.path, "r+b") as f:
                 f.truncate(keep)
             data = data[:keep]
         text = data.decode("utf-8", "replace")
         if self.fmt == "jsonl":
-            for line in text.splitlines():
+            rows, kept = [], []
+            for line in text.splitlines(keepends=True):
                 try:
                     r = json.loads(line)
-                    self.done.add((r["unit"], r["run_key"]))
-                except (json.JSONDecodeError, KeyError):
+                    rows.append((r["unit"], r["run_key"], bool(r.get("error"))))
+                    kept.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):
                     continue
+            header = ""
         else:
-            reader = csv.DictReader(io.StringIO(text))
+            reader = csv.DictReader(io.StringIO(text, newline=""))
             if reader.fieldnames and reader.fieldnames != CSV_FIELDS:
                 raise InputError(self.path, "a CSV with other columns (another tool or version); choose a new --out")
+            rows, kept = [], []
             for r in reader:
                 if r.get("unit") and r.get("run_key"):
-                    self.done.add((r["unit"], r["run_key"]))
+                    rows.append((r["unit"], r["run_key"], bool(r.get("error"))))
+                    kept.append(self._csv_line([r.get(k, "") for k in CSV_FIELDS]))
+            header = self._csv_line(CSV_FIELDS)
+        if retry_failed and any(err for _, _, err in rows):
+            self._rewrite(header + "".join(line for line, (_, _, err) in zip(kept, rows) if not err))
+            self.dropped_errors = sum(err for _, _, err in rows)
+            rows = [r for r in rows if not r[2]]
+        self.done = {(unit, key) for unit, key, _ in rows}
+
+    def _rewrite(self, text: str) -> None:
+        """Replace the file in one step (written aside, synced, renamed): a kill leaves the old or the new."""
+        tmp = self.path.with_name(f".{self.path.name}.partial")
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
     @staticmethod
     def _csv_line(values: list[Any]) -> str:
@@ -248,6 +277,7 @@ class BatchSummary:
     seconds: float
     model_seconds: float  # local: time inside the model (encode, prefill, decode); server: summed request time
     model: str = ""
+    retried: int = 0  # error records removed by retry_failed
 
 
 @dataclass
@@ -326,9 +356,12 @@ class _Writer:
 def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "jsonl", unit: str = "series",
               model: Path | None = None, gguf: Path | None = None, mmproj: Path | None = None,
               options: Any = None, include_phi: bool = False, classify: ClassifyOptions | None = None,
-              server: ServerOptions | None = None,
+              server: ServerOptions | None = None, retry_failed: bool = False,
               on_progress: Callable[[int, int, str], None] | None = None) -> BatchSummary:
-    """Answer every question about every unit under `folder`, appending records to `out` as they finish."""
+    """Answer every question about every unit under `folder`, appending records to `out` as they finish.
+
+    `retry_failed` first removes earlier error records (a server that was down, a file since fixed), so those
+    units are tried again and each (unit, question) still has exactly one record."""
     from medgemma_cli.answering import AskOptions
 
     t_start = time.perf_counter()
@@ -368,7 +401,7 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
         identity += "\nclassify:" + zero_shot.identity()
 
     keys = {q: run_key(identity, q) for q in questions}
-    records = RecordFile(out, fmt)
+    records = RecordFile(out, fmt, retry_failed)
     writer = _Writer(records, folder, keys, model_name, include_phi)
     done_before = sum(1 for u in units for k in keys.values() if (u.id, k) in records.done)
     todo = [u for u in units if writer.pending(u)]
@@ -396,14 +429,14 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
 
     try:
         if server is not None:
-            model_seconds = _answer_by_server(client, server.workers, todo, prepare, questions, opts, writer,
-                                              zero_shot, on_progress)
+            model_seconds = _answer_by_server(client, server.workers, todo, prepare, opts, writer, zero_shot,
+                                              on_progress)
         else:
             model_seconds = _answer_locally(files, n_ctx, todo, prepare, opts, writer, zero_shot, on_progress)
     finally:
         records.close()
     return BatchSummary(len(units), writer.written, done_before, writer.failed, w.skipped,
-                        time.perf_counter() - t_start, model_seconds, model_name)
+                        time.perf_counter() - t_start, model_seconds, model_name, records.dropped_errors)
 
 
 def _answer_locally(files: Any, n_ctx: int, todo: list[Unit], prepare: Callable[[Unit], _Prepared], opts: Any,
@@ -447,12 +480,12 @@ def _answer_locally(files: Any, n_ctx: int, todo: list[Unit], prepare: Callable[
     return model_seconds
 
 
-def _answer_by_server(client: Any, workers: int, todo: list[Unit], prepare: Callable[[Unit], _Prepared],
-                      questions: list[str], opts: Any, writer: _Writer, zero_shot: Any,
-                      on_progress: Callable[[int, int, str], None] | None) -> float:
-    """Up to `workers` requests in flight; records are appended here, in the order answers arrive."""
-    from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+def _answer_by_server(client: Any, workers: int, todo: list[Unit], prepare: Callable[[Unit], _Prepared], opts: Any,
+                      writer: _Writer, zero_shot: Any, on_progress: Callable[[int, int, str], None] | None) -> float:
+    """Up to `workers` requests in flight; records are appended here, in the order answers arrive.
 
+    The request threads are daemons (not a ThreadPoolExecutor, whose workers are joined at exit): Ctrl-C ends
+    the run at once instead of waiting for answers that would no longer be written."""
     from medgemma_cli.remote import ServerError, chat_messages
 
     @dataclass
@@ -462,33 +495,44 @@ def _answer_by_server(client: Any, workers: int, todo: list[Unit], prepare: Call
         classification: dict[str, Any] | None = None
         failed: bool = False
 
-    pending: dict[Future, tuple[State, str]] = {}
-    finished_units = 0
+    jobs: queue.Queue = queue.Queue()
+    results: queue.Queue = queue.Queue()
+
+    def work() -> None:
+        while (job := jobs.get()) is not None:
+            state, q, messages = job
+            try:
+                results.put((state, q, client.chat(messages, opts.max_tokens, opts.temperature, opts.seed)))
+            except Exception as e:  # noqa: BLE001 - handed to the main thread, which decides
+                results.put((state, q, e))
+
+    for i in range(workers):
+        threading.Thread(target=work, name=f"medgemma-batch-request-{i}", daemon=True).start()
+    in_flight = finished_units = 0
     request_seconds = 0.0
 
     def settle(limit: int) -> None:
-        nonlocal finished_units, request_seconds
-        while len(pending) > limit:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for f in done:
-                state, q = pending.pop(f)
-                u = state.prepared.unit
-                try:
-                    reply = f.result()
-                    request_seconds += reply.seconds
-                    writer.answer(u, q, len(state.prepared.inputs.images), reply.answer,
-                                  {"total_s": round(reply.seconds, 3)},
-                                  {"prompt": reply.prompt_tokens, "completion": reply.completion_tokens},
-                                  state.classification)
-                except ServerError as e:
-                    state.failed = True
-                    writer.error(u, q, str(e))
-                state.remaining -= 1
-                if state.remaining == 0:
-                    finished_units += 1
-                    writer.failed += state.failed
+        nonlocal in_flight, finished_units, request_seconds
+        while in_flight > limit:
+            state, q, reply = results.get()
+            in_flight -= 1
+            u = state.prepared.unit
+            if isinstance(reply, ServerError):
+                state.failed = True
+                writer.error(u, q, str(reply))
+            elif isinstance(reply, BaseException):
+                raise reply
+            else:
+                request_seconds += reply.seconds
+                writer.answer(u, q, len(state.prepared.inputs.images), reply.answer,
+                              {"total_s": round(reply.seconds, 3)},
+                              {"prompt": reply.prompt_tokens, "completion": reply.completion_tokens},
+                              state.classification)
+            state.remaining -= 1
+            if state.remaining == 0:
+                finished_units += 1
+                writer.failed += state.failed
 
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="medgemma-batch-request")
     try:
         for p in _prefetch(todo, prepare, depth=workers):
             u = p.unit
@@ -501,12 +545,13 @@ def _answer_by_server(client: Any, workers: int, todo: list[Unit], prepare: Call
             qs = writer.pending(u)
             state = State(p, len(qs))
             for q in qs:
-                messages = chat_messages(q, p.inputs, p.image_uris, opts.system, opts.with_metadata)
-                pending[pool.submit(client.chat, messages, opts.max_tokens, opts.temperature, opts.seed)] = (state, q)
+                jobs.put((state, q, chat_messages(q, p.inputs, p.image_uris, opts.system, opts.with_metadata)))
+                in_flight += 1
             if zero_shot is not None and p.inputs.images:  # runs here while the server works
                 state.classification = _classification(zero_shot, p.inputs)
-            settle(limit=2 * workers)
+            settle(limit=2 * workers)  # a bounded queue: the folder is not read into memory ahead of the server
         settle(limit=0)
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        for _ in range(workers):
+            jobs.put(None)
     return request_seconds

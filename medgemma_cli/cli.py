@@ -227,6 +227,7 @@ def batch(
     workers: int = typer.Option(1, "--workers", "-w", help="Concurrent requests with --server."),
     image_size: int = typer.Option(896, "--image-size", help="With --server: the size images are resized to here (MedGemma: 896)."),
     timeout: float = typer.Option(600.0, "--timeout", help="With --server: seconds to wait for one answer."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Remove earlier error records from --out and try those units again."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar; one log line per unit."),
 ) -> None:
     """Answer questions about every series (or study, or file) in a folder; results are written as they come.
@@ -284,7 +285,7 @@ def batch(
     try:
         s = run_batch(folder, qs, out_file, fmt=fmt.lower(), unit=unit.lower(), model=model, gguf=gguf,
                       mmproj=mmproj, options=opts, include_phi=include_phi, classify=classifier, server=remote,
-                      on_progress=progress)
+                      retry_failed=retry_failed, on_progress=progress)
     finally:
         if bar is not None:
             bar.stop()
@@ -295,6 +296,8 @@ def batch(
         t.add_column(col, justify="right")
     t.add_row(str(s.units), str(s.records_written), str(s.done_before), str(s.failed), str(len(s.skipped)),
               f"{s.seconds:.1f} s")
+    if s.retried:
+        t.caption = f"{s.retried} earlier error record(s) removed and tried again"
     out.print(t)
     if report is not None:
         from medgemma_cli.report import write_report

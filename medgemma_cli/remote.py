@@ -8,6 +8,7 @@ resized by us), so a department server sees what a workstation would have seen.
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import ipaddress
 import json
@@ -115,7 +116,7 @@ class ChatServer:
                     time.sleep(1.0 + attempt)
                     continue
                 raise ServerError(f"{self.base} answered {e.code}: {_server_message(e)}") from None
-            except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # refused, reset, cut short
                 reason = getattr(e, "reason", e)
                 if attempt < retries and not isinstance(reason, TimeoutError):
                     time.sleep(1.0 + attempt)

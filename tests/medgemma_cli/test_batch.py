@@ -123,6 +123,40 @@ def test_no_phi_unless_asked(tmp_path, convert_tiny):
     assert r.returncode == 0 and "Roe^Richard" in out2.read_text()
 
 
+def test_retry_failed(messy, convert_tiny, tmp_path):
+    """--retry-failed removes the error records and tries those units again: still one record per question."""
+    out = tmp_path / "r.jsonl"
+    opts = AskOptions(max_tokens=3)
+    first = run_batch(messy, ["Findings?"], out, model=convert_tiny("Q8_0"), options=opts)
+    assert first.failed == 1
+    (messy / "broken.dcm").write_bytes(data("CT_small.dcm").read_bytes())  # the file was fixed since
+    assert run_batch(messy, ["Findings?"], out, model=convert_tiny("Q8_0"), options=opts).records_written == 0
+    again = run_batch(messy, ["Findings?"], out, model=convert_tiny("Q8_0"), options=opts, retry_failed=True)
+    assert again.retried == 1 and again.records_written == 1 and again.failed == 0
+    records = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert len(records) == 6 and len({r["unit"] for r in records}) == 6 and not any(r["error"] for r in records)
+
+
+def test_csv_torn_row_with_newlines_is_cut_whole(tmp_path):
+    """A CSV answer may hold newlines and quotes; a row cut anywhere inside is removed whole on reopening."""
+    from medgemma_cli.batch import RecordFile
+
+    path = tmp_path / "r.csv"
+    rec = {"unit": "u1", "unit_kind": "file", "files": ["a.png"], "modality": "", "images_sent": 1,
+           "question": "Q?", "answer": "one", "error": None, "model": "m", "run_key": "k"}
+    f = RecordFile(path, "csv")
+    f.append(rec)
+    f.append({**rec, "unit": "u2", "answer": 'line 1\nline "2"\nline 3'})
+    f.close()
+    full = path.read_bytes()
+    whole_first = len(full.split(b"\n", 2)[0]) + len(full.split(b"\n", 2)[1]) + 2  # header + first row
+    for cut in (full.index(b"line 1\n") + 7, full.index(b'"2"'), len(full) - 1):
+        path.write_bytes(full[:cut])
+        again = RecordFile(path, "csv")
+        again.close()
+        assert again.done == {("u1", "k")} and path.read_bytes() == full[:whole_first], cut
+
+
 def test_kill_and_resume(tmp_path, convert_tiny):
     """SIGKILL the batch at random moments, re-run: exactly one record per (unit, question), no torn line."""
     root = tmp_path / "many"
