@@ -261,10 +261,10 @@ def batch(
     classifier = ClassifyOptions(classify_labels, siglip_model, classify_template, threads=threads) if classify_labels else None
     remote = None
     if server is not None:
-        from medgemma_cli.remote import is_private_host
+        from medgemma_cli.remote import is_loopback
 
         remote = ServerOptions(server, server_model, workers, image_size, timeout=timeout)
-        if not is_private_host(server) and not server.lower().startswith("https://"):
+        if not is_loopback(server) and not server.lower().startswith("https://"):
             err.print(f"[yellow]note:[/] images go to {server} unencrypted (http); use https beyond this machine")
     elif workers != 1:
         raise MedgemmaError("--workers applies to --server; the local model answers one unit at a time")

@@ -72,7 +72,7 @@ def chat_messages(question: str, inputs: Collected, image_uris: list[str], syste
     return out
 
 
-def is_private_host(url: str) -> bool:
+def is_loopback(url: str) -> bool:
     host = urllib.parse.urlsplit(url).hostname or ""
     if host == "localhost":
         return True
