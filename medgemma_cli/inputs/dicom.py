@@ -260,8 +260,23 @@ def sample_evenly(n: int, k: int = MAX_SLICES) -> list[int]:
     return sorted(set(np.linspace(0, n - 1, k).round().astype(int).tolist()))
 
 
+def share_slices(sizes: list[int], budget: int) -> list[int]:
+    """Split a slice budget over volumes: small ones keep all their slices, the large ones share the rest
+    equally; every volume keeps at least one, even past the budget (dropping a series silently is worse)."""
+    out = [0] * len(sizes)
+    left = budget
+    order = sorted(range(len(sizes)), key=lambda i: sizes[i])
+    for rank, i in enumerate(order):
+        out[i] = max(1, min(sizes[i], left // (len(sizes) - rank)))
+        left -= out[i]
+    return out
+
+
 def assemble(datasets: list[tuple[Path, Any]], max_slices: int = MAX_SLICES) -> list[Volume]:
-    """Group DICOM image objects into volumes (one per series; each multi-frame object is one too)."""
+    """Group DICOM image objects into volumes (one per series; each multi-frame object is one too).
+
+    `max_slices` bounds the slices of all volumes together (a study sent as one prompt must fit the context);
+    each volume is sampled evenly along its axis."""
     series: dict[str, list[Slice]] = {}
     heads: dict[str, Any] = {}
     for path, ds in datasets:
@@ -274,7 +289,8 @@ def assemble(datasets: list[tuple[Path, Any]], max_slices: int = MAX_SLICES) -> 
                                                     int(ds.InstanceNumber) if ds.get("InstanceNumber") is not None else None))
         heads.setdefault(uid, ds)
     volumes = []
-    for uid, slices in series.items():
+    shares = share_slices([len(v) for v in series.values()], max_slices)
+    for (uid, slices), share in zip(series.items(), shares, strict=True):
         if all(s.position is not None for s in slices) and len({s.position for s in slices}) == len(slices):
             slices.sort(key=lambda s: s.position)
         elif all(s.instance is not None for s in slices):
@@ -282,7 +298,7 @@ def assemble(datasets: list[tuple[Path, Any]], max_slices: int = MAX_SLICES) -> 
         else:
             slices.sort(key=lambda s: (str(s.path), s.frame))
         head = heads[uid]
-        chosen = [slices[i] for i in sample_evenly(len(slices), max_slices)]
+        chosen = [slices[i] for i in sample_evenly(len(slices), share)]
         volumes.append(Volume(uid.split("/")[0], str(head.get("StudyInstanceUID", "")), str(head.get("Modality", "")),
                               chosen, len(slices), safe_metadata(head)))
     return volumes

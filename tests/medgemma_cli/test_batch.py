@@ -96,6 +96,30 @@ def test_batch_records_and_errors(messy, convert_tiny, tmp_path):
     assert more.records_written == 6  # only the new question; a changed question never reuses answers
 
 
+def test_study_unit_shares_the_context(tmp_path, convert_tiny):
+    """--unit study puts every series of a study in one prompt; when they do not all fit, each series is
+    sampled evenly and together they fill the context: none is dropped, nothing overflows."""
+    root = tmp_path / "study"
+    for k, n in enumerate((20, 20, 1)):
+        (root / f"s{k}").mkdir(parents=True)
+        _ct_series(root / f"s{k}", n, f"1.2.826.0.1.3680043.99.5{k}")
+    for f in root.rglob("*.dcm"):  # one study
+        ds = pydicom.dcmread(f)
+        ds.StudyInstanceUID = "1.2.826.0.1.3680043.99.500"
+        ds.save_as(f)
+    out = tmp_path / "r.jsonl"
+    # tiny model: 4 image tokens + 8 per slice; (1024 - 4 - 512) // 12 = 42 slices fit
+    s = run_batch(root, ["Findings?"], out, unit="study", model=convert_tiny("Q8_0"),
+                  options=AskOptions(max_tokens=4, ctx=1024))
+    (record,) = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert s.failed == 0 and record["error"] is None and record["unit_kind"] == "study"
+    assert len(record["files"]) == 41 and record["images_sent"] == 1 + 20 + 20  # all fit: 41 ≤ 42
+    s = run_batch(root, ["Findings?"], tmp_path / "r2.jsonl", unit="study", model=convert_tiny("Q8_0"),
+                  options=AskOptions(max_tokens=4, ctx=800))  # (800 - 4 - 512) // 12 = 23 slices
+    (record,) = [json.loads(ln) for ln in (tmp_path / "r2.jsonl").read_text().splitlines()]
+    assert record["error"] is None and record["images_sent"] == 1 + 11 + 11
+
+
 def test_csv_format(messy, convert_tiny, tmp_path):
     import pandas as pd
 
