@@ -76,3 +76,15 @@ def test_python_api_exposes_every_command():
     for name in ("convert", "ask", "ask_many", "open_session", "classify", "embed", "run_bench", "list_models",
                  "make_checkpoint", "run_demo", "run_batch", "ServerOptions", "ClassifyOptions", "write_report"):
         assert callable(getattr(medgemma_cli, name)), name
+
+
+def test_help_keeps_bracketed_defaults():
+    """Rich reads "[default: …]" in a help text as markup and drops it unless escaped."""
+    from typer.testing import CliRunner
+
+    from medgemma_cli.cli import app
+
+    for command, text in (("ask", "[default: the newest]"), ("batch", "[default: its only one]"),
+                          ("convert", "[default: the model store]"), ("bench", "[default: 1 and the physical cores]")):
+        r = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "240", "NO_COLOR": "1"})
+        assert r.exit_code == 0 and text in " ".join(r.output.split()), (command, r.output[-800:])
