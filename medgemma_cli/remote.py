@@ -118,11 +118,13 @@ class ChatServer:
                 raise ServerError(f"{self.base} answered {e.code}: {_server_message(e)}") from None
             except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # refused, reset, cut short
                 reason = getattr(e, "reason", e)
-                if attempt < retries and not isinstance(reason, TimeoutError):
+                if isinstance(reason, TimeoutError):  # it may still be working on it: asking again would pile up
+                    raise ServerError(f"no answer from {self.base} within {self.timeout:g} s (--timeout)") from None
+                if attempt < retries:
                     time.sleep(1.0 + attempt)
                     continue
                 raise ServerError(f"cannot reach {self.base}: {reason}") from None
-            except json.JSONDecodeError:
+            except ValueError:  # not JSON, or not UTF-8
                 raise ServerError(f"{self.base}{path} did not answer with JSON (is this an OpenAI-compatible server?)") from None
         raise AssertionError("unreachable")
 
