@@ -376,6 +376,22 @@ def test_server_batch(messy, llama_server, tmp_path):
     assert again.records_written == 0 and again.done_before == 12
 
 
+def test_server_with_classify(messy, llama_server, siglip_fp32, tmp_path):
+    """MedSigLIP runs here while the server answers; its probabilities reach every record of the unit."""
+    from medgemma_cli.batch import ClassifyOptions
+
+    out = tmp_path / "r.jsonl"
+    run_batch(messy, ["Findings?", "Size?"], out, server=_server(llama_server, workers=2),
+              options=AskOptions(max_tokens=4), classify=ClassifyOptions(["effusion", "normal"], siglip_fp32))
+    records = [json.loads(ln) for ln in out.read_text().splitlines()]
+    good = [r for r in records if r["error"] is None]
+    assert len(good) == 10 and all(r["classify"]["images"] == r["images_sent"] for r in good)
+    by_unit: dict[str, list] = {}
+    for r in good:
+        by_unit.setdefault(r["unit"], []).append(r["classify"])
+    assert all(len(v) == 2 and v[0] == v[1] for v in by_unit.values())  # one scoring per unit, on both records
+
+
 def test_server_refusal_becomes_error_records(tmp_path, llama_server):
     """A request the server refuses (here: longer than its context) is an error record; the rest go on."""
     root = tmp_path / "imgs"
