@@ -456,8 +456,8 @@ def _answer_locally(files: Any, n_ctx: int, todo: list[Unit], prepare: Callable[
             error = p.error
             if error is None:
                 try:
-                    images = [img.rgb for img in p.inputs.images]
-                    classification = _classification(zero_shot, p.inputs) if zero_shot and images else None
+                    n_images = len(p.inputs.images)
+                    classification = _classification(zero_shot, p.inputs) if zero_shot and n_images else None
                     t0 = time.perf_counter()
                     session = PrefixSession(engine, p.inputs, opts.system, opts.with_metadata)
                     session.start()
@@ -466,7 +466,7 @@ def _answer_locally(files: Any, n_ctx: int, todo: list[Unit], prepare: Callable[
                         t0 = time.perf_counter()
                         turn = session.ask(q, opts.max_tokens, opts.temperature, opts.seed)
                         model_seconds += time.perf_counter() - t0
-                        writer.answer(u, q, len(images), turn.answer,
+                        writer.answer(u, q, n_images, turn.answer,
                                       {"first_token_s": round(turn.timings.first_token_s, 3),
                                        "total_s": round(turn.timings.decode_s + turn.timings.prefill_s, 3)},
                                       {"prompt": turn.prompt_tokens, "completion": turn.completion_tokens},

@@ -193,6 +193,15 @@ def _gather(paths: list[Path]) -> list[tuple[Path, int | None, np.ndarray]]:
     return items
 
 
+def _checked_labels(labels: list[str], template: str | None) -> list[str]:
+    out = [lb.strip() for lb in labels if lb.strip()]
+    if not out:
+        raise MedgemmaError("give at least one label (--labels \"pleural effusion\" \"pneumothorax\" …)")
+    if template is not None and "{}" not in template:
+        raise MedgemmaError("the template must contain {} where the label goes, e.g. \"chest x-ray showing {}\"")
+    return out
+
+
 class ZeroShot:
     """Label probabilities for arrays already in memory; the label texts are embedded once.
 
@@ -201,11 +210,7 @@ class ZeroShot:
 
     def __init__(self, labels: list[str], *, model: Path | None = None, template: str | None = None,
                  softmax: bool = False, threads: int | None = None):
-        self.labels = [lb.strip() for lb in labels if lb.strip()]
-        if not self.labels:
-            raise MedgemmaError("give at least one label (--labels \"pleural effusion\" \"pneumothorax\" …)")
-        if template is not None and "{}" not in template:
-            raise MedgemmaError("the template must contain {} where the label goes, e.g. \"chest x-ray showing {}\"")
+        self.labels = _checked_labels(labels, template)
         self.files = resolve_siglip(model)
         self.template, self.softmax = template, softmax
         self.model = Siglip(self.files, threads)
@@ -229,8 +234,10 @@ class ZeroShot:
 def classify(paths: list[Path], labels: list[str], *, model: Path | None = None, template: str | None = None,
              softmax: bool = False, threads: int | None = None) -> list[Classification]:
     """Per-label probabilities for every image (every frame of a multi-frame DICOM), highest first."""
+    _checked_labels(labels, template)
+    resolve_siglip(model)
+    items = _gather(paths)  # cheap checks first: a wrong path is reported before the model is loaded
     zero_shot = ZeroShot(labels, model=model, template=template, softmax=softmax, threads=threads)
-    items = _gather(paths)
     p = zero_shot.probabilities([a for _, _, a in items])
     out = []
     for (path, frame, _), row in zip(items, p, strict=True):
