@@ -63,9 +63,9 @@ def main() -> None:
     prompt = [tok for _, p in chunks.parts for tok in p]
     engine.close()
     # a bare llama-cpp-python loop on the same GGUF
-    import llama_cpp
+    from medgemma_cli.llama_loader import load_llama
 
-    llm = llama_cpp.Llama(str(files.text), n_ctx=1024, n_threads=args.threads, n_threads_batch=args.threads,
+    llm = load_llama(files.text, n_ctx=1024, n_threads=args.threads, n_threads_batch=args.threads,
                           verbose=False)
     gen = llm.generate(prompt, temp=0.0, top_k=1)
     next(gen)  # the first token comes with the prompt evaluation

@@ -107,7 +107,9 @@ def server(folder: Path, model: Path, out_dir: Path, max_tokens: int, workers: l
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(model / "text.gguf"),
+    serve = ("from medgemma_cli.llama_loader import apply_to_process; apply_to_process(); import runpy; "
+             "runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)")
+    proc = subprocess.Popen([sys.executable, "-c", serve, "--model", str(model / "text.gguf"),
                              "--clip_model_path", str(model / "mmproj.gguf"), "--chat_format", "mtmd",
                              "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "2"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -1,3 +1,3 @@
-from medgemma_cli.cli import main
+from medgemma_cli.entry import main
 
 main()

@@ -54,10 +54,10 @@ class _Counter:
     """Exact token counts before the model is loaded, with the model's own vocabulary (loads in a blink)."""
 
     def __init__(self, files: ModelFiles):
-        import llama_cpp
+        from medgemma_cli.llama_loader import load_llama
 
         with quiet_stderr():
-            self.llm = llama_cpp.Llama(str(files.text), vocab_only=True, verbose=False)
+            self.llm = load_llama(files.text, vocab_only=True, verbose=False)
         arch = self.llm.metadata.get("general.architecture", "gemma3")
         self.n_ctx_train = int(self.llm.metadata.get(f"{arch}.context_length", 8192))
 

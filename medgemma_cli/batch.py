@@ -278,6 +278,7 @@ class BatchSummary:
     model_seconds: float  # local: time inside the model (encode, prefill, decode); server: summed request time
     model: str = ""
     retried: int = 0  # error records removed by retry_failed
+    worker_seconds: float = 0.0  # local: what the model's own process cost beyond the model (start, pipes)
 
 
 @dataclass
@@ -427,57 +428,79 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
         except Exception as e:  # noqa: BLE001 - a bad unit must not stop the batch
             return _Prepared(u, None, f"{type(e).__name__}: {e}")
 
+    model_seconds = worker_seconds = 0.0
     try:
         if server is not None:
             model_seconds = _answer_by_server(client, server.workers, todo, prepare, opts, writer, zero_shot,
                                               on_progress)
-        else:
-            model_seconds = _answer_locally(files, n_ctx, todo, prepare, opts, writer, zero_shot, on_progress)
+        elif todo:
+            local = _answer_locally(files, n_ctx, todo, prepare, opts, writer, zero_shot, on_progress)
+            model_seconds, worker_seconds = local.model, local.worker
     finally:
         records.close()
     return BatchSummary(len(units), writer.written, done_before, writer.failed, w.skipped,
-                        time.perf_counter() - t_start, model_seconds, model_name, records.dropped_errors)
+                        time.perf_counter() - t_start, model_seconds, model_name, records.dropped_errors,
+                        worker_seconds)
+
+
+CRASH_TRIES = 2  # a unit whose answering crashed the model this often is an error until --retry-failed
+
+
+@dataclass
+class _LocalTimes:
+    model: float = 0.0  # inside the model, as the worker measured it
+    worker: float = 0.0  # the worker process itself: start, imports, pipes (the model load excluded)
 
 
 def _answer_locally(files: Any, n_ctx: int, todo: list[Unit], prepare: Callable[[Unit], _Prepared], opts: Any,
-                    writer: _Writer, zero_shot: Any, on_progress: Callable[[int, int, str], None] | None) -> float:
-    """One model load for the whole batch; each unit is encoded once and answers all its questions."""
-    from medgemma_cli.runtime import Engine
-    from medgemma_cli.session import PrefixSession
+                    writer: _Writer, zero_shot: Any, on_progress: Callable[[int, int, str], None] | None
+                    ) -> _LocalTimes:
+    """One model load for the whole batch (again after a crash), in a worker process; each unit is encoded
+    once and answers all its questions."""
+    from medgemma_cli.batch_worker import Answered, EngineConfig, ModelWorker, WorkerCrashed, job_for
+    from medgemma_cli.containment import test_crash_requested
 
-    model_seconds = 0.0
-    engine = Engine(files, n_ctx=n_ctx, threads=opts.threads, gpu_layers=opts.gpu_layers,
-                    vision_backend=opts.vision_backend)
+    times = _LocalTimes()
+    worker = ModelWorker(EngineConfig(files, n_ctx, opts.threads, opts.gpu_layers, opts.vision_backend,
+                                      opts.verbose))
+    worker.start()
+    interrupted = True
     try:
         for i, p in enumerate(_prefetch(todo, prepare)):
             u = p.unit
             if on_progress:
                 on_progress(i, len(todo), u.id)
-            error = p.error
-            if error is None:
+            if p.error is not None:
+                writer.fail_unit(u, p.error)
+                continue
+            n_images = len(p.inputs.images)
+            classification = _classification(zero_shot, p.inputs) if zero_shot and n_images else None
+            crash = test_crash_requested("unit", " ".join(f.name for f in u.files))
+            for attempt in range(1, CRASH_TRIES + 1):
+                t0 = time.perf_counter()
+                inside = 0.0
                 try:
-                    n_images = len(p.inputs.images)
-                    classification = _classification(zero_shot, p.inputs) if zero_shot and n_images else None
-                    t0 = time.perf_counter()
-                    session = PrefixSession(engine, p.inputs, opts.system, opts.with_metadata)
-                    session.start()
-                    model_seconds += time.perf_counter() - t0
-                    for q in writer.pending(u):
-                        t0 = time.perf_counter()
-                        turn = session.ask(q, opts.max_tokens, opts.temperature, opts.seed)
-                        model_seconds += time.perf_counter() - t0
-                        writer.answer(u, q, n_images, turn.answer,
-                                      {"first_token_s": round(turn.timings.first_token_s, 3),
-                                       "total_s": round(turn.timings.decode_s + turn.timings.prefill_s, 3)},
-                                      {"prompt": turn.prompt_tokens, "completion": turn.completion_tokens},
-                                      classification)
-                    continue
-                except MedgemmaError as e:
-                    error = str(e)
-            writer.fail_unit(u, error)
+                    for result in worker.answer(job_for(p.inputs, writer.pending(u), opts, crash)):
+                        if isinstance(result, Answered):
+                            inside += result.model_s
+                            writer.answer(u, result.question, n_images, result.answer,
+                                          {"first_token_s": result.first_token_s, "total_s": result.total_s},
+                                          {"prompt": result.prompt_tokens, "completion": result.completion_tokens},
+                                          classification)
+                        else:
+                            writer.fail_unit(u, result.message)
+                    break
+                except WorkerCrashed as e:  # its answers so far are written; the others get another worker
+                    if attempt == CRASH_TRIES:
+                        writer.fail_unit(u, f"{e} (tried {CRASH_TRIES} times; --retry-failed tries again)")
+                finally:
+                    times.model += inside
+                    times.worker += time.perf_counter() - t0 - inside
+        interrupted = False
     finally:
-        engine.close()
-    return model_seconds
+        times.worker += worker.start_overhead_s
+        worker.close(kill=interrupted)
+    return times
 
 
 def _answer_by_server(client: Any, workers: int, todo: list[Unit], prepare: Callable[[Unit], _Prepared], opts: Any,

@@ -18,39 +18,13 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 
 from medgemma_cli import store
+from medgemma_cli.containment import stage
 from medgemma_cli.converters import gemma3
 from medgemma_cli.kernels import ggml
 from medgemma_cli.kernels.matmul import MatmulFigure, matmul_throughput
 from medgemma_cli.kernels.policy import PRESETS, nbytes, text_tensor_type
-
-
-def physical_cores() -> int:
-    """Physical cores (llama.cpp is fastest with one thread per core, not per hyper-thread)."""
-    try:
-        pairs = set()
-        phys = core = None
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("physical id"):
-                phys = line.split(":")[1].strip()
-            elif line.startswith("core id"):
-                core = line.split(":")[1].strip()
-            elif not line.strip() and core is not None:
-                pairs.add((phys, core))
-                phys = core = None
-        if core is not None:
-            pairs.add((phys, core))
-        if pairs:
-            return min(len(pairs), os.cpu_count() or len(pairs))
-    except OSError:
-        pass
-    return os.cpu_count() or 1
-
-
-def total_memory_bytes() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 0
+from medgemma_cli.llama_loader import load_llama
+from medgemma_cli.machine import physical_cores, total_memory_bytes
 
 
 def memory_bandwidth(threads: int, size_mb: int = 1024, repeats: int = 3) -> float:
@@ -169,27 +143,37 @@ class EndToEnd:
     decode_tokens_per_s: float
     bandwidth_bound_tokens_per_s: float = 0.0
     ratio_to_bound: float = 0.0
+    extra_buffers: bool = False  # llama.cpp's extra CPU buffer types (AMX, repacked weights) were on
 
 
-def end_to_end(path: Path, shape: str, preset: str, threads: int, prompt_tokens: int, decode_tokens: int) -> EndToEnd:
-    """Prompt processing and greedy-style decoding (one token per step) through llama-cpp-python."""
-    import llama_cpp
+def end_to_end(path: Path, shape: str, preset: str, threads: int, prompt_tokens: int, decode_tokens: int,
+               extra_buffers: bool | None = None) -> EndToEnd:
+    """Prompt processing and greedy-style decoding (one token per step) through llama-cpp-python, with extra
+    buffer types as this machine's verdict says (or as `extra_buffers` says)."""
     from llama_cpp import _logger
 
+    from medgemma_cli.llama_loader import verdict
+
     _logger.set_verbose(False)
-    llm = llama_cpp.Llama(str(path), n_ctx=prompt_tokens + decode_tokens + 16, n_batch=max(prompt_tokens, 8),
-                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    extra = verdict().enabled if extra_buffers is None else extra_buffers
+    with stage("llama.cpp", "loading the benchmark model"):
+        llm = load_llama(path, use_extra_buffers=extra, n_ctx=prompt_tokens + decode_tokens + 16,
+                         n_batch=max(prompt_tokens, 8), n_threads=threads, n_threads_batch=threads, verbose=False)
     rng = np.random.default_rng(1)
     prompt = [2] + rng.integers(10, 900, prompt_tokens - 1).tolist()
-    t0 = time.perf_counter()
-    llm.eval(prompt)
-    pp = prompt_tokens / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    for tok in rng.integers(10, 900, decode_tokens).tolist():
-        llm.eval([tok])
-    tg = decode_tokens / (time.perf_counter() - t0)
+    with stage("llama.cpp", "reading the benchmark prompt"):
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        pp = prompt_tokens / (time.perf_counter() - t0)
+    with stage("llama.cpp", "decoding the benchmark tokens"):
+        t0 = time.perf_counter()
+        for tok in rng.integers(10, 900, decode_tokens).tolist():
+            llm.eval([tok])
+        tg = decode_tokens / (time.perf_counter() - t0)
+    llm.close()
     size = sum(t.size for t in ggml.read_gguf_info(path, keys=set()).tensors)
-    return EndToEnd(shape, preset, threads, size, prompt_tokens, round(pp, 2), decode_tokens, round(tg, 2))
+    return EndToEnd(shape, preset, threads, size, prompt_tokens, round(pp, 2), decode_tokens, round(tg, 2),
+                    extra_buffers=extra)
 
 
 @dataclass
@@ -201,6 +185,7 @@ class BenchReport:
     matmul: list[MatmulFigure] = field(default_factory=list)
     end_to_end: list[EndToEnd] = field(default_factory=list)
     recommendation: dict[str, Any] = field(default_factory=dict)
+    extra_buffers: dict[str, Any] = field(default_factory=dict)  # the verdict the end-to-end runs followed
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -224,7 +209,11 @@ def recommend(report: BenchReport) -> dict[str, Any]:
 
 def run_bench(shapes: list[str] | None = None, preset: str = "Q4_K_M", threads: list[int] | None = None,
               prompt_tokens: int = 64, decode_tokens: int = 16, matmul_types: list[str] | None = None,
-              on_step: Callable[[str], None] | None = None) -> BenchReport:
+              on_step: Callable[[str], None] | None = None, compare_extra_buffers: bool = False) -> BenchReport:
+    """`compare_extra_buffers`: run each model with llama.cpp's extra buffer types off as well (where the
+    verdict allows them on; they are never tried where the probe found them unsafe)."""
+    from medgemma_cli.llama_loader import verdict
+
     step = on_step or (lambda s: None)
     phys = physical_cores()
     threads = threads or sorted({1, phys})
@@ -243,11 +232,15 @@ def run_bench(shapes: list[str] | None = None, preset: str = "Q4_K_M", threads: 
         step(f"building the synthetic {shape} {preset} model (cached)")
         path = synthetic_gguf(shape, preset)
         t = max(threads)
-        step(f"{shape} {preset}: {prompt_tokens}-token prompt, {decode_tokens} decoded tokens, {t} threads")
-        e = end_to_end(path, shape, preset, t, prompt_tokens, decode_tokens)
-        bw = report.bandwidth_gbps.get(t) or max(report.bandwidth_gbps.values())
-        e.bandwidth_bound_tokens_per_s = round(bw * 1e9 / e.model_bytes, 2)
-        e.ratio_to_bound = round(e.decode_tokens_per_s / e.bandwidth_bound_tokens_per_s, 3)
-        report.end_to_end.append(e)
+        v = verdict()
+        report.extra_buffers = v.as_dict()
+        for extra in ([True, False] if compare_extra_buffers and v.enabled else [v.enabled]):
+            step(f"{shape} {preset}: {prompt_tokens}-token prompt, {decode_tokens} decoded tokens, {t} threads, "
+                 f"extra buffers {'on' if extra else 'off'}")
+            e = end_to_end(path, shape, preset, t, prompt_tokens, decode_tokens, extra_buffers=extra)
+            bw = report.bandwidth_gbps.get(t) or max(report.bandwidth_gbps.values())
+            e.bandwidth_bound_tokens_per_s = round(bw * 1e9 / e.model_bytes, 2)
+            e.ratio_to_bound = round(e.decode_tokens_per_s / e.bandwidth_bound_tokens_per_s, 3)
+            report.end_to_end.append(e)
     report.recommendation = recommend(report)
     return report

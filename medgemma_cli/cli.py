@@ -476,12 +476,72 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print as JSON."))
 
 @app.command()
 @_guard
+def doctor(
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+    reprobe: bool = typer.Option(False, "--reprobe", help="Test llama.cpp's extra buffer types again (after a driver, BIOS or llama-cpp-python change)."),
+) -> None:
+    """What this machine will do, and why: CPU and its features, llama.cpp's build, the extra-buffer verdict,
+    ONNX Runtime, threads, the model store.
+
+    The first time on a machine (and llama.cpp build) it runs the probe that decides whether llama.cpp's extra
+    CPU buffer types (AMX on Intel Xeons, repacked weights) are safe here: a second or two, in a child process.
+    MEDGEMMA_EXTRA_BUFFERS=on|off overrides the verdict.
+
+    [bold]Examples[/]
+
+      medgemma doctor
+      medgemma doctor --json
+      medgemma doctor --reprobe
+    """
+    from medgemma_cli.doctor import run_doctor
+
+    if as_json:
+        out.print_json(json.dumps(run_doctor(reprobe=reprobe).as_dict()))
+        return
+    with err.status("checking llama.cpp's extra buffer types on this CPU…"):
+        r = run_doctor(reprobe=reprobe)
+    from rich.table import Table
+
+    t = Table(show_header=False, title="medgemma doctor", title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    cpu = r.cpu
+    features = cpu["features"]
+    t.add_row("CPU", f"{cpu['model']} · {cpu['architecture']} · {cpu['logical_cores']} logical / "
+                     f"{cpu['physical_cores']} physical cores")
+    if features:
+        t.add_row("CPU features", " ".join(f"[green]{n}[/]" if ok else f"[dim]no {n}[/]" for n, ok in features.items()))
+    t.add_row("memory", human_bytes(r.memory_bytes))
+    t.add_row("llama.cpp", f"llama-cpp-python {r.llama_cpp['version']} · {' '.join(r.llama_cpp['features'])}")
+    t.add_row("GPU offload", "yes" if r.llama_cpp["gpu_offload"] else "no (CPU only)")
+    v = r.extra_buffers
+    state = "[green]on[/]" if v["enabled"] else "[yellow]off[/]"
+    detail = f"{v['reason']}"
+    if v.get("probe_seconds") is not None:
+        detail += f" · probe took {v['probe_seconds']} s"
+    t.add_row("extra buffer types", f"{state} ({v['source']}): {detail}")
+    ort = r.onnxruntime
+    t.add_row("ONNX Runtime", f"{ort.get('version')} · {', '.join(ort.get('providers') or [])}" if ort.get("version")
+              else f"not importable: {ort.get('error')}")
+    t.add_row("threads", f"{r.threads} (one per physical core; --threads to change)")
+    models = r.store["models"]
+    t.add_row("model store", f"{r.store['home']} · " + (", ".join(f"{m['name']} ({m['kind']}, {human_bytes(m['bytes'])})"
+                                                               for m in models) or "no models yet"))
+    out.print(t)
+    if not v["enabled"] and v["source"] != "environment":
+        out.print("[yellow]llama.cpp runs without its extra buffer types here: slower prompts, but no crash. "
+                  "MEDGEMMA_EXTRA_BUFFERS=on forces them (at your own risk).[/]")
+
+
+@app.command()
+@_guard
 def bench(
     shapes: list[str] = typer.Option(["4b"], "--shape", help="Synthetic model shapes to run end to end: 4b, 27b, tiny (repeatable); 'none' to skip."),
     preset: str = typer.Option("Q4_K_M", "--quant", "-q", help="Preset of the synthetic models."),
     threads: Optional[list[int]] = typer.Option(None, "--threads", "-t", help="Thread counts to measure (repeatable) \\[default: 1 and the physical cores]."),
     prompt_tokens: int = typer.Option(64, "--prompt-tokens", help="Prompt length for prompt processing."),
     decode_tokens: int = typer.Option(16, "--decode-tokens", help="Tokens decoded one at a time."),
+    compare_extra_buffers: bool = typer.Option(False, "--compare-extra-buffers", help="Also run each model with llama.cpp's extra buffer types (AMX, repacked weights) off, where they are safe to have on."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
 ) -> None:
     """Measure this machine: memory bandwidth, quantized matmuls through ggml, and MedGemma-shaped models end to end.
@@ -494,17 +554,19 @@ def bench(
       medgemma bench
       medgemma bench --shape 4b --shape 27b --threads 4 --threads 8
       medgemma bench --shape none --json
+      medgemma bench --shape tiny --compare-extra-buffers
     """
     from medgemma_cli.bench import run_bench
 
     chosen = [] if shapes == ["none"] else [s.lower() for s in shapes]
     if as_json:
-        report = run_bench(chosen, preset.upper(), threads, prompt_tokens, decode_tokens)
+        report = run_bench(chosen, preset.upper(), threads, prompt_tokens, decode_tokens,
+                           compare_extra_buffers=compare_extra_buffers)
         out.print_json(json.dumps(report.as_dict()))
         return
     with err.status("measuring…") as status:
         report = run_bench(chosen, preset.upper(), threads, prompt_tokens, decode_tokens,
-                           on_step=lambda s: status.update(s))
+                           on_step=lambda s: status.update(s), compare_extra_buffers=compare_extra_buffers)
     from rich.table import Table
 
     t = Table(title=f"{report.cores} cores ({report.physical_cores} physical), {human_bytes(report.memory_bytes)} memory",
@@ -522,12 +584,17 @@ def bench(
     out.print(t)
     if report.end_to_end:
         t = Table(title="End to end (llama.cpp, random weights of the real shape)", title_justify="left")
-        for col in ("model", "threads", "size", "prompt tok/s", "decode tok/s", "bandwidth bound", "ratio"):
+        for col in ("model", "threads", "extra buffers", "size", "prompt tok/s", "decode tok/s", "bandwidth bound",
+                    "ratio"):
             t.add_column(col, justify="right")
         for e in report.end_to_end:
-            t.add_row(f"{e.shape} {e.preset}", str(e.threads), human_bytes(e.model_bytes), f"{e.prompt_tokens_per_s:.1f}",
-                      f"{e.decode_tokens_per_s:.2f}", f"{e.bandwidth_bound_tokens_per_s:.2f}", f"{e.ratio_to_bound:.2f}")
+            t.add_row(f"{e.shape} {e.preset}", str(e.threads), "on" if e.extra_buffers else "off",
+                      human_bytes(e.model_bytes), f"{e.prompt_tokens_per_s:.1f}", f"{e.decode_tokens_per_s:.2f}",
+                      f"{e.bandwidth_bound_tokens_per_s:.2f}", f"{e.ratio_to_bound:.2f}")
         out.print(t)
+        v = report.extra_buffers
+        out.print(f"[dim]llama.cpp extra buffer types: {'on' if v.get('enabled') else 'off'} "
+                  f"({v.get('source')}: {v.get('reason')}); `medgemma doctor` says more[/]")
     rec = report.recommendation
     out.print(f"[bold]Recommendation:[/] preset {rec['preset']}, --threads {rec['threads']}")
     for note in rec["notes"]:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from medgemma_cli import store
+from medgemma_cli.containment import stage
 from medgemma_cli.converters.gguf_convert import convert_gguf
 from medgemma_cli.kernels.policy import DEFAULT_MMPROJ_TYPE, DEFAULT_PRESET
 from medgemma_cli.progress import Progress
@@ -44,9 +45,11 @@ def convert(src: Path | str, out: Path | str | None = None, *, preset: str | Non
 
         preset = (preset or "int8").lower()
         target = Path(out) if out is not None else default_output(src, preset)
-        return ConvertResult(target, convert_siglip(src, target, preset, overwrite=overwrite, progress=progress))
+        with stage("ONNX", "converting MedSigLIP"):
+            return ConvertResult(target, convert_siglip(src, target, preset, overwrite=overwrite, progress=progress))
     preset = preset or DEFAULT_PRESET
     target = Path(out) if out is not None else default_output(src, preset)
-    manifest = convert_gguf(src, target, preset, mmproj_type, overwrite=overwrite, threads=threads, imatrix=imatrix,
-                            vision_onnx=vision_onnx, progress=progress)
+    with stage("ggml", "converting the checkpoint"):
+        manifest = convert_gguf(src, target, preset, mmproj_type, overwrite=overwrite, threads=threads,
+                                imatrix=imatrix, vision_onnx=vision_onnx, progress=progress)
     return ConvertResult(target, manifest)

@@ -19,8 +19,10 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from medgemma_cli.containment import stage
 from medgemma_cli.errors import InputError, MedgemmaError
 from medgemma_cli.kernels.ggml import read_gguf_info
+from medgemma_cli.llama_loader import load_llama
 
 THINK_OPEN, THINK_CLOSE = "<unused94>", "<unused95>"  # MedGemma 27B's thinking trace
 
@@ -151,9 +153,9 @@ class Engine:
         if gpu_layers is None:
             gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0
         self.gpu_layers = gpu_layers
-        with quiet_stderr(not verbose):
-            self.llm = llama_cpp.Llama(str(files.text), n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
-                                       n_threads_batch=threads, n_gpu_layers=gpu_layers, verbose=verbose)
+        with stage("llama.cpp", "loading the model"), quiet_stderr(not verbose):
+            self.llm = load_llama(files.text, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
+                                  n_threads_batch=threads, n_gpu_layers=gpu_layers, verbose=verbose)
         self._lib = llama_cpp
         self.ctx = self.llm._ctx.ctx
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm._model.model)
@@ -165,7 +167,9 @@ class Engine:
 
             from medgemma_cli.mtmd import MtmdVisionEncoder
 
-            self._vision = MtmdVisionEncoder(self.llm, files.mmproj, threads, use_gpu=gpu_layers != 0, verbose=verbose)
+            with stage("llama.cpp", "loading the vision projector"):
+                self._vision = MtmdVisionEncoder(self.llm, files.mmproj, threads, use_gpu=gpu_layers != 0,
+                                                 verbose=verbose)
             self.mtmd = self._vision.ctx
             self._m = mtmd_cpp
         self.onnx_vision = None
@@ -178,7 +182,8 @@ class Engine:
                 raise MedgemmaError(f"{files.text.parent}: no vision.onnx; convert with `--vision-onnx int8`, or use "
                                     "--vision-backend mtmd")
             if files.vision_onnx is not None and (vision_backend == "onnx" or gpu_layers == 0):
-                self.onnx_vision = OnnxVision(files.vision_onnx, threads)
+                with stage("ONNX Runtime", "loading the vision encoder"):
+                    self.onnx_vision = OnnxVision(files.vision_onnx, threads)
                 self.vision_backend = "onnx"
         self.load_s = time.perf_counter() - t0
         template = self.llm.metadata.get("tokenizer.chat_template")
@@ -290,18 +295,20 @@ class Engine:
                 t1 = time.perf_counter()
                 new_n_past = self._lib.llama_pos(self.n_past)  # the helper adds to it for text chunks
                 if is_image and self.onnx_vision is not None:
-                    embd = self.onnx_vision.encode(chunks.images[image_index])
+                    with stage("ONNX Runtime", f"encoding image {image_index + 1}"):
+                        embd = self.onnx_vision.encode(chunks.images[image_index])
                     timings.image_encode_s += time.perf_counter() - t1
                     t1 = time.perf_counter()
                     ptr = embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-                    with quiet_stderr(not self.verbose):
+                    with stage("llama.cpp", "reading the prompt"), quiet_stderr(not self.verbose):
                         rc = m.mtmd_helper_decode_image_chunk(self.mtmd, self.ctx, c, ptr, self.n_past, 0, 512,
                                                               ctypes.byref(new_n_past),
                                                               ctypes.cast(None, m.mtmd_helper_post_decode_callback), None)
                     timings.image_decode_s += time.perf_counter() - t1
                     is_image = False  # encode time is already counted
                 else:
-                    with quiet_stderr(not self.verbose):
+                    doing = f"encoding image {image_index + 1}" if is_image else "reading the prompt"
+                    with stage("llama.cpp", doing), quiet_stderr(not self.verbose):
                         rc = m.mtmd_helper_eval_chunk_single(self.mtmd, self.ctx, c, self.n_past, 0, 512,
                                                              logits_last and i == last, ctypes.byref(new_n_past))
                 if m.mtmd_input_chunk_get_type(c) != m.MTMD_INPUT_CHUNK_TYPE_TEXT:
@@ -315,6 +322,10 @@ class Engine:
         timings.prefill_s += time.perf_counter() - t0
 
     def _decode_tokens(self, tokens: list[int], logits_last: bool) -> None:
+        with stage("llama.cpp", "reading the prompt" if len(tokens) > 1 else "writing the answer"):
+            self._decode_batches(tokens, logits_last)
+
+    def _decode_batches(self, tokens: list[int], logits_last: bool) -> None:
         lib = self._lib
         for start in range(0, len(tokens), 512):
             part = tokens[start:start + 512]
@@ -374,7 +385,8 @@ class Engine:
             if self.n_past >= self.n_ctx:
                 stopped = "context_full"
                 break
-            self._decode_tokens([tok], logits_last=True)
+            with stage("llama.cpp", "writing the answer"):
+                self._decode_batches([tok], logits_last=True)
         tail = decoder.decode(b"", final=True)
         if tail:
             answer.append(tail)
@@ -408,6 +420,6 @@ class Chunks:
 
 
 def _default_threads() -> int:
-    from medgemma_cli.bench import physical_cores
+    from medgemma_cli.machine import physical_cores
 
     return physical_cores()

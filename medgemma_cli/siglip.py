@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from medgemma_cli.containment import stage
 from medgemma_cli.errors import InputError, MedgemmaError
 from medgemma_cli.inputs import dicom
 from medgemma_cli.inputs.collect import expand
@@ -147,8 +148,9 @@ class Siglip:
                 providers.insert(0, "CoreMLExecutionProvider")  # standard ops only: fp32 graphs
             return ort.InferenceSession(str(files.folder / name), opts, providers=providers)
 
-        self.vision = session("siglip-vision.onnx", m["preset"])
-        self.text = session("siglip-text.onnx", m.get("text_preset", "fp32"))
+        with stage("ONNX Runtime", "loading MedSigLIP"):
+            self.vision = session("siglip-vision.onnx", m["preset"])
+            self.text = session("siglip-text.onnx", m.get("text_preset", "fp32"))
         self.tokenizer = SiglipTextTokenizer(files.folder / "tokenizer.model", m["max_length"])
         self.size, self.mean, self.std = m["image_size"], m["image_mean"], m["image_std"]
         self.scale, self.bias = float(np.exp(m["logit_scale"])), float(m["logit_bias"])
@@ -157,11 +159,14 @@ class Siglip:
         out = []
         for i in range(0, len(arrays), batch):
             px = np.stack([preprocess(a, self.size, self.mean, self.std) for a in arrays[i:i + batch]])
-            out.append(self.vision.run(None, {"pixel_values": px})[0])
+            with stage("ONNX Runtime", "encoding images with MedSigLIP"):
+                out.append(self.vision.run(None, {"pixel_values": px})[0])
         return _l2(np.concatenate(out)) if out else np.zeros((0, self.files.manifest["embedding_size"]), np.float32)
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
-        return _l2(self.text.run(None, {"input_ids": self.tokenizer(texts)})[0])
+        ids = self.tokenizer(texts)
+        with stage("ONNX Runtime", "encoding labels with MedSigLIP"):
+            return _l2(self.text.run(None, {"input_ids": ids})[0])
 
     def logits(self, images: np.ndarray, texts: np.ndarray) -> np.ndarray:
         return images @ texts.T * self.scale + self.bias

@@ -14,6 +14,11 @@ from pathlib import Path
 import pytest
 
 os.environ["MEDGEMMA_HOME"] = tempfile.mkdtemp(prefix="medgemma-test-home-")
+# One extra-buffer verdict for the whole run, shared by the commands the tests start with homes of their own
+# (the probe runs once, not per test); the probe's own tests point elsewhere.
+os.environ["MEDGEMMA_VERDICT_FILE"] = os.path.join(os.environ["MEDGEMMA_HOME"], "extra-buffers.json")
+os.environ.pop("MEDGEMMA_EXTRA_BUFFERS", None)
+os.environ.pop("MEDGEMMA_TEST_CRASH", None)
 
 CHAT = [
     {"role": "system", "content": "You are an expert radiologist."},

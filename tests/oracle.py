@@ -9,11 +9,12 @@ import numpy as np
 
 def llama_logits(gguf_path: Path, ids: list[int]) -> np.ndarray:
     """Logits at every position from llama.cpp, one batch."""
-    import llama_cpp
     from llama_cpp import _logger
 
+    from medgemma_cli.llama_loader import load_llama
+
     _logger.set_verbose(False)
-    llm = llama_cpp.Llama(str(gguf_path), n_ctx=512, n_batch=512, logits_all=True, verbose=False, n_threads=2)
+    llm = load_llama(gguf_path, n_ctx=512, n_batch=512, logits_all=True, verbose=False, n_threads=2)
     llm.eval(ids)
     return np.array(llm.scores[: len(ids)], dtype=np.float64)
 

@@ -22,10 +22,10 @@ def reference_logits(hf_tiny, chat_prompt) -> np.ndarray:
 
 
 def test_llama_cpp_tokenizes_the_chat_prompt_like_transformers(convert_tiny, chat_prompt):
-    import llama_cpp
+    from medgemma_cli.llama_loader import load_llama
 
     text, ids = chat_prompt
-    llm = llama_cpp.Llama(str(convert_tiny("F32") / "text.gguf"), vocab_only=True, verbose=False)
+    llm = load_llama(convert_tiny("F32") / "text.gguf", vocab_only=True, verbose=False)
     assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
     # and with the BOS added by llama.cpp itself, for text that does not start with one
     plain = "pleural effusion, 1234 mg"

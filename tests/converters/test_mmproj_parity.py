@@ -21,12 +21,11 @@ def _hf_image_features(model, rgb: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("mmproj", ["F32", "F16"])
 def test_image_embeddings_match_transformers(convert_tiny, hf_tiny, mmproj):
-    import llama_cpp
-
+    from medgemma_cli.llama_loader import load_llama
     from medgemma_cli.mtmd import MtmdVisionEncoder
 
     folder = convert_tiny("F32", mmproj)
-    llm = llama_cpp.Llama(str(folder / "text.gguf"), n_ctx=128, verbose=False)
+    llm = load_llama(folder / "text.gguf", n_ctx=128, verbose=False)
     size = hf_tiny.config.vision_config.image_size
     rng = np.random.default_rng(7)
     # a smooth image and a noisy one, square at the model's input size (mtmd must not resize it)

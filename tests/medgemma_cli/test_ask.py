@@ -104,12 +104,12 @@ def test_metadata_only_safe_fields(model, tmp_path):
 
 def test_image_embedding_matches_the_reference_processor_for_a_non_square_image(model, hf_tiny, tiny_ckpt, tmp_path):
     """Our rendering + square resize + libmtmd equals transformers' processor + get_image_features."""
-    import llama_cpp
     import torch
     from PIL import Image
     from transformers import AutoImageProcessor
 
     from medgemma_cli.inputs.images import load_rgb
+    from medgemma_cli.llama_loader import load_llama
     from medgemma_cli.mtmd import MtmdVisionEncoder
 
     yy, xx = np.mgrid[0:40, 0:72]
@@ -117,7 +117,7 @@ def test_image_embedding_matches_the_reference_processor_for_a_non_square_image(
     path = tmp_path / "wide.png"
     Image.fromarray(src).save(path)
     ours_rgb = resize_square(load_rgb(path), 32)
-    llm = llama_cpp.Llama(str(model / "text.gguf"), n_ctx=64, verbose=False)
+    llm = load_llama(model / "text.gguf", n_ctx=64, verbose=False)
     with MtmdVisionEncoder(llm, model / "mmproj.gguf", threads=2) as enc:
         got = enc.encode(ours_rgb)
     proc = AutoImageProcessor.from_pretrained(tiny_ckpt)

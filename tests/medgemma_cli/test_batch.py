@@ -299,6 +299,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# llama-cpp-python's server, with this machine's extra-buffer verdict applied to its model loads (AMX)
+SERVE_WITH_VERDICT = ("from medgemma_cli.llama_loader import apply_to_process; apply_to_process(); import runpy; "
+                      "runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)")
+
+
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory):
     """`python -m llama_cpp.server` with a tiny converted MedGemma (text + mmproj, chat format mtmd)."""
@@ -315,7 +320,7 @@ def llama_server(tmp_path_factory):
     port = _free_port()
     log_path = root / "server.log"
     log = open(log_path, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(model / "text.gguf"),
+    proc = subprocess.Popen([sys.executable, "-c", SERVE_WITH_VERDICT, "--model", str(model / "text.gguf"),
                              "--clip_model_path", str(model / "mmproj.gguf"), "--chat_format", "mtmd",
                              "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--verbose", "true"],
                             stdout=log, stderr=subprocess.STDOUT)

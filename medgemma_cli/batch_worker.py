@@ -1,0 +1,241 @@
+"""The model side of a local batch, in a process of its own: a crash in llama.cpp costs one unit, not the run.
+
+The batch process reads and renders units, writes records and scores MedSigLIP; the worker holds the model
+and answers. They talk over two pipes (pickled messages). If the worker dies by a signal, the unit it was
+answering gets error records naming the crash, and a fresh worker (model reloaded) takes the next unit.
+A unit is tried at most twice in one run; after that its records say it crashed, and a resumed run leaves
+it alone until `--retry-failed`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any, Iterator
+
+from medgemma_cli import containment
+from medgemma_cli.errors import MedgemmaError
+from medgemma_cli.inputs.collect import Collected, PromptImage
+from medgemma_cli.runtime import ModelFiles
+
+
+@dataclass
+class EngineConfig:
+    files: ModelFiles
+    n_ctx: int
+    threads: int | None = None
+    gpu_layers: int | None = None
+    vision_backend: str = "auto"
+    verbose: bool = False
+
+
+@dataclass
+class Job:
+    """One unit: only what the prompt needs (the rendered images and their labels, notes, safe metadata)."""
+    images: list[tuple[Any, str | None]]  # (RGB array at the model's size, slice label)
+    notes: list[tuple[str, str]]
+    metadata: list[dict[str, str]]
+    questions: list[str]
+    system: str | None = None
+    with_metadata: bool = False
+    max_tokens: int = 512
+    temperature: float = 0.0
+    seed: int = 0
+    crash_for_test: bool = False
+
+
+@dataclass
+class Answered:
+    question: str
+    answer: str
+    first_token_s: float
+    total_s: float
+    prompt_tokens: int
+    completion_tokens: int
+    model_s: float  # this question's time inside the model (the shared prefill counted with the first)
+
+
+@dataclass
+class UnitError:
+    message: str
+
+
+class WorkerCrashed(MedgemmaError):
+    """The worker died by a signal (or vanished) while answering."""
+
+
+def job_for(inputs: Collected, questions: list[str], opts: Any, crash_for_test: bool = False) -> Job:
+    return Job([(img.rgb, img.label) for img in inputs.images], list(inputs.notes), list(inputs.metadata),
+               list(questions), opts.system, opts.with_metadata, opts.max_tokens, opts.temperature, opts.seed,
+               crash_for_test)
+
+
+@dataclass
+class ModelWorker:
+    """A child process holding one loaded model; `answer()` streams back one result per question."""
+
+    config: EngineConfig
+    load_seconds: float = 0.0
+    start_overhead_s: float = 0.0  # starting the process and its imports, not the model load
+    restarts: int = 0
+    _proc: subprocess.Popen | None = None
+    _send: Connection | None = None
+    _recv: Connection | None = None
+    _stage_path: str = ""
+
+    def start(self) -> None:
+        fd, self._stage_path = tempfile.mkstemp(prefix="medgemma-worker-stage-")
+        os.close(fd)
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        t0 = time.perf_counter()
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "medgemma_cli.batch_worker", str(to_child_r), str(from_child_w),
+                 self._stage_path, str(os.getpid())], pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=None if self.config.verbose else subprocess.DEVNULL,
+                env={k: v for k, v in os.environ.items() if k not in (containment.STAGE_FILE_ENV,)})
+        finally:
+            os.close(to_child_r)
+            os.close(from_child_w)
+        self._send = Connection(to_child_w, readable=False)
+        self._recv = Connection(from_child_r, writable=False)
+        self._send.send(self.config)
+        kind, *rest = self._receive("starting the model worker")
+        if kind == "load_error":
+            self.close()
+            raise MedgemmaError(rest[0])
+        self.load_seconds = rest[0]
+        self.start_overhead_s += time.perf_counter() - t0 - self.load_seconds
+
+    def _receive(self, doing: str) -> tuple[Any, ...]:
+        assert self._recv is not None and self._proc is not None
+        try:
+            return tuple(self._recv.recv())
+        except (EOFError, OSError):
+            rc = self._proc.wait()
+            last = containment.read_stage(self._stage_path)
+            self._cleanup()
+            if rc < 0:
+                raise WorkerCrashed(containment.describe_death(-rc, last)) from None
+            raise WorkerCrashed(f"the model worker stopped (exit {rc}) while {doing}") from None
+
+    def answer(self, job: Job) -> Iterator[Answered | UnitError]:
+        """Results as they come; raises WorkerCrashed if the worker dies (its answers so far were yielded)."""
+        if self._proc is None:
+            self.restarts += 1
+            self.start()
+        assert self._send is not None
+        try:
+            self._send.send(job)
+        except (BrokenPipeError, OSError):
+            pass  # it died; _receive says how
+        while True:
+            kind, *rest = self._receive("answering")
+            if kind == "done":
+                return
+            if kind == "answer":
+                yield Answered(*rest)
+            elif kind == "error":
+                yield UnitError(rest[0])
+
+    def close(self, kill: bool = False) -> None:
+        if self._proc is None:
+            return
+        try:
+            if kill:
+                self._proc.kill()
+            else:
+                assert self._send is not None
+                self._send.send(None)
+        except (OSError, ValueError):
+            pass
+        try:
+            self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        for conn in (self._send, self._recv):
+            if conn is not None:
+                conn.close()
+        self._send = self._recv = self._proc = None
+        if self._stage_path:
+            try:
+                os.unlink(self._stage_path)
+            except OSError:
+                pass
+            self._stage_path = ""
+
+
+# --- the worker process --------------------------------------------------------------------------------------
+
+def _serve(recv: Connection, send: Connection) -> None:
+    from pathlib import Path
+
+    from medgemma_cli.runtime import Engine
+    from medgemma_cli.session import PrefixSession
+
+    config: EngineConfig = recv.recv()
+    t0 = time.perf_counter()
+    try:
+        engine = Engine(config.files, n_ctx=config.n_ctx, threads=config.threads, gpu_layers=config.gpu_layers,
+                        verbose=config.verbose, vision_backend=config.vision_backend)
+    except MedgemmaError as e:
+        send.send(("load_error", str(e)))
+        return
+    except Exception as e:  # noqa: BLE001 - reported by the batch as one line
+        send.send(("load_error", f"the model could not be loaded: {type(e).__name__}: {e}"))
+        return
+    send.send(("ready", time.perf_counter() - t0))
+    try:
+        while (job := recv.recv()) is not None:
+            if job.crash_for_test:
+                with containment.stage("llama.cpp", "reading the prompt"):
+                    containment.crash()
+            inputs = Collected(images=[PromptImage(rgb, label, Path("")) for rgb, label in job.images],
+                               notes=job.notes, metadata=job.metadata)
+            try:
+                t1 = time.perf_counter()
+                session = PrefixSession(engine, inputs, job.system, job.with_metadata)
+                session.start()
+                prefill = time.perf_counter() - t1
+                for q in job.questions:
+                    t1 = time.perf_counter()
+                    turn = session.ask(q, job.max_tokens, job.temperature, job.seed)
+                    spent = time.perf_counter() - t1 + prefill
+                    prefill = 0.0
+                    send.send(("answer", q, turn.answer, round(turn.timings.first_token_s, 3),
+                               round(turn.timings.decode_s + turn.timings.prefill_s, 3), turn.prompt_tokens,
+                               turn.completion_tokens, spent))
+            except MedgemmaError as e:
+                send.send(("error", str(e)))
+            except Exception as e:  # noqa: BLE001 - one unit's error record, never the end of the batch
+                send.send(("error", f"unexpected {type(e).__name__}: {e}"))
+            send.send(("done",))
+    except (EOFError, BrokenPipeError):
+        pass  # the batch process went away
+    finally:
+        engine.close()
+
+
+def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the batch process's to handle; it stops us
+    recv = Connection(int(argv[0]), writable=False)
+    send = Connection(int(argv[1]), readable=False)
+    containment.use_stage_file(argv[2])
+    containment.die_with_parent(int(argv[3]))
+    _serve(recv, send)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
