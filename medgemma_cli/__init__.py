@@ -3,6 +3,7 @@
 The Python API does everything the command line does:
 
     from medgemma_cli import convert, ask, ask_many, open_session, run_batch, classify, embed, run_bench, list_models
+    from medgemma_cli import run_doctor
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def __getattr__(name: str):  # lazy, so `medgemma --help` does not load numpy, g
         "open_session": "medgemma_cli.answering", "AskOptions": "medgemma_cli.answering", "classify": "medgemma_cli.siglip",
         "embed": "medgemma_cli.siglip", "run_bench": "medgemma_cli.bench", "run_batch": "medgemma_cli.batch",
         "ServerOptions": "medgemma_cli.batch", "ClassifyOptions": "medgemma_cli.batch",
-        "write_report": "medgemma_cli.report",
+        "write_report": "medgemma_cli.report", "run_doctor": "medgemma_cli.doctor",
     }
     if name in lazy:
         import importlib

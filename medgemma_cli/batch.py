@@ -373,8 +373,10 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
         raise MedgemmaError("--format is jsonl or csv")
     opts = options or AskOptions()
     folder = Path(folder)
-    w = walk(folder)
-    units = make_units(folder, w.files, unit)
+    if not folder.is_dir():
+        raise InputError(folder, "not a folder")
+    n_ctx = min(opts.ctx or 8192, 131072)
+    worker = None
 
     if server is not None:
         from medgemma_cli.remote import ChatServer
@@ -383,61 +385,80 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
             raise MedgemmaError("--workers must be at least 1")
         client = ChatServer(server.url, server.model, timeout=server.timeout)
         model_name = client.resolve_model()
-        identity = "server:" + model_name
         image_size, image_tokens = server.image_size, server.image_tokens
     else:
-        from medgemma_cli.checksums import sha256_file
+        from medgemma_cli.batch_worker import EngineConfig, ModelWorker
         from medgemma_cli.runtime import resolve_model
 
         files = resolve_model(model, gguf, mmproj)
-        model_name, identity = files.name, sha256_file(files.text)[:16]
+        model_name = files.name
         image_size = files.vision["image_size"] if files.vision else None
         image_tokens = files.vision["image_tokens"] if files.vision else 0
-    zero_shot = None
-    if classify is not None:
-        from medgemma_cli.siglip import ZeroShot
-
-        zero_shot = ZeroShot(classify.labels, model=classify.model, template=classify.template,
-                             softmax=classify.softmax, threads=classify.threads)
-        identity += "\nclassify:" + zero_shot.identity()
-
-    keys = {q: run_key(identity, q) for q in questions}
-    records = RecordFile(out, fmt, retry_failed)
-    writer = _Writer(records, folder, keys, model_name, include_phi)
-    done_before = sum(1 for u in units for k in keys.values() if (u.id, k) in records.done)
-    todo = [u for u in units if writer.pending(u)]
-    n_ctx = min(opts.ctx or 8192, 131072)
-    per_image = image_tokens + 8  # the image, its markers and a slice label
-    max_slices = max(1, min(opts.max_slices, (n_ctx - opts.max_tokens - 512) // per_image)) if image_size else 0
-
-    def prepare(u: Unit) -> _Prepared:
-        if u.error:
-            return _Prepared(u, None, u.error)
-        try:
-            inputs = collect(u.files, image_size, max_slices, keep_full=zero_shot is not None)
-            images = [img.rgb for img in inputs.images]
-            save_thumbnail(Path(out), u.id, images)
-            uris = []
-            if server is not None:
-                from medgemma_cli.remote import png_data_uri
-
-                uris = [png_data_uri(rgb) for rgb in images]
-            return _Prepared(u, inputs, None, uris)
-        except InputError as e:
-            return _Prepared(u, None, f"{Path(e.path).name if e.path else ''}: {e.problem}".strip(": "))
-        except Exception as e:  # noqa: BLE001 - a bad unit must not stop the batch
-            return _Prepared(u, None, f"{type(e).__name__}: {e}")
-
-    model_seconds = worker_seconds = 0.0
+        # the model loads in its own process while this one walks the folder and hashes the model file
+        worker = ModelWorker(EngineConfig(files, n_ctx, opts.threads, opts.gpu_layers, opts.vision_backend,
+                                          opts.verbose))
+        worker.start()
     try:
+        w = walk(folder)
+        units = make_units(folder, w.files, unit)
         if server is not None:
-            model_seconds = _answer_by_server(client, server.workers, todo, prepare, opts, writer, zero_shot,
-                                              on_progress)
-        elif todo:
-            local = _answer_locally(files, n_ctx, todo, prepare, opts, writer, zero_shot, on_progress)
-            model_seconds, worker_seconds = local.model, local.worker
+            identity = "server:" + model_name
+        else:
+            from medgemma_cli.checksums import sha256_file
+
+            identity = sha256_file(files.text)[:16]
+        zero_shot = None
+        if classify is not None:
+            from medgemma_cli.siglip import ZeroShot
+
+            zero_shot = ZeroShot(classify.labels, model=classify.model, template=classify.template,
+                                 softmax=classify.softmax, threads=classify.threads)
+            identity += "\nclassify:" + zero_shot.identity()
+
+        keys = {q: run_key(identity, q) for q in questions}
+        records = RecordFile(out, fmt, retry_failed)
+        writer = _Writer(records, folder, keys, model_name, include_phi)
+        done_before = sum(1 for u in units for k in keys.values() if (u.id, k) in records.done)
+        todo = [u for u in units if writer.pending(u)]
+        per_image = image_tokens + 8  # the image, its markers and a slice label
+        max_slices = max(1, min(opts.max_slices, (n_ctx - opts.max_tokens - 512) // per_image)) if image_size else 0
+
+        def prepare(u: Unit) -> _Prepared:
+            if u.error:
+                return _Prepared(u, None, u.error)
+            try:
+                inputs = collect(u.files, image_size, max_slices, keep_full=zero_shot is not None)
+                images = [img.rgb for img in inputs.images]
+                save_thumbnail(Path(out), u.id, images)
+                uris = []
+                if server is not None:
+                    from medgemma_cli.remote import png_data_uri
+
+                    uris = [png_data_uri(rgb) for rgb in images]
+                return _Prepared(u, inputs, None, uris)
+            except InputError as e:
+                return _Prepared(u, None, f"{Path(e.path).name if e.path else ''}: {e.problem}".strip(": "))
+            except Exception as e:  # noqa: BLE001 - a bad unit must not stop the batch
+                return _Prepared(u, None, f"{type(e).__name__}: {e}")
+
+        model_seconds = worker_seconds = 0.0
+        try:
+            if server is not None:
+                model_seconds = _answer_by_server(client, server.workers, todo, prepare, opts, writer, zero_shot,
+                                                  on_progress)
+            elif todo and worker is not None:
+                local = _answer_locally(worker, todo, prepare, opts, writer, zero_shot, on_progress)
+                model_seconds, worker_seconds = local.model, local.worker
+        finally:
+            records.close()
+    except BaseException:
+        if worker is not None:
+            worker.close(kill=True)  # interrupted or failed: no point in a tidy goodbye
+            worker = None
+        raise
     finally:
-        records.close()
+        if worker is not None:
+            worker.close()
     return BatchSummary(len(units), writer.written, done_before, writer.failed, w.skipped,
                         time.perf_counter() - t_start, model_seconds, model_name, records.dropped_errors,
                         worker_seconds)
@@ -449,35 +470,31 @@ CRASH_TRIES = 2  # a unit whose answering crashed the model this often is an err
 @dataclass
 class _LocalTimes:
     model: float = 0.0  # inside the model, as the worker measured it
-    worker: float = 0.0  # the worker process itself: start, imports, pipes (the model load excluded)
+    worker: float = 0.0  # the worker process itself: waiting for its start and imports, pipes (not model loads)
 
 
-def _answer_locally(files: Any, n_ctx: int, todo: list[Unit], prepare: Callable[[Unit], _Prepared], opts: Any,
+def _answer_locally(worker: Any, todo: list[Unit], prepare: Callable[[Unit], _Prepared], opts: Any,
                     writer: _Writer, zero_shot: Any, on_progress: Callable[[int, int, str], None] | None
                     ) -> _LocalTimes:
-    """One model load for the whole batch (again after a crash), in a worker process; each unit is encoded
-    once and answers all its questions."""
-    from medgemma_cli.batch_worker import Answered, EngineConfig, ModelWorker, WorkerCrashed, job_for
+    """The model (loaded once, again after a crash) in a worker process; each unit is encoded once and answers
+    all its questions."""
+    from medgemma_cli.batch_worker import Answered, WorkerCrashed, job_for
     from medgemma_cli.containment import test_crash_requested
 
     times = _LocalTimes()
-    worker = ModelWorker(EngineConfig(files, n_ctx, opts.threads, opts.gpu_layers, opts.vision_backend,
-                                      opts.verbose))
-    worker.start()
-    interrupted = True
     try:
         for i, p in enumerate(_prefetch(todo, prepare)):
             u = p.unit
             if on_progress:
                 on_progress(i, len(todo), u.id)
-            if p.error is not None:
-                writer.fail_unit(u, p.error)
+            if p.error is not None or p.inputs is None:
+                writer.fail_unit(u, p.error or "nothing could be read")
                 continue
             n_images = len(p.inputs.images)
             classification = _classification(zero_shot, p.inputs) if zero_shot and n_images else None
             crash = test_crash_requested("unit", " ".join(f.name for f in u.files))
             for attempt in range(1, CRASH_TRIES + 1):
-                t0 = time.perf_counter()
+                t0, waited_before = time.perf_counter(), worker.waited_s
                 inside = 0.0
                 try:
                     for result in worker.answer(job_for(p.inputs, writer.pending(u), opts, crash)):
@@ -493,13 +510,11 @@ def _answer_locally(files: Any, n_ctx: int, todo: list[Unit], prepare: Callable[
                 except WorkerCrashed as e:  # its answers so far are written; the others get another worker
                     if attempt == CRASH_TRIES:
                         writer.fail_unit(u, f"{e} (tried {CRASH_TRIES} times; --retry-failed tries again)")
-                finally:
+                finally:  # waiting for a (re)load is counted once, below
                     times.model += inside
-                    times.worker += time.perf_counter() - t0 - inside
-        interrupted = False
+                    times.worker += time.perf_counter() - t0 - inside - (worker.waited_s - waited_before)
     finally:
         times.worker += worker.start_overhead_s
-        worker.close(kill=interrupted)
     return times
 
 

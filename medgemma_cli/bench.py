@@ -144,6 +144,7 @@ class EndToEnd:
     bandwidth_bound_tokens_per_s: float = 0.0
     ratio_to_bound: float = 0.0
     extra_buffers: bool = False  # llama.cpp's extra CPU buffer types (AMX, repacked weights) were on
+    buffer_types: list[str] = field(default_factory=list)  # the weight buffers llama.cpp reported using
 
 
 def end_to_end(path: Path, shape: str, preset: str, threads: int, prompt_tokens: int, decode_tokens: int,
@@ -152,11 +153,11 @@ def end_to_end(path: Path, shape: str, preset: str, threads: int, prompt_tokens:
     buffer types as this machine's verdict says (or as `extra_buffers` says)."""
     from llama_cpp import _logger
 
-    from medgemma_cli.llama_loader import verdict
+    from medgemma_cli.llama_loader import buffer_types_used, verdict
 
     _logger.set_verbose(False)
     extra = verdict().enabled if extra_buffers is None else extra_buffers
-    with stage("llama.cpp", "loading the benchmark model"):
+    with stage("llama.cpp", "loading the benchmark model"), buffer_types_used() as buffers:
         llm = load_llama(path, use_extra_buffers=extra, n_ctx=prompt_tokens + decode_tokens + 16,
                          n_batch=max(prompt_tokens, 8), n_threads=threads, n_threads_batch=threads, verbose=False)
     rng = np.random.default_rng(1)
@@ -173,7 +174,7 @@ def end_to_end(path: Path, shape: str, preset: str, threads: int, prompt_tokens:
     llm.close()
     size = sum(t.size for t in ggml.read_gguf_info(path, keys=set()).tensors)
     return EndToEnd(shape, preset, threads, size, prompt_tokens, round(pp, 2), decode_tokens, round(tg, 2),
-                    extra_buffers=extra)
+                    extra_buffers=extra, buffer_types=sorted(set(buffers)))
 
 
 @dataclass

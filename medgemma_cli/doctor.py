@@ -55,8 +55,9 @@ def run_doctor(probe: bool = True, reprobe: bool = False) -> DoctorReport:
         v = llama_loader.verdict(probe=probe)
     models = [{"name": m.name, "kind": m.kind, "bytes": m.size} for m in store.list_models()]
     return DoctorReport(
-        cpu={"model": machine.cpu_model(), "logical_cores": os.cpu_count() or 1, "physical_cores": machine.physical_cores(),
-             "architecture": platform.machine(), "features": machine.cpu_features()},
+        cpu={"model": machine.cpu_model(), "logical_cores": os.cpu_count() or 1,
+             "physical_cores": machine.physical_cores(), "architecture": platform.machine(),
+             "features": machine.cpu_features()},
         memory_bytes=machine.total_memory_bytes(),
         threads=machine.physical_cores(),
         llama_cpp=_llama_cpp(),
