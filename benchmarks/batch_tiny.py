@@ -78,6 +78,7 @@ def local(folder: Path, model: Path, out: Path, threads: int, max_tokens: int) -
     return {"mode": "local", "units": s.units, "records": s.records_written, "wall_s": round(wall, 3),
             "model_s": round(s.model_seconds, 3), "overhead": round(wall / s.model_seconds - 1, 4),
             "worker_s": round(s.worker_seconds, 3), "worker_share": round(s.worker_seconds / s.model_seconds, 4),
+            "worker_idle_s": round(s.worker_idle_seconds, 3),
             "units_per_s": round(s.units / wall, 1)}
 
 
@@ -172,6 +173,7 @@ def main() -> None:
         a, w, m = summarise(alone, "model_s"), summarise(runs, "wall_s"), summarise(runs, "model_s")
         print(json.dumps({"threads": threads, "model_alone_s": a, "batch_wall_s": w, "model_in_batch_s": m,
                           "worker_process_s": summarise(runs, "worker_s"),
+                          "worker_idle_s": summarise(runs, "worker_idle_s"),
                           "worker_vs_model_in_batch": summarise(runs, "worker_share"),
                           "overhead_vs_model_in_batch": round(w["median"] / m["median"] - 1, 4),
                           "overhead_vs_model_alone": round(w["median"] / a["median"] - 1, 4),

@@ -278,7 +278,8 @@ class BatchSummary:
     model_seconds: float  # local: time inside the model (encode, prefill, decode); server: summed request time
     model: str = ""
     retried: int = 0  # error records removed by retry_failed
-    worker_seconds: float = 0.0  # local: what the model's own process cost beyond the model (start, pipes)
+    worker_seconds: float = 0.0  # local: what the model's own process added (its start, pickling, pipes)
+    worker_idle_seconds: float = 0.0  # local: the model waiting for units to be read and rendered
 
 
 @dataclass
@@ -441,14 +442,14 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
             except Exception as e:  # noqa: BLE001 - a bad unit must not stop the batch
                 return _Prepared(u, None, f"{type(e).__name__}: {e}")
 
-        model_seconds = worker_seconds = 0.0
+        model_seconds = worker_seconds = worker_idle = 0.0
         try:
             if server is not None:
                 model_seconds = _answer_by_server(client, server.workers, todo, prepare, opts, writer, zero_shot,
                                                   on_progress)
             elif todo and worker is not None:
                 local = _answer_locally(worker, todo, prepare, opts, writer, zero_shot, on_progress)
-                model_seconds, worker_seconds = local.model, local.worker
+                model_seconds, worker_seconds, worker_idle = local.model, local.worker, local.worker_idle
         finally:
             records.close()
     except BaseException:
@@ -461,7 +462,7 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
             worker.close()
     return BatchSummary(len(units), writer.written, done_before, writer.failed, w.skipped,
                         time.perf_counter() - t_start, model_seconds, model_name, records.dropped_errors,
-                        worker_seconds)
+                        worker_seconds, worker_idle)
 
 
 CRASH_TRIES = 2  # a unit whose answering crashed the model this often is an error until --retry-failed
@@ -470,51 +471,92 @@ CRASH_TRIES = 2  # a unit whose answering crashed the model this often is an err
 @dataclass
 class _LocalTimes:
     model: float = 0.0  # inside the model, as the worker measured it
-    worker: float = 0.0  # the worker process itself: waiting for its start and imports, pipes (not model loads)
+    worker: float = 0.0  # what the worker process added: its start (not the model load), pickling, pipes
+    worker_idle: float = 0.0  # the model waiting for the next unit (rendering could not keep up)
+
+
+@dataclass
+class _InFlight:
+    prepared: _Prepared
+    classification: dict[str, Any] | None
+    crash_for_test: bool
+    attempts: int = 1
 
 
 def _answer_locally(worker: Any, todo: list[Unit], prepare: Callable[[Unit], _Prepared], opts: Any,
                     writer: _Writer, zero_shot: Any, on_progress: Callable[[int, int, str], None] | None
                     ) -> _LocalTimes:
-    """The model (loaded once, again after a crash) in a worker process; each unit is encoded once and answers
-    all its questions."""
-    from medgemma_cli.batch_worker import Answered, WorkerCrashed, job_for
+    """The model (loaded once, again after a crash) answers in a worker process; each unit is encoded once and
+    answers all its questions. The next unit is queued in the worker before the current one is finished.
+
+    If the worker dies, the unit it was answering keeps the answers already written and is tried once more by a
+    fresh worker; a second crash makes its remaining questions error records. Units queued behind it are
+    simply sent again."""
+    from collections import deque
+
+    from medgemma_cli.batch_worker import Answered, UnitError, WorkerCrashed, job_for
     from medgemma_cli.containment import test_crash_requested
 
     times = _LocalTimes()
-    try:
-        for i, p in enumerate(_prefetch(todo, prepare)):
-            u = p.unit
+    inflight: deque[_InFlight] = deque()
+    units = iter(_prefetch(todo, prepare))
+    started = 0
+
+    def submit(f: _InFlight) -> None:
+        inputs = f.prepared.inputs
+        assert inputs is not None
+        worker.submit(job_for(inputs, writer.pending(f.prepared.unit), opts, f.crash_for_test))
+
+    def refill() -> None:
+        nonlocal started
+        while len(inflight) < 2:
+            p = next(units, None)
+            if p is None:
+                return
             if on_progress:
-                on_progress(i, len(todo), u.id)
+                on_progress(started, len(todo), p.unit.id)
+            started += 1
             if p.error is not None or p.inputs is None:
-                writer.fail_unit(u, p.error or "nothing could be read")
+                writer.fail_unit(p.unit, p.error or "nothing could be read")
                 continue
-            n_images = len(p.inputs.images)
-            classification = _classification(zero_shot, p.inputs) if zero_shot and n_images else None
-            crash = test_crash_requested("unit", " ".join(f.name for f in u.files))
-            for attempt in range(1, CRASH_TRIES + 1):
-                t0, waited_before = time.perf_counter(), worker.waited_s
-                inside = 0.0
-                try:
-                    for result in worker.answer(job_for(p.inputs, writer.pending(u), opts, crash)):
-                        if isinstance(result, Answered):
-                            inside += result.model_s
-                            writer.answer(u, result.question, n_images, result.answer,
-                                          {"first_token_s": result.first_token_s, "total_s": result.total_s},
-                                          {"prompt": result.prompt_tokens, "completion": result.completion_tokens},
-                                          classification)
-                        else:
-                            writer.fail_unit(u, result.message)
-                    break
-                except WorkerCrashed as e:  # its answers so far are written; the others get another worker
-                    if attempt == CRASH_TRIES:
-                        writer.fail_unit(u, f"{e} (tried {CRASH_TRIES} times; --retry-failed tries again)")
-                finally:  # waiting for a (re)load is counted once, below
-                    times.model += inside
-                    times.worker += time.perf_counter() - t0 - inside - (worker.waited_s - waited_before)
+            n = len(p.inputs.images)
+            f = _InFlight(p, _classification(zero_shot, p.inputs) if zero_shot and n else None,
+                          test_crash_requested("unit", " ".join(x.name for x in p.unit.files)))
+            inflight.append(f)
+            submit(f)
+
+    try:
+        refill()
+        while inflight:
+            f = inflight[0]
+            u, n_images = f.prepared.unit, len(f.prepared.inputs.images) if f.prepared.inputs else 0
+            try:
+                result = worker.receive()
+            except WorkerCrashed as e:  # answers so far are written; the rest go to a fresh worker
+                if f.attempts >= CRASH_TRIES:
+                    writer.fail_unit(u, f"{e} (tried {CRASH_TRIES} times; --retry-failed tries again)")
+                    inflight.popleft()
+                else:
+                    f.attempts += 1
+                for queued in inflight:
+                    submit(queued)
+                refill()
+                continue
+            if isinstance(result, Answered):
+                times.model += result.model_s
+                writer.answer(u, result.question, n_images, result.answer,
+                              {"first_token_s": result.first_token_s, "total_s": result.total_s},
+                              {"prompt": result.prompt_tokens, "completion": result.completion_tokens},
+                              f.classification)
+            elif isinstance(result, UnitError):
+                writer.fail_unit(u, result.message)
+            else:  # this unit is done
+                times.worker += result.handling_s
+                times.worker_idle += result.idle_s
+                inflight.popleft()
+                refill()
     finally:
-        times.worker += worker.start_overhead_s
+        times.worker += worker.start_overhead_s + worker.submit_s
     return times
 
 

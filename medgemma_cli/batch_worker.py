@@ -9,6 +9,7 @@ it alone until `--retry-failed`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any, Iterator
+from typing import Any
 
 from medgemma_cli import containment
 from medgemma_cli.errors import MedgemmaError
@@ -66,6 +67,13 @@ class UnitError:
     message: str
 
 
+@dataclass
+class UnitDone:
+    """The end of one job's results, with what the worker spent on it beside the model (unpickling, sending)."""
+    handling_s: float
+    idle_s: float  # waiting for this job after the previous one was done
+
+
 class WorkerCrashed(MedgemmaError):
     """The worker died by a signal (or vanished) while answering."""
 
@@ -78,12 +86,14 @@ def job_for(inputs: Collected, questions: list[str], opts: Any, crash_for_test: 
 
 @dataclass
 class ModelWorker:
-    """A child process holding one loaded model; `answer()` streams back one result per question."""
+    """A child process holding one loaded model. Jobs are answered in the order submitted; the batch keeps the
+    next one queued (`submit`) while it reads the current one's results (`receive`), so the model never waits
+    for a round trip between the processes."""
 
     config: EngineConfig
     load_seconds: float = 0.0
     start_overhead_s: float = 0.0  # waiting for the process and its imports (not the model load) to be ready
-    waited_s: float = 0.0  # all the time spent in wait_ready (model loads included)
+    submit_s: float = 0.0  # pickling and writing jobs
     restarts: int = 0
     _proc: subprocess.Popen | None = None
     _send: Connection | None = None
@@ -102,7 +112,7 @@ class ModelWorker:
                 [sys.executable, "-m", "medgemma_cli.batch_worker", str(to_child_r), str(from_child_w),
                  self._stage_path, str(os.getpid())], pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=None if self.config.verbose else subprocess.DEVNULL,
-                env={k: v for k, v in os.environ.items() if k not in (containment.STAGE_FILE_ENV,)})
+                env={k: v for k, v in os.environ.items() if k != containment.STAGE_FILE_ENV})
         finally:
             os.close(to_child_r)
             os.close(from_child_w)
@@ -111,10 +121,16 @@ class ModelWorker:
         self._send.send(self.config)
         self._ready = False
 
+    @property
+    def running(self) -> bool:
+        return self._proc is not None
+
     def wait_ready(self) -> None:
-        """Until the model is loaded. Only the wait beyond the load itself counts as the worker's cost: the load
-        was paid in-process too, and the process starts while the batch walks the folder."""
+        """Until the model is loaded (starting a fresh process after a crash). Only the wait beyond the load
+        itself counts as the worker's cost: the load was paid in-process too, and the first process starts while
+        the batch walks the folder."""
         if self._proc is None:
+            self.restarts += 1
             self.start()
         if self._ready:
             return
@@ -124,10 +140,26 @@ class ModelWorker:
             self.close()
             raise MedgemmaError(rest[0])
         self.load_seconds = rest[0]
-        waited = time.perf_counter() - t0
-        self.waited_s += waited
-        self.start_overhead_s += max(0.0, waited - self.load_seconds)
+        self.start_overhead_s += max(0.0, time.perf_counter() - t0 - self.load_seconds)
         self._ready = True
+
+    def submit(self, job: Job) -> None:
+        """Queue a job; if the worker has died, the next `receive` says how."""
+        self.wait_ready()
+        assert self._send is not None
+        t0 = time.perf_counter()
+        with contextlib.suppress(BrokenPipeError, OSError):
+            self._send.send(job)
+        self.submit_s += time.perf_counter() - t0
+
+    def receive(self) -> Answered | UnitError | UnitDone:
+        """The next result of the oldest job submitted; raises WorkerCrashed if the worker died."""
+        kind, *rest = self._receive("answering")
+        if kind == "answer":
+            return Answered(*rest)
+        if kind == "error":
+            return UnitError(rest[0])
+        return UnitDone(*rest)
 
     def _receive(self, doing: str) -> tuple[Any, ...]:
         assert self._recv is not None and self._proc is not None
@@ -140,25 +172,6 @@ class ModelWorker:
             if rc < 0:
                 raise WorkerCrashed(containment.describe_death(-rc, last)) from None
             raise WorkerCrashed(f"the model worker stopped (exit {rc}) while {doing}") from None
-
-    def answer(self, job: Job) -> Iterator[Answered | UnitError]:
-        """Results as they come; raises WorkerCrashed if the worker dies (its answers so far were yielded)."""
-        if self._proc is None:
-            self.restarts += 1
-        self.wait_ready()
-        assert self._send is not None
-        try:
-            self._send.send(job)
-        except (BrokenPipeError, OSError):
-            pass  # it died; _receive says how
-        while True:
-            kind, *rest = self._receive("answering")
-            if kind == "done":
-                return
-            if kind == "answer":
-                yield Answered(*rest)
-            elif kind == "error":
-                yield UnitError(rest[0])
 
     def close(self, kill: bool = False) -> None:
         if self._proc is None:
@@ -212,7 +225,12 @@ def _serve(recv: Connection, send: Connection) -> None:
         return
     send.send(("ready", time.perf_counter() - t0))
     try:
-        while (job := recv.recv()) is not None:
+        while True:
+            t_wait = time.perf_counter()
+            if (job := recv.recv()) is None:
+                break
+            t_job = time.perf_counter()
+            inside = 0.0
             if job.crash_for_test:
                 with containment.stage("llama.cpp", "reading the prompt"):
                     containment.crash()
@@ -228,6 +246,7 @@ def _serve(recv: Connection, send: Connection) -> None:
                     turn = session.ask(q, job.max_tokens, job.temperature, job.seed)
                     spent = time.perf_counter() - t1 + prefill
                     prefill = 0.0
+                    inside += spent
                     send.send(("answer", q, turn.answer, round(turn.timings.first_token_s, 3),
                                round(turn.timings.decode_s + turn.timings.prefill_s, 3), turn.prompt_tokens,
                                turn.completion_tokens, spent))
@@ -235,7 +254,7 @@ def _serve(recv: Connection, send: Connection) -> None:
                 send.send(("error", str(e)))
             except Exception as e:  # noqa: BLE001 - one unit's error record, never the end of the batch
                 send.send(("error", f"unexpected {type(e).__name__}: {e}"))
-            send.send(("done",))
+            send.send(("done", time.perf_counter() - t_job - inside, t_job - t_wait))
     except (EOFError, BrokenPipeError):
         pass  # the batch process went away
     finally:
