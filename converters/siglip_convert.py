@@ -22,6 +22,7 @@ from medgemma_cli.checksums import sha256_file
 from medgemma_cli.converters.onnx_graph import GraphBuilder, siglip_pooling_head, siglip_text_tower, siglip_vision_tower
 from medgemma_cli.errors import InputError, OutputError
 from medgemma_cli.kernels.onnx_quant import ONNX_PRESETS, quantize_onnx
+from medgemma_cli.offline import no_uuid1
 from medgemma_cli.progress import NullProgress, Progress
 
 VISION_FILE, TEXT_FILE, TOKENIZER_FILE, MANIFEST_FILE = "siglip-vision.onnx", "siglip-text.onnx", "tokenizer.model", "manifest.json"
@@ -43,8 +44,9 @@ def _prefix_map(ckpt: Checkpoint) -> str:
 def _save(model: onnx.ModelProto, path: Path) -> bool:
     big = model.ByteSize() > _EXTERNAL_OVER if model.ByteSize() >= 0 else True
     if big:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
+        with no_uuid1():
+            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=path.name + ".data", size_threshold=1024)
     else:
         onnx.save_model(model, str(path))
     return big
@@ -126,7 +128,8 @@ def convert_siglip(src: Path | str, out: Path | str, preset: str = "int8", text_
                         fp32 = folder.scratch(final + ".fp32.onnx")
                         ext = _save(model, fp32)
                         del model
-                        quantize_onnx(fp32, tmp, qp, external_data=ext)
+                        with no_uuid1():
+                            quantize_onnx(fp32, tmp, qp, external_data=ext)
                     onnx.checker.check_model(str(tmp))
                     if ext:
                         _rename_external_data(tmp, folder.temp(final + ".data"), final + ".data")

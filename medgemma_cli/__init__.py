@@ -10,7 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path as _Path
 
+from medgemma_cli.offline import disable_telemetry as _disable_telemetry
+
 __version__ = "0.1.0"
+
+_disable_telemetry()  # before anything of ours can create an ONNX Runtime environment
 
 # Installed, converters/ and kernels/ live inside this package (medgemma_cli.converters, .kernels). In a
 # source checkout they sit beside it; let the checkout import them under the same names.

@@ -265,6 +265,9 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the batch process's to handle; it stops us
     recv = Connection(int(argv[0]), writable=False)
     send = Connection(int(argv[1]), readable=False)
+    from medgemma_cli.offline import forbid_sockets
+
+    forbid_sockets("batch")  # the local model's process never needs the network
     containment.use_stage_file(argv[2])
     containment.die_with_parent(int(argv[3]))
     _serve(recv, send)

@@ -65,6 +65,9 @@ def demo_model(progress: Progress | None = None) -> ConvertResult:
 
 def sample_inputs(folder: Path) -> list[Path]:
     """A CT slice that ships with pydicom, and a short note."""
+    from medgemma_cli.offline import import_pydicom
+
+    import_pydicom()
     from pydicom.data import get_testdata_file
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -9,11 +9,14 @@ import sys
 
 
 def main() -> None:
-    from medgemma_cli import containment
+    from medgemma_cli import containment, offline
 
     argv = sys.argv[1:]
     if containment.supervised_command(argv):
         sys.exit(containment.run_supervised(argv))
+    is_offline, command = offline.is_offline(argv)
+    if is_offline:
+        offline.forbid_sockets(command)
     containment.init_child()
     from medgemma_cli.cli import main as cli_main
 

@@ -96,6 +96,9 @@ def run(path: Path, extra: bool) -> tuple[np.ndarray, list[str]]:
 
 
 def main(argv: list[str]) -> int:
+    from medgemma_cli.offline import forbid_sockets
+
+    forbid_sockets("doctor")
     path = Path(argv[0]) / "probe.gguf"
     write_model(path)
     with_extra, extra_types = run(path, True)

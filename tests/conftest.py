@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,6 +20,64 @@ os.environ["MEDGEMMA_HOME"] = tempfile.mkdtemp(prefix="medgemma-test-home-")
 os.environ["MEDGEMMA_VERDICT_FILE"] = os.path.join(os.environ["MEDGEMMA_HOME"], "extra-buffers.json")
 os.environ.pop("MEDGEMMA_EXTRA_BUFFERS", None)
 os.environ.pop("MEDGEMMA_TEST_CRASH", None)
+
+# --- offline, checked in every test ------------------------------------------------------------------------
+# Any socket made while our own code is on the stack fails the test, unless it is marked `uses_network`
+# (batch --server and its HTTP client talk to servers the tests start on 127.0.0.1). Sockets made by the
+# reference oracles (transformers, torch) or by test code itself are not ours and are not counted.
+_socket_use: list[str] = []
+_watching = [False]
+
+
+def _our_roots() -> tuple[str, ...]:
+    import medgemma_cli
+    import medgemma_cli.converters
+    import medgemma_cli.kernels
+
+    return tuple(str(Path(m.__file__).parent) + os.sep for m in (medgemma_cli, medgemma_cli.converters,
+                                                                  medgemma_cli.kernels))
+
+
+_ROOTS = _our_roots()
+
+
+def _audit(event: str, args: tuple) -> None:
+    if not _watching[0] or event not in ("socket.__new__", "socket.bind", "socket.connect", "socket.getaddrinfo",
+                                         "socket.sendto", "socket.gethostbyname"):
+        return
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(_ROOTS):
+            _socket_use.append(f"{event} {args[1:] if event == 'socket.__new__' else args[-1]!r} from "
+                               f"{frame.f_code.co_filename}:{frame.f_lineno}")
+            return
+        frame = frame.f_back
+
+
+sys.addaudithook(_audit)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    return (yield from _watched(item))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    return (yield from _watched(item))
+
+
+def _watched(item):
+    _socket_use.clear()
+    _watching[0] = item.get_closest_marker("uses_network") is None
+    try:
+        result = yield
+    finally:
+        _watching[0] = False
+    if _socket_use:
+        pytest.fail("our offline code made a socket:\n" + "\n".join(_socket_use[:5]), pytrace=False)
+    return result
+
 
 CHAT = [
     {"role": "system", "content": "You are an expert radiologist."},

@@ -16,6 +16,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from medgemma_cli.errors import InputError
+from medgemma_cli.offline import import_pydicom
 
 MAX_SLICES = 85  # 85 × 256 image tokens stay under a 32K context (MedGemma 1.5 recipe)
 CT_WINDOWS = ((-1024.0, 1024.0), (-135.0, 215.0), (0.0, 80.0))  # HU ranges packed into R, G, B
@@ -34,7 +35,7 @@ def is_dicom(path: Path) -> bool:
 
 
 def read(path: Path, *, pixels: bool = True) -> Any:
-    import pydicom
+    pydicom = import_pydicom()
     from pydicom.errors import InvalidDicomError
 
     try:

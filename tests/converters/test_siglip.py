@@ -113,9 +113,17 @@ def test_external_data_for_large_graphs(siglip_ckpt, tmp_path, monkeypatch):
     from medgemma_cli.converters import siglip_convert
     from medgemma_cli.siglip import Siglip, resolve_siglip
 
+    import uuid
+
+    def no_mac_lookups(*args, **kwargs):
+        raise AssertionError("uuid.uuid1 asks uuidd over a socket and reads the MAC address")
+
     monkeypatch.setattr(siglip_convert, "_EXTERNAL_OVER", 0)
+    monkeypatch.setattr(uuid, "uuid1", no_mac_lookups)
     out = convert(siglip_ckpt, tmp_path / "ext", preset="fp32").path
     assert (out / "siglip-vision.onnx.data").is_file() and (out / "siglip-text.onnx.data").is_file()
+    q = convert(siglip_ckpt, tmp_path / "ext-int8", preset="int8").path  # ONNX Runtime's quantizer saves too
+    assert (q / "siglip-vision.onnx.data").is_file()
     assert not [p for p in out.iterdir() if ".partial" in p.name or ".scratch" in p.name]
     sig = Siglip(resolve_siglip(out), threads=1)
     assert sig.embed_texts(["ok"]).shape == (1, 64)

@@ -351,6 +351,7 @@ def _server(llama_server, workers: int = 1):
     return ServerOptions(llama_server["url"] + "/v1", workers=workers, image_size=32, image_tokens=4)
 
 
+@pytest.mark.uses_network
 def test_server_batch(messy, llama_server, tmp_path):
     """The same units and records as locally, answered by the server; more workers change nothing but speed."""
     questions = ["Is there a pleural effusion?", "Any findings?"]
@@ -381,6 +382,7 @@ def test_server_batch(messy, llama_server, tmp_path):
     assert again.records_written == 0 and again.done_before == 12
 
 
+@pytest.mark.uses_network
 def test_server_with_classify(messy, llama_server, siglip_fp32, tmp_path):
     """MedSigLIP runs here while the server answers; its probabilities reach every record of the unit."""
     from medgemma_cli.batch import ClassifyOptions
@@ -397,6 +399,7 @@ def test_server_with_classify(messy, llama_server, siglip_fp32, tmp_path):
     assert all(len(v) == 2 and v[0] == v[1] for v in by_unit.values())  # one scoring per unit, on both records
 
 
+@pytest.mark.uses_network
 def test_server_refusal_becomes_error_records(tmp_path, llama_server):
     """A request the server refuses (here: longer than its context) is an error record; the rest go on."""
     root = tmp_path / "imgs"
@@ -414,6 +417,7 @@ def test_server_refusal_becomes_error_records(tmp_path, llama_server):
     assert all("500" in r["error"] and "n_ctx" in r["error"] for r in errors), errors[0]["error"]
 
 
+@pytest.mark.uses_network
 def test_server_cli_sends_no_phi(tmp_path, llama_server):
     """Through the CLI with 2 workers and a report: the server never sees patient names, IDs or dates (its
     verbose log prints every prompt), even when the records keep them on request."""
@@ -437,6 +441,7 @@ def test_server_cli_sends_no_phi(tmp_path, llama_server):
     assert (tmp_path / "review.html").is_file()
 
 
+@pytest.mark.uses_network
 def test_server_unreachable_is_one_line(tmp_path):
     root = tmp_path / "imgs"
     root.mkdir()

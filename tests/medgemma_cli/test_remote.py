@@ -15,6 +15,8 @@ import pytest
 from medgemma_cli.errors import MedgemmaError
 from medgemma_cli.remote import ChatServer, ServerError
 
+pytestmark = pytest.mark.uses_network  # servers started here on 127.0.0.1
+
 REPLY = {"choices": [{"message": {"role": "assistant", "content": " No effusion. "}, "finish_reason": "stop"}],
          "usage": {"prompt_tokens": 12, "completion_tokens": 3}}
 
