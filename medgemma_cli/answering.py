@@ -31,6 +31,7 @@ class AskOptions:
     save_input: Path | None = None
     verbose: bool = False
     vision_backend: str = "auto"  # auto: ONNX Runtime on CPU-only runs when vision.onnx exists, else libmtmd
+    include_phi: bool = False  # leave the patient's identifiers in notes and SR text (replaced otherwise)
 
 
 @dataclass
@@ -45,6 +46,7 @@ class AskResult:
     timings: dict[str, float]
     stopped: str
     saved_inputs: list[str] = field(default_factory=list)
+    identifiers_removed: int = 0  # patient identifiers replaced by [NAME], [ID], [DATE], [INSTITUTION]
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,7 +114,8 @@ def _prepare(question: str, files: list[Path] | None, model: Path | None, gguf: 
         raise MedgemmaError("the question is empty")
     model_files = resolve_model(model, gguf, mmproj)
     vision = model_files.vision
-    inputs = collect([Path(f) for f in files or []], vision["image_size"] if vision else None, opts.max_slices)
+    inputs = collect([Path(f) for f in files or []], vision["image_size"] if vision else None, opts.max_slices,
+                     scrub_identifiers=not opts.include_phi)
     counter = _Counter(model_files)
     image_tokens = vision["image_tokens"] if vision else 0
     # each slice costs its embeddings, <start_of_image>/<end_of_image>, the blank lines and its label
@@ -124,7 +127,8 @@ def _prepare(question: str, files: list[Path] | None, model: Path | None, gguf: 
     if inputs.images and len(inputs.images) * per_image > room and inputs.volumes:
         fit = max(1, room // per_image)
         before = len(inputs.images)
-        inputs = collect([Path(f) for f in files or []], vision["image_size"], min(opts.max_slices, fit))
+        inputs = collect([Path(f) for f in files or []], vision["image_size"], min(opts.max_slices, fit),
+                         scrub_identifiers=not opts.include_phi)
         inputs.warnings.append(f"too many images for a context of {limit} tokens: {len(inputs.images)} of "
                                f"{before} slices sent, sampled evenly")
     opts_for_plan = AskOptions(**{**opts.__dict__, "max_tokens": opts.max_tokens + extra_tokens})
@@ -158,6 +162,7 @@ def _result(model_files: ModelFiles, engine: Engine, inputs: Collected, warnings
                  "total_s": round(time.perf_counter() - t_start, 3)},
         stopped=turn.stopped,
         saved_inputs=saved,
+        identifiers_removed=inputs.identifiers_removed,
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import hmac
 import io
 import json
 import os
@@ -29,7 +30,8 @@ from medgemma_cli.report import save_thumbnail
 UNIT_KINDS = ("series", "study", "file")
 PHI_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "StudyDate", "AccessionNumber", "InstitutionName")
 CSV_FIELDS = ["unit", "unit_kind", "files", "modality", "images_sent", "question", "answer", "error", "model",
-              "run_key", "first_token_s", "total_s", "prompt_tokens", "completion_tokens", "classify", "phi"]
+              "run_key", "first_token_s", "total_s", "prompt_tokens", "completion_tokens", "classify",
+              "identifiers_removed", "phi"]
 
 
 @dataclass
@@ -135,6 +137,32 @@ def make_units(folder: Path, files: list[Path], unit: str = "series") -> list[Un
                                        {t: str(ds.get(t)) for t in PHI_TAGS if ds.get(t) not in (None, "")}))
         u.files.append(f)
     return list(units.values())
+
+
+def unit_id_key(out: Path) -> bytes:
+    """The secret behind one results file's unit ids, kept beside it (`<out>.unit-key`, owner-only): stable, so a
+    resumed run finds its records; the site can map its own UIDs to ids with it; nobody else can."""
+    path = Path(out).with_name(Path(out).name + ".unit-key")
+    try:
+        text = path.read_text(encoding="ascii").strip()
+        if len(text) == 64:
+            return bytes.fromhex(text)
+    except (OSError, ValueError):
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = os.urandom(32)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(key.hex() + "\n")
+    os.replace(tmp, path)
+    return key
+
+
+def pseudonym(key: bytes, unit_id: str) -> str:
+    """HMAC-SHA256 of a unit id (a DICOM UID, or a hash of a relative path), shortened: no UID, date or device
+    serial inside it leaves the site."""
+    return "u" + hmac.new(key, unit_id.encode("utf-8"), hashlib.sha256).hexdigest()[:24]
 
 
 def run_key(model_sha: str, question: str) -> str:
@@ -338,8 +366,9 @@ class _Writer:
                 **({"phi": u.phi} if self.include_phi and u.phi else {})}
 
     def answer(self, u: Unit, q: str, images_sent: int, answer: str, timings: dict[str, float],
-               tokens: dict[str, Any], classification: dict[str, Any] | None) -> None:
+               tokens: dict[str, Any], classification: dict[str, Any] | None, identifiers_removed: int = 0) -> None:
         self.records.append({**self.base(u), "images_sent": images_sent, "question": q, "answer": answer,
+                             "identifiers_removed": identifiers_removed,
                              "error": None, "run_key": self.keys[q], "timings": timings, "tokens": tokens,
                              **({"classify": classification} if classification else {})})
         self.written += 1
@@ -402,6 +431,10 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
     try:
         w = walk(folder)
         units = make_units(folder, w.files, unit)
+        if not include_phi:  # DICOM UIDs identify the patient's study; records carry keyed hashes of them
+            key = unit_id_key(out)
+            for u in units:
+                u.id = pseudonym(key, u.id)
         if server is not None:
             identity = "server:" + model_name
         else:
@@ -428,7 +461,8 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
             if u.error:
                 return _Prepared(u, None, u.error)
             try:
-                inputs = collect(u.files, image_size, max_slices, keep_full=zero_shot is not None)
+                inputs = collect(u.files, image_size, max_slices, keep_full=zero_shot is not None,
+                                 scrub_identifiers=not include_phi)
                 images = [img.rgb for img in inputs.images]
                 save_thumbnail(Path(out), u.id, images)
                 uris = []
@@ -547,7 +581,7 @@ def _answer_locally(worker: Any, todo: list[Unit], prepare: Callable[[Unit], _Pr
                 writer.answer(u, result.question, n_images, result.answer,
                               {"first_token_s": result.first_token_s, "total_s": result.total_s},
                               {"prompt": result.prompt_tokens, "completion": result.completion_tokens},
-                              f.classification)
+                              f.classification, f.prepared.inputs.identifiers_removed if f.prepared.inputs else 0)
             elif isinstance(result, UnitError):
                 writer.fail_unit(u, result.message)
             else:  # this unit is done
@@ -607,7 +641,7 @@ def _answer_by_server(client: Any, workers: int, todo: list[Unit], prepare: Call
                 writer.answer(u, q, len(state.prepared.inputs.images), reply.answer,
                               {"total_s": round(reply.seconds, 3)},
                               {"prompt": reply.prompt_tokens, "completion": reply.completion_tokens},
-                              state.classification)
+                              state.classification, state.prepared.inputs.identifiers_removed)
             state.remaining -= 1
             if state.remaining == 0:
                 finished_units += 1

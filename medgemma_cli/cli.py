@@ -144,13 +144,15 @@ def ask(
     with_metadata: bool = typer.Option(False, "--with-metadata", help="Add modality, body part, view, age and sex (never names, IDs or dates)."),
     show_thinking: bool = typer.Option(False, "--show-thinking", help="Keep MedGemma 27B's thinking trace in the output."),
     vision_backend: str = typer.Option("auto", "--vision-backend", help="auto (ONNX Runtime on CPU-only runs when vision.onnx exists), onnx or mtmd."),
+    include_phi: bool = typer.Option(False, "--include-phi", help="Leave the patient's name, IDs, birth date, physicians and institution in notes and SR text (otherwise [NAME], [ID], [DATE], [INSTITUTION])."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (answer, inputs with SHA-256, tokens, timings)."),
 ) -> None:
     """Ask MedGemma about local DICOM files, series, images and clinical notes; the answer streams as it comes.
 
     DICOM is rendered as the reference pipeline does (modality/VOI LUTs, CT in three Hounsfield windows, MR
     min–max over the volume, series ordered along the slice normal, at most 85 slices with "SLICE n" labels)
-    and every image is resized by us to the model's square input.
+    and every image is resized by us to the model's square input. The patient's identifiers found in the DICOM
+    headers are replaced in notes and structured-report text before the model sees them.
 
     [bold]Examples[/]
 
@@ -163,7 +165,8 @@ def ask(
 
     opts = AskOptions(system=system, max_tokens=max_tokens, temperature=temperature, seed=seed, threads=threads,
                       gpu_layers=gpu_layers, ctx=ctx, with_metadata=with_metadata, show_thinking=show_thinking,
-                      max_slices=max_slices, save_input=save_input, verbose=_DEBUG, vision_backend=vision_backend.lower())
+                      max_slices=max_slices, save_input=save_input, verbose=_DEBUG, vision_backend=vision_backend.lower(),
+                      include_phi=include_phi)
     status = None if as_json else err.status("reading the inputs, encoding the images…")
     waiting = [status is not None]
 
@@ -193,6 +196,9 @@ def ask(
               f"{t['decode_tokens_per_s']:.1f} tokens/s[/]")
     if result.saved_inputs:
         err.print(f"[dim]model inputs saved: {', '.join(result.saved_inputs)}[/]")
+    if result.identifiers_removed:
+        err.print(f"[dim]{result.identifiers_removed} patient identifier(s) replaced in the notes before the model "
+                  "saw them (--include-phi keeps them)[/]")
 
 
 @app.command()
@@ -216,7 +222,7 @@ def batch(
     ctx: int = typer.Option(8192, "--ctx", help="Context per unit; long series are sampled to fit."),
     vision_backend: str = typer.Option("auto", "--vision-backend", help="auto, onnx or mtmd."),
     with_metadata: bool = typer.Option(False, "--with-metadata", help="Add modality, body part, view, age and sex (never names, IDs or dates)."),
-    include_phi: bool = typer.Option(False, "--include-phi", help="Add patient names, IDs and dates to the records."),
+    include_phi: bool = typer.Option(False, "--include-phi", help="Add patient names, IDs and dates to the records, use DICOM UIDs as unit ids, and leave identifiers in notes and SR text."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write one self-contained HTML file to review the run."),
     classify_labels: Optional[list[str]] = typer.Option(None, "--classify", help="Add MedSigLIP probabilities for this label (repeatable)."),
     siglip_model: Optional[Path] = typer.Option(None, "--siglip-model", help="Converted MedSigLIP for --classify \\[default: the newest]."),
@@ -328,6 +334,7 @@ def chat(
     ctx: int = typer.Option(8192, "--ctx", help="Context for the whole conversation; old turns are dropped (with a notice) beyond it."),
     with_metadata: bool = typer.Option(False, "--with-metadata", help="Add modality, body part, view, age and sex."),
     vision_backend: str = typer.Option("auto", "--vision-backend", help="auto, onnx or mtmd."),
+    include_phi: bool = typer.Option(False, "--include-phi", help="Leave the patient's identifiers in notes and SR text."),
 ) -> None:
     """Talk about the same images and notes: they are encoded once, follow-up questions reuse them.
 
@@ -342,7 +349,7 @@ def chat(
 
     opts = AskOptions(system=system, max_tokens=max_tokens, temperature=temperature, seed=seed, threads=threads,
                       gpu_layers=gpu_layers, ctx=ctx, with_metadata=with_metadata, verbose=_DEBUG,
-                      vision_backend=vision_backend.lower())
+                      vision_backend=vision_backend.lower(), include_phi=include_phi)
     with err.status("reading the inputs and encoding the images…"):
         session, model_files, warnings, _ = open_session("?", files or [], model=model, gguf=gguf, mmproj=mmproj,
                                                          options=opts, extra_tokens=max(0, ctx // 2))

@@ -11,7 +11,7 @@ import numpy as np
 
 from medgemma_cli.checksums import sha256_file
 from medgemma_cli.errors import InputError
-from medgemma_cli.inputs import dicom
+from medgemma_cli.inputs import dicom, identifiers
 from medgemma_cli.inputs.images import is_image, load_rgb, resize_square
 from medgemma_cli.inputs.notes import NOTE_SUFFIXES, read_note
 
@@ -44,6 +44,7 @@ class Collected:
     metadata: list[dict[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     volumes: list[dicom.Volume] = field(default_factory=list)
+    identifiers_removed: int = 0  # patient identifiers (from the study's headers) replaced in notes and SR text
 
 
 def expand(paths: list[Path]) -> tuple[list[Path], list[str]]:
@@ -74,12 +75,16 @@ def kind_of(path: Path) -> str | None:
 
 
 def collect(paths: list[Path], image_size: int | None, max_slices: int = dicom.MAX_SLICES,
-            keep_full: bool = False) -> Collected:
-    """Read and render everything; DICOM images are grouped into series and rendered by modality."""
+            keep_full: bool = False, scrub_identifiers: bool = True) -> Collected:
+    """Read and render everything; DICOM images are grouped into series and rendered by modality.
+
+    With `scrub_identifiers` (the default), the patient's identifiers named in the DICOM headers are replaced by
+    placeholders in the notes and structured-report text (see `identifiers`)."""
     files, warnings = expand([Path(p) for p in paths])
     named = {Path(p) for p in paths}
     out = Collected(warnings=warnings)
     dicoms: list[tuple[Path, Any]] = []
+    headers: list[Any] = []
     for f in files:
         kind = kind_of(f)
         if kind is None:
@@ -98,6 +103,7 @@ def collect(paths: list[Path], image_size: int | None, max_slices: int = dicom.M
             out.records.append(InputRecord(f, "image", f"{rgb.shape[1]}×{rgb.shape[0]} image"))
         else:
             ds = dicom.read(f)
+            headers.append(ds)
             if dicom.is_sr(ds):
                 text = dicom.sr_text(ds)
                 if not text:
@@ -128,6 +134,21 @@ def collect(paths: list[Path], image_size: int | None, max_slices: int = dicom.M
             for p in files_in:
                 out.records.append(InputRecord(p, "dicom", detail))
             if vol.total_slices > sent:
-                out.warnings.append(f"series {vol.series_uid or files_in[0]}: {vol.total_slices} slices, "
+                out.warnings.append(f"the series of {files_in[0].name}: {vol.total_slices} slices, "
                                     f"{sent} sampled evenly")
+    if scrub_identifiers and out.notes and headers:
+        _scrub_notes(out, headers)
     return out
+
+
+def _scrub_notes(out: Collected, headers: list[Any]) -> None:
+    known = identifiers.from_datasets(headers)
+    if not known:
+        return
+    scrubbed = []
+    for name, text in out.notes:
+        shown_name, n_name = known.scrub(name.replace("_", " "))
+        text, n = known.scrub(text)
+        out.identifiers_removed += n + n_name
+        scrubbed.append((shown_name if n_name else name, text))
+    out.notes = scrubbed

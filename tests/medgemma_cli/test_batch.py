@@ -21,7 +21,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from medgemma_cli.answering import AskOptions
-from medgemma_cli.batch import make_units, run_batch, walk
+from medgemma_cli.batch import make_units, pseudonym, run_batch, unit_id_key, walk
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +84,10 @@ def test_batch_records_and_errors(messy, convert_tiny, tmp_path):
     assert len(records) == 6 * 2 and s.records_written == 12 and s.failed == 1
     by_files = {tuple(r["files"]): r for r in records if r["question"] == "Any findings?"}
     ct = next(r for k, r in by_files.items() if len(k) == 6)
-    assert ct["images_sent"] == 6 and ct["modality"] == "CT" and ct["unit"] == "1.2.826.0.1.3680043.99.1"
+    assert ct["images_sent"] == 6 and ct["modality"] == "CT"
+    # the unit id is a keyed hash of the series UID (the key beside the results), never the UID itself
+    assert ct["unit"] == pseudonym(unit_id_key(out), "1.2.826.0.1.3680043.99.1")
+    assert "1.2.826" not in out.read_text()
     assert by_files[("cine/multi.dcm",)]["images_sent"] == 10
     broken = by_files[("broken.dcm",)]
     assert broken["answer"] is None and "broken.dcm" in broken["error"]
@@ -374,8 +377,10 @@ def test_server_batch(messy, llama_server, tmp_path):
     out3 = tmp_path / "w3.jsonl"
     s3 = run_batch(messy, questions, out3, server=_server(llama_server, workers=3), options=AskOptions(max_tokens=8))
     assert s3.records_written == 12
-    answers = {(r["unit"], r["question"]): r["answer"] for r in map(json.loads, out1.read_text().splitlines())}
-    answers3 = {(r["unit"], r["question"]): r["answer"] for r in map(json.loads, out3.read_text().splitlines())}
+    # (each results file has its own unit-id key, so units are matched by their files)
+    answers = {(tuple(r["files"]), r["question"]): r["answer"] for r in map(json.loads, out1.read_text().splitlines())}
+    answers3 = {(tuple(r["files"]), r["question"]): r["answer"]
+                for r in map(json.loads, out3.read_text().splitlines())}
     assert answers3 == answers
     assert len({a for (u, q), a in answers.items() if q == questions[0] and a is not None}) >= 2  # images matter
     again = run_batch(messy, questions, out3, server=_server(llama_server, workers=3), options=AskOptions(max_tokens=8))
