@@ -50,9 +50,19 @@ class Walk:
     skipped: list[tuple[str, str]]  # (relative path, why)
 
 
-def walk(folder: Path) -> Walk:
-    """Every regular file under `folder`, following links once: loops and unreadable entries are reported."""
+def own_outputs(results: Path) -> set[Path]:
+    """What a run writes beside its results: never read back as inputs (thumbnails are JPEGs)."""
+    results = Path(results).resolve()
+    from medgemma_cli.report import thumbnails_dir
+
+    return {results, lock_path(results), results.with_name(results.name + ".unit-key"), thumbnails_dir(results)}
+
+
+def walk(folder: Path, ours: set[Path] | None = None) -> Walk:
+    """Every regular file under `folder`, following links once: loops and unreadable entries are reported.
+    `ours` (files and folders this tool writes) are left out without a word."""
     folder = Path(folder)
+    ours = {Path(p).resolve() for p in ours or ()}
     if not folder.is_dir():
         raise InputError(folder, "not a folder")
     files: list[Path] = []
@@ -79,6 +89,8 @@ def walk(folder: Path) -> Walk:
             skipped.append((rel(d), f"unreadable folder: {e.strerror or e}"))
             return
         for p in entries:
+            if ours and (p.resolve() in ours or p.name.startswith(".") and ".partial" in p.name):
+                continue
             try:
                 if p.is_dir():
                     visit(p)
@@ -182,12 +194,18 @@ class RecordFile:
     def __init__(self, path: Path, fmt: str, retry_failed: bool = False):
         self.path, self.fmt = Path(path), fmt
         self.done: set[tuple[str, str]] = set()
+        self.errors = 0  # error records in the file (earlier runs' included)
         self.dropped_errors = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            self._repair_and_load(retry_failed)
-        new = not self.path.exists() or self.path.stat().st_size == 0
-        self.f = open(self.path, "a", encoding="utf-8", newline="")
+        self._lock = _lock_results(self.path)
+        try:
+            if self.path.exists():
+                self._repair_and_load(retry_failed)
+            new = not self.path.exists() or self.path.stat().st_size == 0
+            self.f = open(self.path, "a", encoding="utf-8", newline="")
+        except BaseException:
+            os.close(self._lock)
+            raise
         self._synced = time.monotonic()
         if new and fmt == "csv":
             self._write_line(self._csv_line(CSV_FIELDS))
@@ -233,6 +251,7 @@ class RecordFile:
             self.dropped_errors = sum(err for _, _, err in rows)
             rows = [r for r in rows if not r[2]]
         self.done = {(unit, key) for unit, key, _ in rows}
+        self.errors = sum(err for _, _, err in rows)
 
     def _rewrite(self, text: str) -> None:
         """Replace the file in one step (written aside, synced, renamed): a kill leaves the old or the new."""
@@ -267,11 +286,36 @@ class RecordFile:
                    "prompt_tokens": tokens.get("prompt", ""), "completion_tokens": tokens.get("completion", "")}
             self._write_line(self._csv_line([row.get(k, "") for k in CSV_FIELDS]))
         self.done.add((record["unit"], record["run_key"]))
+        self.errors += bool(record.get("error"))
 
     def close(self) -> None:
         self.f.flush()
         os.fsync(self.f.fileno())
         self.f.close()
+        os.close(self._lock)  # releases the lock
+
+
+def lock_path(results: Path) -> Path:
+    return Path(results).with_name(Path(results).name + ".lock")
+
+
+def _lock_results(results: Path) -> int:
+    """An advisory lock beside the results, held while they are written: two runs on one --out would write
+    every record twice. The kernel drops it when the process ends, however it ends."""
+    import fcntl
+
+    path = lock_path(results)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "another process"
+        os.close(fd)
+        raise InputError(results, f"another medgemma batch (PID {holder}) is writing these results; wait for it "
+                                  "to finish, or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 @dataclass
@@ -308,6 +352,7 @@ class BatchSummary:
     retried: int = 0  # error records removed by retry_failed
     worker_seconds: float = 0.0  # local: what the model's own process added (its start, pickling, pipes)
     worker_idle_seconds: float = 0.0  # local: the model waiting for units to be read and rendered
+    errors_in_file: int = 0  # error records the results file holds now (earlier runs' included)
 
 
 @dataclass
@@ -429,7 +474,7 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
                                           opts.verbose))
         worker.start()
     try:
-        w = walk(folder)
+        w = walk(folder, ours=own_outputs(out))
         units = make_units(folder, w.files, unit)
         if not include_phi:  # DICOM UIDs identify the patient's study; records carry keyed hashes of them
             key = unit_id_key(out)
@@ -496,7 +541,7 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
             worker.close()
     return BatchSummary(len(units), writer.written, done_before, writer.failed, w.skipped,
                         time.perf_counter() - t_start, model_seconds, model_name, records.dropped_errors,
-                        worker_seconds, worker_idle)
+                        worker_seconds, worker_idle, records.errors)
 
 
 CRASH_TRIES = 2  # a unit whose answering crashed the model this often is an error until --retry-failed

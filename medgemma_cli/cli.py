@@ -239,7 +239,8 @@ def batch(
     """Answer questions about every series (or study, or file) in a folder; results are written as they come.
 
     A killed run resumes where it stopped when the same command is run again; a bad unit becomes an error
-    record and the batch goes on. Exit code 1 if any unit failed. With [bold]--server[/] the images are
+    record and the batch goes on. Exit code 1 if the results file holds a failed unit (this run's or an
+    earlier one's). With [bold]--server[/] the images are
     rendered here and sent (as PNG) only to that server; nothing else leaves the machine.
 
     [bold]Examples[/]
@@ -314,7 +315,10 @@ def batch(
         err.print(f"[dim]skipped {path}: {why}[/]", markup=True)
     if len(s.skipped) > 20:
         err.print(f"[dim]… and {len(s.skipped) - 20} more skipped[/]")
-    if s.failed:
+    if s.failed or s.errors_in_file:
+        if not s.failed:
+            err.print(f"[yellow]note:[/] {out_file} holds {s.errors_in_file} error record(s) from earlier runs "
+                      "(--retry-failed tries those units again)")
         raise typer.Exit(1)
 
 

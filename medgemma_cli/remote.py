@@ -28,6 +28,34 @@ from medgemma_cli.prompt import build_messages
 
 API_KEY_ENV = "MEDGEMMA_API_KEY"
 RETRY_STATUS = (429, 502, 503, 504)
+MAX_REPLY_BYTES = 16 << 20  # an answer of a few thousand tokens is a few KB; anything near this is not an answer
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _TooSlow(Exception):
+    pass
+
+
+def _read_reply(r: Any, deadline: float, limit: int = MAX_REPLY_BYTES) -> bytes:
+    """The body, in pieces, so that a reply that trickles in still ends at the deadline and one that never ends
+    stops at the size cap (urllib's timeout only bounds each single read)."""
+    declared = r.headers.get("Content-Length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise _TooLarge()
+    chunks, size = [], 0
+    while True:
+        if time.monotonic() > deadline:
+            raise _TooSlow()
+        piece = r.read1(65536) if hasattr(r, "read1") else r.read(65536)
+        if not piece:
+            return b"".join(chunks)
+        size += len(piece)
+        if size > limit:
+            raise _TooLarge()
+        chunks.append(piece)
 
 
 class ServerError(MedgemmaError):
@@ -108,9 +136,14 @@ class ChatServer:
         retries = self.retries if retries is None else retries
         for attempt in range(retries + 1):
             req = urllib.request.Request(url, data=data, headers=headers, method=method)
+            deadline = time.monotonic() + self.timeout
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                    return json.loads(r.read().decode("utf-8"))
+                    return json.loads(_read_reply(r, deadline).decode("utf-8"))
+            except _TooLarge:
+                raise ServerError(f"{self.base}{path}: a reply over {MAX_REPLY_BYTES >> 20} MB; not an answer") from None
+            except _TooSlow:  # trickling in: the same as no answer
+                raise ServerError(f"no whole answer from {self.base} within {self.timeout:g} s (--timeout)") from None
             except urllib.error.HTTPError as e:
                 if e.code in RETRY_STATUS and attempt < retries:
                     time.sleep(1.0 + attempt)

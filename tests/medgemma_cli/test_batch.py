@@ -505,3 +505,47 @@ def test_report_renders_in_chromium(convert_tiny, tmp_path):
     assert red.sum() >= 0.9 * 160 * 160 and blue.sum() >= 0.9 * 160 * 160, (red.sum(), blue.sum())
     rows = np.flatnonzero(red.any(axis=1))
     assert 150 <= rows[-1] - rows[0] + 1 <= 170  # one thumbnail tall, as laid out
+
+
+def test_two_runs_on_one_results_file_refuse(tmp_path, convert_tiny):
+    """The second run names the first one's PID and writes nothing; after the first ends, it runs."""
+    from medgemma_cli.batch import RecordFile
+    from medgemma_cli.errors import InputError
+
+    root = tmp_path / "scans"
+    root.mkdir()
+    Image.fromarray(np.full((16, 16, 3), 50, np.uint8)).save(root / "a.png")
+    out = tmp_path / "r.jsonl"
+    holder = RecordFile(out, "jsonl")  # as a running batch holds it
+    try:
+        env = {**os.environ, "MEDGEMMA_HOME": str(tmp_path / "home")}
+        cmd = [sys.executable, "-m", "medgemma_cli", "batch", str(root), "-q", "A?", "--out", str(out),
+               "--model", str(convert_tiny("Q8_0")), "--max-tokens", "4", "--quiet"]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 1
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and f"PID {os.getpid()}" in lines[0] and str(out) in lines[0]
+        assert out.read_text() == ""
+        with pytest.raises(InputError, match="another medgemma batch"):
+            RecordFile(out, "jsonl")
+    finally:
+        holder.close()
+    assert run_batch(root, ["A?"], out, model=convert_tiny("Q8_0"), options=AskOptions(max_tokens=4)).records_written == 1
+
+
+def test_our_outputs_inside_the_folder_are_not_inputs(tmp_path, convert_tiny):
+    """Results, thumbnails, key and lock written inside the scanned folder: re-runs find the same 2 units."""
+    from medgemma_cli.report import write_report
+
+    root = tmp_path / "scans"
+    root.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(root / f"p{i}.png")
+    out = root / "results.jsonl"
+    for _ in range(3):
+        s = run_batch(root, ["A?"], out, model=convert_tiny("Q8_0"), options=AskOptions(max_tokens=4))
+        write_report(out, root / "review.html")
+        assert s.units == 2
+    assert len(out.read_text().splitlines()) == 2
+    assert (root / "results.jsonl.thumbs").is_dir() and any((root / "results.jsonl.thumbs").iterdir())
+    assert not any("thumbs" in path or "unit-key" in path or ".lock" in path for path, _ in s.skipped)

@@ -92,3 +92,81 @@ def test_url_must_be_http():
     with pytest.raises(MedgemmaError, match="http"):
         ChatServer("ftp://host/v1")
     assert ChatServer("http://h:8080/v1/").base == ChatServer("http://h:8080").base == "http://h:8080"
+
+
+def _raw_server(handler):
+    """A TCP server on 127.0.0.1 whose connections are handled by handler(conn) in a thread each."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    stop = threading.Event()
+
+    def accept():
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            threading.Thread(target=handler, args=(conn, stop), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return srv, stop, f"http://127.0.0.1:{srv.getsockname()[1]}"
+
+
+def test_a_trickling_reply_ends_at_the_timeout():
+    """One byte every 0.1 s keeps each read alive; the whole reply still has to arrive within --timeout."""
+    sent = []
+
+    def trickle(conn, stop):
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
+        try:
+            for _ in range(300):  # would take 30 s to finish
+                if stop.is_set():
+                    break
+                conn.sendall(b" ")
+                sent.append(1)
+                time.sleep(0.1)
+        except OSError:
+            pass
+        conn.close()
+
+    srv, stop, url = _raw_server(trickle)
+    try:
+        with pytest.raises(ServerError, match=r"no whole answer .* within 1 s"):
+            ChatServer(url, "m", timeout=1.0).chat([{"role": "user", "content": "x"}], 4)
+        assert len(sent) < 300  # the client gave up while the server was still sending
+    finally:
+        stop.set()
+        srv.close()
+
+
+def test_an_endless_reply_stops_at_the_size_cap():
+    from medgemma_cli import remote
+
+    sent = []
+
+    def flood(conn, stop):
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n[")
+        block = b"0," * (1 << 19)
+        try:
+            for _ in range(remote.MAX_REPLY_BYTES // len(block) * 4):  # four times the cap, then give up
+                if stop.is_set():
+                    break
+                conn.sendall(block)
+                sent.append(len(block))
+        except OSError:
+            pass
+        conn.close()
+
+    srv, stop, url = _raw_server(flood)
+    try:
+        with pytest.raises(ServerError, match=r"reply over 16 MB"):
+            ChatServer(url, "m", timeout=30.0).chat([{"role": "user", "content": "x"}], 4)
+        with pytest.raises(ServerError, match=r"reply over 16 MB"):
+            ChatServer(url, "m", timeout=30.0).models()
+    finally:
+        stop.set()
+        srv.close()
