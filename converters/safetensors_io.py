@@ -78,6 +78,8 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
         raise InputError(path, "corrupt safetensors header (not a JSON object)")
     data_start = 8 + header_len
     entries: dict[str, TensorEntry] = {}
+    if not all(isinstance(info, dict) for name, info in header.items() if name != "__metadata__"):
+        raise InputError(path, "corrupt safetensors header (an entry is not an object)")
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -97,6 +99,10 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
                 path, f"truncated: tensor {name!r} ends at byte {data_start + end} but the file has {size} bytes"
             )
         entries[name] = TensorEntry(path, name, dtype, shape, data_start + begin, data_start + end)
+    spans = sorted((e.begin, e.end, e.name) for e in entries.values() if e.end > e.begin)
+    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+        if begin_b < end_a:  # two tensors reading the same bytes: a crafted or broken header
+            raise InputError(path, f"corrupt safetensors header: tensors {a!r} and {b!r} overlap")
     return entries
 
 

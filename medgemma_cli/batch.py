@@ -157,10 +157,19 @@ def unit_id_key(out: Path) -> bytes:
     path = Path(out).with_name(Path(out).name + ".unit-key")
     try:
         text = path.read_text(encoding="ascii").strip()
-        if len(text) == 64:
-            return bytes.fromhex(text)
-    except (OSError, ValueError):
-        pass
+    except FileNotFoundError:
+        if Path(out).is_file() and Path(out).stat().st_size > 0:  # ids made without this key: all would be redone
+            raise InputError(path, f"missing, but {Path(out).name} already holds records (from an older "
+                                   "medgemma-cli, or --include-phi?); restore the key or choose another --out") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(path, f"cannot read the unit-id key ({e}); restore it or choose another --out") from None
+    else:
+        try:
+            if len(text) == 64:
+                return bytes.fromhex(text)
+        except ValueError:
+            pass
+        raise InputError(path, "not a unit-id key (64 hex digits); restore it or choose another --out")
     path.parent.mkdir(parents=True, exist_ok=True)
     key = os.urandom(32)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
@@ -472,10 +481,13 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
         # the model loads in its own process while this one walks the folder and hashes the model file
         worker = ModelWorker(EngineConfig(files, n_ctx, opts.threads, opts.gpu_layers, opts.vision_backend,
                                           opts.verbose))
-        worker.start()
+    records = None
     try:
+        if worker is not None:
+            worker.start()
         w = walk(folder, ours=own_outputs(out))
         units = make_units(folder, w.files, unit)
+        records = RecordFile(out, fmt, retry_failed)  # the lock first: the key and the records are this run's
         if not include_phi:  # DICOM UIDs identify the patient's study; records carry keyed hashes of them
             key = unit_id_key(out)
             for u in units:
@@ -495,7 +507,6 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
             identity += "\nclassify:" + zero_shot.identity()
 
         keys = {q: run_key(identity, q) for q in questions}
-        records = RecordFile(out, fmt, retry_failed)
         writer = _Writer(records, folder, keys, model_name, include_phi)
         done_before = sum(1 for u in units for k in keys.values() if (u.id, k) in records.done)
         todo = [u for u in units if writer.pending(u)]
@@ -522,21 +533,20 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
                 return _Prepared(u, None, f"{type(e).__name__}: {e}")
 
         model_seconds = worker_seconds = worker_idle = 0.0
-        try:
-            if server is not None:
-                model_seconds = _answer_by_server(client, server.workers, todo, prepare, opts, writer, zero_shot,
-                                                  on_progress)
-            elif todo and worker is not None:
-                local = _answer_locally(worker, todo, prepare, opts, writer, zero_shot, on_progress)
-                model_seconds, worker_seconds, worker_idle = local.model, local.worker, local.worker_idle
-        finally:
-            records.close()
+        if server is not None:
+            model_seconds = _answer_by_server(client, server.workers, todo, prepare, opts, writer, zero_shot,
+                                              on_progress)
+        elif todo and worker is not None:
+            local = _answer_locally(worker, todo, prepare, opts, writer, zero_shot, on_progress)
+            model_seconds, worker_seconds, worker_idle = local.model, local.worker, local.worker_idle
     except BaseException:
         if worker is not None:
             worker.close(kill=True)  # interrupted or failed: no point in a tidy goodbye
             worker = None
         raise
     finally:
+        if records is not None:
+            records.close()
         if worker is not None:
             worker.close()
     return BatchSummary(len(units), writer.written, done_before, writer.failed, w.skipped,
@@ -545,6 +555,7 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
 
 
 CRASH_TRIES = 2  # a unit whose answering crashed the model this often is an error until --retry-failed
+CRASHED_UNITS_IN_A_ROW = 3  # then the fault is not in the units: stop rather than reload the model for each
 
 
 @dataclass
@@ -580,6 +591,7 @@ def _answer_locally(worker: Any, todo: list[Unit], prepare: Callable[[Unit], _Pr
     inflight: deque[_InFlight] = deque()
     units = iter(_prefetch(todo, prepare))
     started = 0
+    crashed_in_a_row = 0
 
     def submit(f: _InFlight) -> None:
         inputs = f.prepared.inputs
@@ -615,6 +627,10 @@ def _answer_locally(worker: Any, todo: list[Unit], prepare: Callable[[Unit], _Pr
                 if f.attempts >= CRASH_TRIES:
                     writer.fail_unit(u, f"{e} (tried {CRASH_TRIES} times; --retry-failed tries again)")
                     inflight.popleft()
+                    crashed_in_a_row += 1
+                    if crashed_in_a_row >= CRASHED_UNITS_IN_A_ROW:
+                        raise MedgemmaError(f"{e}, on {crashed_in_a_row} units in a row: stopped (re-running the same "
+                                            "command goes on with the units not tried yet)") from None
                 else:
                     f.attempts += 1
                 for queued in inflight:
@@ -630,6 +646,7 @@ def _answer_locally(worker: Any, todo: list[Unit], prepare: Callable[[Unit], _Pr
             elif isinstance(result, UnitError):
                 writer.fail_unit(u, result.message)
             else:  # this unit is done
+                crashed_in_a_row = 0
                 times.worker += result.handling_s
                 times.worker_idle += result.idle_s
                 inflight.popleft()

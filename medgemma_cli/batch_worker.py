@@ -10,11 +10,14 @@ it alone until `--retry-failed`.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import queue
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -24,6 +27,9 @@ from medgemma_cli import containment
 from medgemma_cli.errors import MedgemmaError
 from medgemma_cli.inputs.collect import Collected, PromptImage
 from medgemma_cli.runtime import ModelFiles
+
+
+PIPE_SIZE_TEST_ENV = "MEDGEMMA_TEST_PIPE_SIZE"  # tests only: small pipes, so that a protocol deadlock shows
 
 
 @dataclass
@@ -103,16 +109,26 @@ class ModelWorker:
 
     def start(self) -> None:
         """Start the process and have it load the model; returns at once (`wait_ready` waits)."""
-        fd, self._stage_path = tempfile.mkstemp(prefix="medgemma-worker-stage-")
-        os.close(fd)
+        try:
+            fd, self._stage_path = tempfile.mkstemp(prefix="medgemma-worker-stage-")
+            os.close(fd)
+        except OSError:  # no usable temp folder: a crash is still reported, without what it was doing
+            self._stage_path = ""
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
+        if os.environ.get(PIPE_SIZE_TEST_ENV) and hasattr(fcntl, "F_SETPIPE_SZ"):  # tests: pipes that fill at once
+            for fd in (to_child_w, from_child_w):
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, int(os.environ[PIPE_SIZE_TEST_ENV]))
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "medgemma_cli.batch_worker", str(to_child_r), str(from_child_w),
                  self._stage_path, str(os.getpid())], pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=None if self.config.verbose else subprocess.DEVNULL,
                 env={k: v for k, v in os.environ.items() if k != containment.STAGE_FILE_ENV})
+        except BaseException:
+            for fd in (to_child_w, from_child_r):
+                os.close(fd)
+            raise
         finally:
             os.close(to_child_r)
             os.close(from_child_w)
@@ -224,10 +240,23 @@ def _serve(recv: Connection, send: Connection) -> None:
         send.send(("load_error", f"the model could not be loaded: {type(e).__name__}: {e}"))
         return
     send.send(("ready", time.perf_counter() - t0))
+    # Jobs are read by a thread of their own: the batch may queue the next unit (megabytes of pixels, more than
+    # a pipe holds) while this one's answers are being sent, and neither side may wait for the other to read.
+    jobs: queue.Queue = queue.Queue()
+
+    def read_jobs() -> None:
+        try:
+            while (job := recv.recv()) is not None:
+                jobs.put(job)
+        except (EOFError, OSError):
+            pass  # the batch process went away
+        jobs.put(None)
+
+    threading.Thread(target=read_jobs, name="medgemma-worker-jobs", daemon=True).start()
     try:
         while True:
             t_wait = time.perf_counter()
-            if (job := recv.recv()) is None:
+            if (job := jobs.get()) is None:
                 break
             t_job = time.perf_counter()
             inside = 0.0
@@ -268,7 +297,9 @@ def main(argv: list[str]) -> int:
     from medgemma_cli.offline import forbid_sockets
 
     forbid_sockets("batch")  # the local model's process never needs the network
-    containment.use_stage_file(argv[2])
+    if argv[2]:
+        with contextlib.suppress(OSError):
+            containment.use_stage_file(argv[2])
     containment.die_with_parent(int(argv[3]))
     _serve(recv, send)
     return 0

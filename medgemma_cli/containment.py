@@ -76,8 +76,11 @@ def _publish(value: tuple[str, str] | None) -> None:
     _current = value
     if _stage_fd is not None:
         data = ("\t".join(value) if value else "").encode("utf-8", "replace")
-        os.ftruncate(_stage_fd, 0)
-        os.pwrite(_stage_fd, data, 0)
+        try:
+            os.ftruncate(_stage_fd, 0)
+            os.pwrite(_stage_fd, data, 0)
+        except OSError:  # a full /tmp must not stop the work; a crash report would only be vaguer
+            pass
 
 
 @contextmanager
@@ -130,8 +133,11 @@ def supervised_command(argv: list[str]) -> str | None:
 
 def run_supervised(argv: list[str]) -> int:
     """Run `medgemma ARGV` in a child process sharing our terminal; report its death by a signal in one line."""
-    fd, stage_path = tempfile.mkstemp(prefix="medgemma-stage-")
-    os.close(fd)
+    try:
+        fd, stage_path = tempfile.mkstemp(prefix="medgemma-stage-")
+        os.close(fd)
+    except OSError:  # no usable temp folder: crashes are still one line, without the stage
+        stage_path = ""
     env = {**os.environ, SUPERVISED_ENV: str(os.getpid()), STAGE_FILE_ENV: stage_path}
     try:
         proc = subprocess.Popen([sys.executable, "-m", "medgemma_cli", *argv], env=env)
@@ -144,8 +150,14 @@ def run_supervised(argv: list[str]) -> int:
                 try:
                     rc = proc.wait()
                     break
-                except KeyboardInterrupt:  # the child got the same Ctrl-C from the terminal and handles it
-                    continue
+                except KeyboardInterrupt:
+                    # from a terminal the child got the same Ctrl-C and handles it; a SIGINT sent to us alone
+                    # (timeout -s INT, a process manager) is passed on if the child is still running after a moment
+                    try:
+                        rc = proc.wait(timeout=1.0)
+                        break
+                    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+                        proc.send_signal(signal.SIGINT)
         finally:
             for sig, handler in forwarded.items():
                 signal.signal(sig, handler)
@@ -158,19 +170,30 @@ def run_supervised(argv: list[str]) -> int:
         print(f"error: {describe_death(signum, read_stage(stage_path))}", file=sys.stderr, flush=True)
         return 1
     finally:
-        try:
-            os.unlink(stage_path)
-        except OSError:
-            pass
+        if stage_path:
+            try:
+                os.unlink(stage_path)
+            except OSError:
+                pass
 
 
 def init_child() -> None:
     """In a supervised child: publish stages to the parent's file, and die with the parent."""
     path = os.environ.get(STAGE_FILE_ENV)
     parent = os.environ.get(SUPERVISED_ENV, "")
-    if path and parent.isdigit():
-        use_stage_file(path)
+    if parent.isdigit():
+        if path:
+            try:
+                use_stage_file(path)
+            except OSError:
+                pass
         die_with_parent(int(parent))
+        # SIGTERM (forwarded by the parent) unwinds like an exit, so that temporary files are removed
+        signal.signal(signal.SIGTERM, _exit_on_signal)
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def die_with_parent(parent_pid: int) -> None:

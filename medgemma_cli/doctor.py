@@ -50,7 +50,8 @@ def run_doctor(probe: bool = True, reprobe: bool = False) -> DoctorReport:
         llama_loader.forget()
         key = llama_loader.machine_key()
         v = llama_loader.run_probe(key)
-        llama_loader.remember(key, v)
+        if v.cacheable:
+            llama_loader.remember(key, v)
     else:
         v = llama_loader.verdict(probe=probe)
     models = [{"name": m.name, "kind": m.kind, "bytes": m.size} for m in store.list_models()]
@@ -61,7 +62,8 @@ def run_doctor(probe: bool = True, reprobe: bool = False) -> DoctorReport:
         memory_bytes=machine.total_memory_bytes(),
         threads=machine.physical_cores(),
         llama_cpp=_llama_cpp(),
-        extra_buffers={**v.as_dict(), "verdict_file": str(llama_loader.verdict_file())},
+        extra_buffers={**{k: val for k, val in v.as_dict().items() if k != "cacheable"},
+                       "verdict_file": str(llama_loader.verdict_file())},
         onnxruntime=_onnxruntime(),
         store={"home": str(store.home()), "models": models},
     )

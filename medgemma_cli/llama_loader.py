@@ -44,6 +44,7 @@ class Verdict:
     key: str = ""
     buffer_types: tuple[str, ...] = ()  # the weight buffers the probe saw llama.cpp use with them on
     probe_seconds: float | None = None
+    cacheable: bool = True  # a probe that timed out or could not run says nothing about the CPU: ask again later
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,7 +92,7 @@ def _write_cache(key: str, v: Verdict) -> None:
     """Atomically, so two processes probing at once leave one whole file; a read-only store only costs a re-probe."""
     path = verdict_file()
     data = _read_cache()
-    data[key] = {k: val for k, val in v.as_dict().items() if k not in ("source", "key")}
+    data[key] = {k: val for k, val in v.as_dict().items() if k not in ("source", "key", "cacheable")}
     data[key]["probed_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,7 +133,8 @@ def verdict(probe: bool = True) -> Verdict:
             return Verdict(False, "not probed", "no probe has run on this machine and llama.cpp build yet", key)
         else:
             v = run_probe(key)
-            _write_cache(key, v)
+            if v.cacheable:
+                _write_cache(key, v)
         _decided[key] = v
         return v
 
@@ -164,7 +166,7 @@ def run_probe(key: str | None = None, timeout: float = PROBE_TIMEOUT_S) -> Verdi
                                text=True, timeout=timeout, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             return Verdict(False, "probe", f"the probe did not finish within {timeout:.0f} s", key,
-                           probe_seconds=round(time.perf_counter() - t0, 2))
+                           probe_seconds=round(time.perf_counter() - t0, 2), cacheable=False)
     seconds = round(time.perf_counter() - t0, 2)
     if r.returncode < 0:
         return Verdict(False, "probe", f"llama.cpp crashed ({signal_name(-r.returncode)}) with extra buffer types on",
@@ -173,7 +175,8 @@ def run_probe(key: str | None = None, timeout: float = PROBE_TIMEOUT_S) -> Verdi
         report = json.loads(r.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
         tail = (r.stderr.strip().splitlines() or ["no output"])[-1][:200]
-        return Verdict(False, "probe", f"the probe failed (exit {r.returncode}: {tail})", key, probe_seconds=seconds)
+        return Verdict(False, "probe", f"the probe failed (exit {r.returncode}: {tail})", key, probe_seconds=seconds,
+                       cacheable=False)
     types = tuple(report.get("buffer_types") or ())
     if not report.get("same_logits"):
         return Verdict(False, "probe", f"extra buffer types gave other logits (max difference "
@@ -186,7 +189,7 @@ def run_probe(key: str | None = None, timeout: float = PROBE_TIMEOUT_S) -> Verdi
 
 # --- loading -----------------------------------------------------------------------------------------------
 
-_patch_lock = threading.Lock()
+_patch_lock = threading.RLock()  # a load inside a load (re-entrant) must not wait for itself
 
 
 def _without_extra_buffers(original: Callable[[], Any]) -> Callable[[], Any]:

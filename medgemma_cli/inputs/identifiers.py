@@ -20,7 +20,9 @@ DATE_TAGS = ("PatientBirthDate",)
 PLACE_TAGS = ("InstitutionName", "InstitutionAddress")
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December")
-MIN_LENGTH = 2  # one-letter initials would hit every "a" and "I"
+MIN_LENGTH = 3  # shorter strings ("Al", "CT", "12") are words and numbers of clinical text far more often
+PARTICLES = {"de", "la", "le", "el", "al", "da", "di", "du", "del", "der", "den", "van", "von", "ten", "ter", "bin",
+             "ibn", "bint", "mac", "st", "dos", "das", "des", "y", "e"}
 
 
 @dataclass
@@ -29,11 +31,18 @@ class Identifiers:
 
     found: dict[str, set[str]] = field(default_factory=lambda: {"[NAME]": set(), "[ID]": set(), "[DATE]": set(),
                                                                     "[INSTITUTION]": set()})
+    # one-word name parts are matched only as names are written (Capitalised or UPPER CASE): "White^Al" must not
+    # turn "white matter" into "[NAME] matter"
+    name_words: set[str] = field(default_factory=set)
 
     def add_dataset(self, ds: Any) -> None:
         for tag in NAME_TAGS:
             for value in _values(ds.get(tag)):
-                self.found["[NAME]"].update(name_forms(str(value)))
+                for form in name_forms(str(value)):
+                    if " " in form or "^" in form or "," in form:
+                        self.found["[NAME]"].add(form)
+                    elif form.lower() not in PARTICLES:
+                        self.name_words.add(form)
         for tag in ID_TAGS:
             self.found["[ID]"].update(str(v).strip() for v in _values(ds.get(tag)))
         for item in ds.get("OtherPatientIDsSequence") or []:
@@ -45,19 +54,34 @@ class Identifiers:
             self.found["[INSTITUTION]"].update(str(v).strip() for v in _values(ds.get(tag)))
 
     def __bool__(self) -> bool:
-        return any(self.found.values())
+        return any(self.found.values()) or bool(self.name_words)
 
     def scrub(self, text: str) -> tuple[str, int]:
         """`text` with every known identifier replaced, and how many were."""
         total = 0
-        for placeholder, strings in self.found.items():  # names first: "Jane Doe" before "Doe"
-            usable = sorted({s for s in strings if len(s) >= MIN_LENGTH}, key=len, reverse=True)
-            if not usable:
-                continue
-            pattern = re.compile(r"(?<![\w])(?:" + "|".join(_loose(s) for s in usable) + r")(?![\w])", re.IGNORECASE)
-            text, n = pattern.subn(placeholder, text)
+        for placeholder, strings in self.found.items():  # whole names first: "Jane Doe" before "Doe"
+            usable = sorted({s for s in strings if _usable(s, placeholder)}, key=len, reverse=True)
+            if usable:
+                text, n = _pattern(usable, re.IGNORECASE).subn(placeholder, text)
+                total += n
+        words = sorted({w for part in self.name_words if len(part) >= MIN_LENGTH
+                        for w in (part[:1].upper() + part[1:].lower(), part.upper(), part)}, key=len, reverse=True)
+        if words:
+            text, n = _pattern(words, 0).subn("[NAME]", text)
             total += n
         return text, total
+
+
+def _usable(s: str, placeholder: str) -> bool:
+    if len(s) < MIN_LENGTH:
+        return False
+    if placeholder == "[ID]":  # short IDs must look like IDs (letters and digits), or they hit measurements
+        return len(s) >= 4 or (any(c.isdigit() for c in s) and any(c.isalpha() for c in s))
+    return True
+
+
+def _pattern(literals: list[str], flags: int) -> re.Pattern[str]:
+    return re.compile(r"(?<![\w])(?:" + "|".join(_loose(s) for s in literals) + r")(?![\w])", flags)
 
 
 def _values(value: Any) -> list[Any]:

@@ -185,3 +185,39 @@ def test_describe_death():
     assert line == "llama.cpp crashed (SIGSEGV) while reading the prompt; `medgemma doctor` shows why"
     assert containment.describe_death(signal.SIGABRT, None).startswith("medgemma crashed (SIGABRT);")
     assert "out of memory" in containment.describe_death(signal.SIGKILL, ("llama.cpp", "loading the model"))
+
+
+def test_batch_worker_protocol_does_not_deadlock_on_full_pipes(model, tmp_path):
+    """The next unit (pixels, more than a pipe holds) is queued while the current one's answers come back (more
+    than a pipe holds): neither process may wait for the other to read. Pipes shrunk to one page make it show."""
+    import pydicom
+
+    root = tmp_path / "scans"
+    (root / "ct").mkdir(parents=True)
+    Image.fromarray(np.full((16, 16, 3), 70, np.uint8)).save(root / "a.png")
+    base = pydicom.dcmread(CT)
+    for i in range(6):
+        base.SOPInstanceUID = f"1.2.826.0.1.3680043.55.{i}"
+        base.ImagePositionPatient = [0.0, 0.0, 2.0 * i]
+        base.save_as(root / "ct" / f"s{i}.dcm")
+    questions = tmp_path / "q.txt"
+    questions.write_text("".join(f"Question {i}: " + "is there anything at all to report here? " * 5 + "\n"
+                                 for i in range(30)))
+    out = tmp_path / "r.jsonl"
+    r = medgemma("batch", str(root), "--questions", str(questions), "--out", str(out), "--model", str(model),
+                 "--max-tokens", "2", "--quiet", home=tmp_path, timeout=240,
+                 extra_env={"MEDGEMMA_TEST_PIPE_SIZE": "4096"})
+    assert r.returncode == 0, r.stderr
+    assert len(out.read_text().splitlines()) == 2 * 30
+
+
+def test_batch_stops_when_every_unit_crashes(model, folder, tmp_path):
+    """Three units in a row crashing twice each: the fault is not in the units; stop with one line."""
+    out = tmp_path / "r.jsonl"
+    r = medgemma("batch", str(folder), "-q", "A?", "--out", str(out), "--model", str(model), "--max-tokens", "4",
+                 "--quiet", home=tmp_path, crash="unit:img")
+    assert r.returncode == 1
+    lines = _lines(r.stderr)
+    assert "on 3 units in a row: stopped" in lines[-1] and "Traceback" not in r.stderr
+    records = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert len(records) == 3 and all("crashed (SIGSEGV)" in x["error"] for x in records)

@@ -111,6 +111,7 @@ def test_a_hanging_probe_counts_as_unsafe(fresh, monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "executable", str(hang))
     v = llama_loader.run_probe("k", timeout=1.0)
     assert not v.enabled and "did not finish" in v.reason
+    assert not v.cacheable  # a busy machine says nothing about the CPU: the next run probes again
 
 
 def test_a_server_process_follows_the_verdict(fresh, probe_model):

@@ -211,3 +211,17 @@ def test_no_identifier_reaches_the_server(study, tmp_path):
     assert leaks(bodies[0]) == []
     assert leaks(out.read_text()) == []
     assert np.isfinite(json.loads(out.read_text())["identifiers_removed"])
+
+
+def test_clinical_words_that_are_also_names_stay():
+    ds = pydicom.Dataset()
+    ds.PatientName = "de la Cruz^Maria"
+    ds.ReferringPhysicianName = "White^Al"
+    ds.OperatorsName = "CT"
+    ds.PatientID = "12"
+    known = from_datasets([ds])
+    text = "On CT the white matter of de la Cruz's brain shows a 12 mm nodule; Dr White and Maria Cruz agree."
+    out, n = known.scrub(text)
+    assert out == ("On CT the white matter of [NAME]'s brain shows a 12 mm nodule; Dr [NAME] and [NAME] [NAME] "
+                   "agree."), out  # "CT", "white", "12" and the particles are text, not names or IDs
+    assert n == 4
