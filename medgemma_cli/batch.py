@@ -151,14 +151,14 @@ def make_units(folder: Path, files: list[Path], unit: str = "series") -> list[Un
     return list(units.values())
 
 
-def unit_id_key(out: Path) -> bytes:
+def unit_id_key(out: Path, has_records: bool = False) -> bytes:
     """The secret behind one results file's unit ids, kept beside it (`<out>.unit-key`, owner-only): stable, so a
     resumed run finds its records; the site can map its own UIDs to ids with it; nobody else can."""
     path = Path(out).with_name(Path(out).name + ".unit-key")
     try:
         text = path.read_text(encoding="ascii").strip()
     except FileNotFoundError:
-        if Path(out).is_file() and Path(out).stat().st_size > 0:  # ids made without this key: all would be redone
+        if has_records:  # ids made without this key: every unit would be redone and recorded twice
             raise InputError(path, f"missing, but {Path(out).name} already holds records (from an older "
                                    "medgemma-cli, or --include-phi?); restore the key or choose another --out") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -489,7 +489,7 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
         units = make_units(folder, w.files, unit)
         records = RecordFile(out, fmt, retry_failed)  # the lock first: the key and the records are this run's
         if not include_phi:  # DICOM UIDs identify the patient's study; records carry keyed hashes of them
-            key = unit_id_key(out)
+            key = unit_id_key(out, has_records=bool(records.done))
             for u in units:
                 u.id = pseudonym(key, u.id)
         if server is not None:

@@ -549,3 +549,26 @@ def test_our_outputs_inside_the_folder_are_not_inputs(tmp_path, convert_tiny):
     assert len(out.read_text().splitlines()) == 2
     assert (root / "results.jsonl.thumbs").is_dir() and any((root / "results.jsonl.thumbs").iterdir())
     assert not any("thumbs" in path or "unit-key" in path or ".lock" in path for path, _ in s.skipped)
+
+
+def test_a_lost_unit_key_is_said_not_replaced(tmp_path, convert_tiny):
+    """Without its key the records' ids cannot be matched: replacing it would redo and duplicate everything."""
+    from medgemma_cli.errors import InputError
+
+    root = tmp_path / "scans"
+    root.mkdir()
+    Image.fromarray(np.full((16, 16, 3), 50, np.uint8)).save(root / "a.png")
+    out = tmp_path / "r.csv"
+    run_batch(root, ["A?"], out, fmt="csv", model=convert_tiny("Q8_0"), options=AskOptions(max_tokens=3))
+    key = out.with_name("r.csv.unit-key")
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    saved = key.read_bytes()
+    key.unlink()
+    with pytest.raises(InputError, match="unit-key: missing, but r.csv already holds records"):
+        run_batch(root, ["A?"], out, fmt="csv", model=convert_tiny("Q8_0"), options=AskOptions(max_tokens=3))
+    key.write_text("not a key")
+    with pytest.raises(InputError, match="not a unit-id key"):
+        run_batch(root, ["A?"], out, fmt="csv", model=convert_tiny("Q8_0"), options=AskOptions(max_tokens=3))
+    key.write_bytes(saved)
+    again = run_batch(root, ["A?"], out, fmt="csv", model=convert_tiny("Q8_0"), options=AskOptions(max_tokens=3))
+    assert again.records_written == 0 and again.done_before == 1
