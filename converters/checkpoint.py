@@ -58,6 +58,9 @@ class Checkpoint:
                 raise InputError(index_path, "has no weight_map")
             names = sorted(set(weight_map.values()))
             for n in names:
+                if not isinstance(n, str) or Path(n).name != n or n in (".", "..") or not n.endswith(".safetensors"):
+                    # a shard is a .safetensors file beside the index, never a path elsewhere (../../etc/passwd)
+                    raise InputError(index_path, f"names a shard outside the checkpoint folder: {str(n)[:80]!r}")
                 if not (self.folder / n).is_file():
                     raise InputError(self.folder / n, f"missing (listed in {index_path.name})")
             self._index = weight_map

@@ -7,6 +7,7 @@ checkpoint becomes `gemma3` + `clip`/`gemma3` GGUF files lives here, as tables w
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,6 +167,37 @@ def _rope(text_cfg: dict[str, Any]) -> tuple[float, float, str | None, float | N
     return theta, theta_local, "linear", float(scaling["factor"])
 
 
+_TEXT_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_VISION_LAYER = re.compile(r"encoder\.layers\.(\d+)\.")
+
+
+def check_against_weights(spec: Gemma3Spec, shapes: dict[str, tuple[int, ...]], config_path: Any) -> None:
+    """The sizes config.json declares must be those of the weights present, checked before anything is sized
+    from them: a config saying 10^9 layers or a 10^12-token vocabulary is refused, not allocated."""
+    text_layers = {int(m.group(1)) for n in shapes if "vision" not in n and (m := _TEXT_LAYER.search(n))}
+    if _mismatch(spec.text.layers, len(text_layers)):
+        raise InputError(config_path, f"num_hidden_layers is {spec.text.layers}, but the weights hold "
+                                      f"{len(text_layers)} text layers")
+    embed = [shape for n, shape in shapes.items() if n.endswith("embed_tokens.weight") and "vision" not in n]
+    if embed and tuple(embed[0]) != (spec.text.vocab, spec.text.hidden):
+        raise InputError(config_path, f"vocab_size {spec.text.vocab} and hidden_size {spec.text.hidden} do not match "
+                                      f"the embedding's shape {list(embed[0])}")
+    if spec.vision is not None:
+        vision_layers = {int(m.group(1)) for n in shapes if "vision" in n and (m := _VISION_LAYER.search(n))}
+        if _mismatch(spec.vision.layers, len(vision_layers)):
+            raise InputError(config_path, f"vision num_hidden_layers is {spec.vision.layers}, but the weights hold "
+                                          f"{len(vision_layers)} vision layers")
+
+
+def _mismatch(declared: int, present: int) -> bool:
+    """A layer count to refuse here. With no layer at all present (a whole tower left out) and a plausible count,
+    the tensor check that follows names the missing tensors, which says more."""
+    return declared != present and (present > 0 or not 0 < declared <= MAX_PLAUSIBLE_LAYERS)
+
+
+MAX_PLAUSIBLE_LAYERS = 1024
+
+
 def read_spec(config: dict[str, Any], processor_config: dict[str, Any], config_path: Any) -> Gemma3Spec:
     """Validate a Gemma 3 config and check that llama.cpp's hard-coded assumptions hold for it."""
     archs = config.get("architectures") or []
@@ -182,6 +214,8 @@ def read_spec(config: dict[str, Any], processor_config: dict[str, Any], config_p
     heads = int(_get(tc, "num_attention_heads", 8, path=p))
     hidden = int(_get(tc, "hidden_size", path=p))
     layers = int(_get(tc, "num_hidden_layers", path=p))
+    if not 0 < layers <= MAX_PLAUSIBLE_LAYERS:  # checked before anything is sized by it
+        raise InputError(p, f"num_hidden_layers is {layers}: no Gemma 3 has more than {MAX_PLAUSIBLE_LAYERS}")
     head_dim = int(_get(tc, "head_dim", 256, path=p))
     theta, theta_local, scaling, factor = _rope(tc)
     text = TextParams(

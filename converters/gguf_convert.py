@@ -214,6 +214,7 @@ def convert_gguf(src: Path | str, out: Path | str, preset: str = DEFAULT_PRESET,
     importance = read_imatrix(imatrix) if imatrix is not None else None
     with Checkpoint(src) as ckpt:
         spec = gemma3.read_spec(ckpt.config, ckpt.processor_config, ckpt.config_path)
+        gemma3.check_against_weights(spec, {name: e.shape for name, e in ckpt.entries.items()}, ckpt.config_path)
         vocab = read_vocabulary(src, spec.text.vocab)
         plan = plan_tensors(ckpt, spec, pre, MMPROJ_TYPES[mmproj_type], importance)
         if importance is not None and not any(t.imatrix is not None for t in plan.text):

@@ -196,3 +196,69 @@ def test_real_write_failure_leaves_nothing(ckpt, tmp_path):
     assert r.returncode == 3, r.stderr[-2000:]
     assert "writing failed: File too large" in r.stdout
     assert not (tmp_path / "limited").exists()
+
+
+def _convert_bounded(ckpt: Path, out: Path):
+    """`medgemma convert` in a child limited to 2 GB of address space and 120 s, so that a config which makes
+    the converter allocate for it fails this test instead of the machine."""
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+    env = {**os.environ, "MEDGEMMA_HOME": str(out.parent / "home")}
+    return subprocess.run([sys.executable, "-m", "medgemma_cli", "convert", str(ckpt), "--out", str(out),
+                           "--vision-onnx", "none"], capture_output=True, text=True, env=env, timeout=120,
+                          preexec_fn=limit)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["text_config"].update(num_hidden_layers=10**9), r"num_hidden_layers is 1000000000"),
+    (lambda c: c["text_config"].update(vocab_size=10**12), r"vocab_size 1000000000000 and hidden_size .* do not match"),
+    (lambda c: c["vision_config"].update(num_hidden_layers=10**9), r"vision num_hidden_layers is 1000000000"),
+])
+def test_config_sizes_are_checked_against_the_weights_first(ckpt, tmp_path, edit, message):
+    _edit_config(ckpt, edit)
+    r = _convert_bounded(ckpt, tmp_path / "out")
+    assert r.returncode == 1, r.stderr[-1000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "config.json" in lines[0]
+    import re
+
+    assert re.search(message, lines[0]), lines[0]
+    _assert_nothing_left(tmp_path / "out")
+
+
+def test_overlapping_tensors_are_refused(ckpt, tmp_path):
+    """Two header entries pointing at the same bytes: a crafted file, refused before any read."""
+    import struct
+
+    path = ckpt / "model.safetensors"
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    names = [k for k, v in header.items() if k != "__metadata__" and v["dtype"] == "F32" and v["shape"] == [64]][:2]
+    assert len(names) == 2
+    header[names[1]]["data_offsets"] = list(header[names[0]]["data_offsets"])
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+    with pytest.raises(InputError, match=r"model\.safetensors: corrupt safetensors header: tensors .* overlap"):
+        read_header(path)
+
+
+def test_a_shard_index_cannot_name_files_elsewhere(ckpt, tmp_path):
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"language_model.model.embed_tokens.weight": "../../../../etc/passwd"}}))
+    with pytest.raises(InputError, match=r"index\.json: names a shard outside the checkpoint folder"):
+        convert(ckpt, tmp_path / "out")
+    _assert_nothing_left(tmp_path / "out")
+
+
+def test_declared_layers_must_be_the_layers_present(ckpt, tmp_path):
+    _edit_config(ckpt, lambda c: c["text_config"].update(num_hidden_layers=900))
+    with pytest.raises(InputError, match=r"num_hidden_layers is 900, but the weights hold 6 text layers"):
+        convert(ckpt, tmp_path / "out")
