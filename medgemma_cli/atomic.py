@@ -12,6 +12,9 @@ from types import TracebackType
 from medgemma_cli.errors import OutputError
 
 
+COMMIT_NAME = "manifest.json"
+
+
 class AtomicFolder:
     """Write files under temporary names inside `folder`, rename them into place only on success.
 
@@ -34,6 +37,13 @@ class AtomicFolder:
             for name in self.final_names:
                 if (self.folder / name).exists():
                     raise OutputError(self.folder / name, "already exists (use --force to replace it)")
+        from medgemma_cli.store import leftovers
+
+        for stale in leftovers(self.folder) if self.folder.is_dir() else []:  # from conversions that were killed
+            try:
+                stale.unlink()
+            except OSError:
+                pass
         missing = []
         p = self.folder
         while not p.exists():
@@ -74,9 +84,15 @@ class AtomicFolder:
                  tb: TracebackType | None) -> None:
         self._cleanup(self._scratch)
         if exc_type is None:
-            for name in self.final_names:
+            # the manifest is the commit point: the old one goes first and the new one comes last, so a kill
+            # between the renames leaves a folder that is not a model, never a model made of two conversions
+            names = sorted(self.final_names, key=lambda n: n == COMMIT_NAME)
+            if COMMIT_NAME in self._temps:
+                (self.folder / COMMIT_NAME).unlink(missing_ok=True)
+            for name in names:
                 if name in self._temps and self._temps[name].exists():  # optional outputs may not exist
                     os.replace(self._temps[name], self.folder / name)
+            (self.folder / ".verified.json").unlink(missing_ok=True)  # checksums of the old files no longer apply
             return
         self._cleanup(list(self._temps.values()))
         for folder in reversed(self._created):

@@ -457,32 +457,67 @@ def embed(
 
 @app.command()
 @_guard
-def models(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+def models(
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+    verify: bool = typer.Option(False, "--verify", help="Check every file's SHA-256 against its manifest (reads every byte)."),
+) -> None:
     """List the converted models in the store (MEDGEMMA_HOME, or the user data folder).
 
-    [bold]Example[/]
+    Sizes are checked whenever a model loads, and SHA-256 sums on the first load after a file changed;
+    [bold]--verify[/] checks every sum now. Folders that are not complete models, and files left by killed
+    conversions, are listed as warnings.
+
+    [bold]Examples[/]
 
       medgemma models
+      medgemma models --verify
     """
     from medgemma_cli import store
 
     found = store.list_models()
+    problems: dict[str, str] = {}
+    if verify:
+        for m in found:
+            try:
+                store.check_files(m.path, store.read_manifest(m.path), full=True)
+            except MedgemmaError as e:
+                problems[m.name] = str(e)
+    damaged = store.damaged_entries()
     if as_json:
         out.print_json(json.dumps([{"name": m.name, "path": str(m.path), "kind": m.kind, "size": m.size,
-                                    "preset": m.manifest.get("preset")} for m in found]))
+                                    "preset": m.manifest.get("preset"),
+                                    **({"verified": m.name not in problems, "problem": problems.get(m.name)}
+                                       if verify else {})} for m in found]))
+        for path, why in damaged:
+            err.print(f"[yellow]warning:[/] {path}: {why}", soft_wrap=True)
+        if problems:
+            raise typer.Exit(1)
         return
     if not found:
         out.print(f"No converted models in {store.models_dir()} yet. Convert one with: medgemma convert CHECKPOINT_DIR")
+        for path, why in damaged:
+            err.print(f"[yellow]warning:[/] {path}: {why}", soft_wrap=True)
         return
     from rich.table import Table
 
     table = Table(title=f"Models in {store.models_dir()}", title_justify="left")
     for col in ("name", "kind", "preset", "size", "source"):
         table.add_column(col)
+    if verify:
+        table.add_column("verified")
     for m in found:
-        table.add_row(m.name, m.kind, str(m.manifest.get("preset")), human_bytes(m.size),
-                      str(m.manifest.get("source", {}).get("architecture", "")))
+        row = [m.name, m.kind, str(m.manifest.get("preset")), human_bytes(m.size),
+               str(m.manifest.get("source", {}).get("architecture", ""))]
+        if verify:
+            row.append("[green]ok[/]" if m.name not in problems else "[red]damaged[/]")
+        table.add_row(*row)
     out.print(table)
+    for name, problem in problems.items():
+        err.print(f"[red]error:[/] {problem}", soft_wrap=True)
+    for path, why in damaged:
+        err.print(f"[yellow]warning:[/] {path}: {why}", soft_wrap=True)
+    if problems:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -76,14 +76,21 @@ def resolve_model(model: Path | None = None, gguf: Path | None = None, mmproj: P
             raise InputError(gguf, "no such GGUF file")
         if mmproj is not None and not Path(mmproj).is_file():
             raise InputError(mmproj, "no such mmproj file")
+        for path in (gguf, mmproj):  # files from elsewhere have no manifest: their structure is checked instead
+            if path is not None:
+                check_gguf(Path(path))
         return ModelFiles(Path(gguf), Path(mmproj) if mmproj else None, Path(gguf).stem)
     if model is None:
         model = store.newest("gguf", "MedGemma")
     model = Path(model)
-    if (model / "text.gguf").is_file():
-        mm = model / "mmproj.gguf"
-        vo = model / "vision.onnx"
-        return ModelFiles(model / "text.gguf", mm if mm.is_file() else None, model.name, vo if vo.is_file() else None)
+    if (model / "text.gguf").is_file() or (model / store.MANIFEST).is_file():
+        manifest = store.read_manifest(model)  # no manifest: a conversion that did not finish
+        if manifest.get("kind") != "gguf" or "text.gguf" not in manifest["files"]:
+            raise InputError(model, f"a {manifest.get('kind', 'unknown')} model, not MedGemma GGUF")
+        store.check_files(model, manifest)
+        has = manifest["files"]
+        return ModelFiles(model / "text.gguf", model / "mmproj.gguf" if "mmproj.gguf" in has else None, model.name,
+                          model / "vision.onnx" if "vision.onnx" in has else None)
     if model.is_dir():
         raise InputError(model, "no text.gguf here (is this a folder written by `medgemma convert`?)")
     from medgemma_cli import store as _store
@@ -92,6 +99,23 @@ def resolve_model(model: Path | None = None, gguf: Path | None = None, mmproj: P
     if (named / "text.gguf").is_file():
         return resolve_model(named)
     raise InputError(model, "no such model folder (see `medgemma models`)")
+
+
+def check_gguf(path: Path) -> None:
+    """Parse a GGUF from elsewhere with ggml's reader and check every tensor lies inside the file, so that a
+    corrupt file is one line naming it rather than an abort inside llama.cpp's loader."""
+    from medgemma_cli.kernels.ggml import GgmlLibraryError
+
+    try:
+        info = read_gguf_info(path, keys={"general.architecture"})
+    except GgmlLibraryError:
+        raise InputError(path, "not a readable GGUF file (corrupt or truncated)") from None
+    size = path.stat().st_size
+    for t in info.tensors:
+        if t.offset < 0 or t.offset + t.size > size:
+            raise InputError(path, f"tensor {t.name!r} lies beyond the end of the file (truncated?)")
+    if "general.architecture" not in info.kv:
+        raise InputError(path, "a GGUF file without general.architecture: not a model")
 
 
 class OnnxVision:

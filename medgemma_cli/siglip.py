@@ -120,12 +120,12 @@ def resolve_siglip(model: Path | None) -> SiglipModelFiles:
     folder = Path(model)
     if not (folder / "manifest.json").is_file() and (store.models_dir() / str(model) / "manifest.json").is_file():
         folder = store.models_dir() / str(model)
-    try:
-        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(folder, "not a converted model folder (no readable manifest.json)") from e
+    if not folder.is_dir():
+        raise InputError(folder, "not a converted model folder")
+    manifest = store.read_manifest(folder)
     if manifest.get("kind") != "onnx-siglip":
         raise InputError(folder, f"a {manifest.get('kind', 'unknown')} model, not MedSigLIP (convert a SigLIP checkpoint)")
+    store.check_files(folder, manifest)
     return SiglipModelFiles(folder, manifest)
 
 

@@ -19,7 +19,7 @@ def test_causal_lm_converts_and_matches(tmp_path, chat_prompt):
 
     ckpt = make_checkpoint(tmp_path / "text-only", "tiny", architecture="Gemma3ForCausalLM", seed=5)
     result = convert(ckpt, tmp_path / "out", preset="F32")
-    assert sorted(p.name for p in result.path.iterdir()) == ["manifest.json", "text.gguf"]
+    assert sorted(p.name for p in result.path.iterdir() if not p.name.startswith(".")) == ["manifest.json", "text.gguf"]
     assert set(result.manifest["files"]) == {"text.gguf"}
 
     model, info = Gemma3ForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="eager",
