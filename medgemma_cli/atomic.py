@@ -33,7 +33,9 @@ class AtomicFolder:
     def __enter__(self) -> "AtomicFolder":
         if self.folder.exists() and not self.folder.is_dir():
             raise OutputError(self.folder, "exists and is not a folder")
-        if not self.overwrite:
+        # a folder holding some outputs but no manifest is what a killed conversion left: not a model to protect
+        unfinished = COMMIT_NAME in self.final_names and not (self.folder / COMMIT_NAME).exists()
+        if not self.overwrite and not unfinished:
             for name in self.final_names:
                 if (self.folder / name).exists():
                     raise OutputError(self.folder / name, "already exists (use --force to replace it)")
