@@ -33,19 +33,20 @@ class AtomicFolder:
     def __enter__(self) -> "AtomicFolder":
         if self.folder.exists() and not self.folder.is_dir():
             raise OutputError(self.folder, "exists and is not a folder")
-        # a folder holding some outputs but no manifest is what a killed conversion left: not a model to protect
-        unfinished = COMMIT_NAME in self.final_names and not (self.folder / COMMIT_NAME).exists()
+        from medgemma_cli.store import leftovers
+
+        stale = leftovers(self.folder) if self.folder.is_dir() else []  # temporaries of conversions that were killed
+        # outputs without a manifest, beside a killed conversion's temporaries, are that conversion's: not a model
+        unfinished = bool(stale) and COMMIT_NAME in self.final_names and not (self.folder / COMMIT_NAME).exists()
+        for path in stale:
+            try:
+                path.unlink()
+            except OSError:
+                pass
         if not self.overwrite and not unfinished:
             for name in self.final_names:
                 if (self.folder / name).exists():
                     raise OutputError(self.folder / name, "already exists (use --force to replace it)")
-        from medgemma_cli.store import leftovers
-
-        for stale in leftovers(self.folder) if self.folder.is_dir() else []:  # from conversions that were killed
-            try:
-                stale.unlink()
-            except OSError:
-                pass
         missing = []
         p = self.folder
         while not p.exists():

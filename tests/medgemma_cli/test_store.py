@@ -134,13 +134,15 @@ def test_a_foreign_gguf_is_checked_before_loading(model, tmp_path):
 
 
 def test_converting_again_over_an_unfinished_folder_needs_no_force(tiny_ckpt, tmp_path):
-    """Killed after text.gguf was renamed but before the manifest: that is not a model, so nothing to protect."""
+    """Killed after text.gguf was renamed but before the manifest: that is not a model, so nothing to protect (a
+    GGUF of the user's own in a folder without such traces is still protected: test_errors)."""
     from medgemma_cli.conversion import convert
     from medgemma_cli.errors import OutputError
 
     out = tmp_path / "out"
     out.mkdir()
     (out / "text.gguf").write_bytes(b"half of an old conversion")
+    (out / ".manifest.json.partial-999999999").write_text("{}")  # its manifest never made it
     result = convert(tiny_ckpt, out, preset="Q8_0", vision_onnx="none")
     assert resolve_model(result.path).text.stat().st_size > 1000
     with pytest.raises(OutputError, match="already exists"):  # a finished model is still protected
