@@ -107,9 +107,12 @@ def check_gguf(path: Path) -> None:
     from medgemma_cli.kernels.ggml import GgmlLibraryError
 
     try:
-        info = read_gguf_info(path, keys={"general.architecture"})
+        with quiet_stderr():  # ggml explains on stderr why it refuses; the one line below says it for the user
+            info = read_gguf_info(path, keys={"general.architecture"})
     except GgmlLibraryError:
         raise InputError(path, "not a readable GGUF file (corrupt or truncated)") from None
+    except UnicodeDecodeError:
+        raise InputError(path, "not a readable GGUF file (a tensor or key name is not UTF-8)") from None
     size = path.stat().st_size
     for t in info.tensors:
         if t.offset < 0 or t.offset + t.size > size:
@@ -177,9 +180,13 @@ class Engine:
         if gpu_layers is None:
             gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0
         self.gpu_layers = gpu_layers
-        with stage("llama.cpp", "loading the model"), quiet_stderr(not verbose):
-            self.llm = load_llama(files.text, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
-                                  n_threads_batch=threads, n_gpu_layers=gpu_layers, verbose=verbose)
+        try:
+            with stage("llama.cpp", "loading the model"), quiet_stderr(not verbose):
+                self.llm = load_llama(files.text, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
+                                      n_threads_batch=threads, n_gpu_layers=gpu_layers, verbose=verbose)
+        except (ValueError, UnicodeDecodeError) as e:  # llama-cpp-python's "Failed to load model", bad metadata
+            raise InputError(files.text, f"llama.cpp could not load this model ({type(e).__name__}); the file is "
+                                         "corrupt or not a MedGemma GGUF") from None
         self._lib = llama_cpp
         self.ctx = self.llm._ctx.ctx
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm._model.model)
