@@ -97,11 +97,13 @@ def frames(ds: Any, path: Path) -> np.ndarray:
     """Decoded pixel values, [frames, rows, cols] or [frames, rows, cols, 3] (colour already RGB)."""
     from pydicom.pixels import apply_color_lut
 
+    from medgemma_cli.inputs.limits import check_dicom_pixels
+
+    n = check_dicom_pixels(ds, path)  # before decoding: sizes, frame count, the codestream's own header
     try:
         arr = ds.pixel_array
     except Exception as e:  # decoders raise many types; the message is what the user needs
         raise InputError(path, f"cannot decode the pixel data ({ds.file_meta.TransferSyntaxUID.name}): {e}") from e
-    n = int(ds.get("NumberOfFrames", 1) or 1)
     if ds.get("PhotometricInterpretation") == "PALETTE COLOR":
         arr = apply_color_lut(arr, ds)
         if arr.dtype != np.uint8:  # 16-bit palette entries → 8 bits
@@ -280,8 +282,10 @@ def assemble(datasets: list[tuple[Path, Any]], max_slices: int = MAX_SLICES) -> 
     each volume is sampled evenly along its axis."""
     series: dict[str, list[Slice]] = {}
     heads: dict[str, Any] = {}
+    from medgemma_cli.inputs.limits import check_dicom_pixels
+
     for path, ds in datasets:
-        n = int(ds.get("NumberOfFrames", 1) or 1)
+        n = check_dicom_pixels(ds, path)  # a frame count from the header is checked before anything is made per frame
         uid = str(ds.get("SeriesInstanceUID", "")) or f"file:{path}"
         if n > 1:
             uid = f"{uid}/{ds.get('SOPInstanceUID', path)}"  # a multi-frame object is its own volume

@@ -3,6 +3,7 @@ letterbox), done by us so that llama.cpp's aspect-preserving letterbox never app
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,16 +26,30 @@ def load_rgb(path: Path) -> np.ndarray:
     """An image file as H×W×3 uint8: grey replicated, alpha dropped, 16-bit scaled by the dtype maximum."""
     from PIL import Image, UnidentifiedImageError
 
+    from medgemma_cli.inputs.limits import check_image_size, limit, raise_hint
+
+    if Image.MAX_IMAGE_PIXELS is not None and limit("image_pixels") > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = limit("image_pixels")  # raised by the user above PIL's own guard: follow it
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                a = np.asarray(im).astype(np.float64)
-                peak = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
-                g = np.clip(np.round(a / peak * 255.0), 0, 255).astype(np.uint8)
-                return np.repeat(g[..., None], 3, axis=-1)
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit below says it better
+            with Image.open(path) as im:  # reads the header only: the size is known before anything is decoded
+                w, h = im.size
+                if im.format == "JPEG" and w * h > limit("image_pixels"):
+                    im.draft("RGB", (w // 8 + 1, h // 8 + 1))  # libjpeg decodes at 1/2, 1/4 or 1/8 scale, free
+                    w, h = im.size
+                check_image_size(path, w, h)
+                im.load()
+                if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                    a = np.asarray(im).astype(np.float64)
+                    peak = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+                    g = np.clip(np.round(a / peak * 255.0), 0, 255).astype(np.uint8)
+                    return np.repeat(g[..., None], 3, axis=-1)
+                return np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError as e:
+        raise InputError(path, f"is over the limit of {limit('image_pixels'):,} pixels ({e}; "
+                               f"{raise_hint('image_pixels')})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise InputError(path, f"not a readable image ({e})") from e
 
 
