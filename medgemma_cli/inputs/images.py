@@ -3,6 +3,7 @@ letterbox), done by us so that llama.cpp's aspect-preserving letterbox never app
 
 from __future__ import annotations
 
+import threading
 import warnings
 from pathlib import Path
 
@@ -28,12 +29,10 @@ def load_rgb(path: Path) -> np.ndarray:
 
     from medgemma_cli.inputs.limits import check_image_size, limit, raise_hint
 
-    if Image.MAX_IMAGE_PIXELS is not None and limit("image_pixels") > Image.MAX_IMAGE_PIXELS:
-        Image.MAX_IMAGE_PIXELS = limit("image_pixels")  # raised by the user above PIL's own guard: follow it
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit below says it better
-            with Image.open(path) as im:  # reads the header only: the size is known before anything is decoded
+            with _open_unguarded(path) as im:  # the header only: the size is known before anything is decoded
                 w, h = im.size
                 if im.format == "JPEG" and w * h > limit("image_pixels"):
                     im.draft("RGB", (w // 8 + 1, h // 8 + 1))  # libjpeg decodes at 1/2, 1/4 or 1/8 scale, free
@@ -51,6 +50,22 @@ def load_rgb(path: Path) -> np.ndarray:
                                f"{raise_hint('image_pixels')})") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise InputError(path, f"not a readable image ({e})") from e
+
+
+_pil_guard = threading.Lock()
+
+
+def _open_unguarded(path: Path):  # noqa: ANN202 - a PIL image
+    """Image.open without PIL's own pixel guard, which refuses at open what our check handles before decoding
+    (a huge JPEG can still be read at 1/8 scale); the guard is put back at once."""
+    from PIL import Image
+
+    with _pil_guard:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 
 
 def resize_square(rgb: np.ndarray, size: int) -> np.ndarray:
