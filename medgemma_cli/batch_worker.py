@@ -106,6 +106,7 @@ class ModelWorker:
     _recv: Connection | None = None
     _stage_path: str = ""
     _ready: bool = False
+    _outbox: queue.Queue | None = None
 
     def start(self) -> None:
         """Start the process and have it load the model; returns at once (`wait_ready` waits)."""
@@ -134,7 +135,12 @@ class ModelWorker:
             os.close(from_child_w)
         self._send = Connection(to_child_w, readable=False)
         self._recv = Connection(from_child_r, writable=False)
-        self._send.send(self.config)
+        # Jobs go out through a thread: the next unit (pixels, often more than a pipe holds) is queued while this
+        # one's answers come back, and the batch must keep reading those answers meanwhile, or both would wait.
+        self._outbox = queue.Queue()
+        threading.Thread(target=_write_jobs, args=(self._send, self._outbox), name="medgemma-batch-jobs",
+                         daemon=True).start()
+        self._outbox.put(self.config)
         self._ready = False
 
     @property
@@ -162,10 +168,9 @@ class ModelWorker:
     def submit(self, job: Job) -> None:
         """Queue a job; if the worker has died, the next `receive` says how."""
         self.wait_ready()
-        assert self._send is not None
+        assert self._outbox is not None
         t0 = time.perf_counter()
-        with contextlib.suppress(BrokenPipeError, OSError):
-            self._send.send(job)
+        self._outbox.put(job)  # pickled and written by the writer thread
         self.submit_s += time.perf_counter() - t0
 
     def receive(self) -> Answered | UnitError | UnitDone:
@@ -195,9 +200,8 @@ class ModelWorker:
         try:
             if kill:
                 self._proc.kill()
-            else:
-                assert self._send is not None
-                self._send.send(None)
+            elif self._outbox is not None:
+                self._outbox.put(None)  # after the jobs already queued: a tidy goodbye
         except (OSError, ValueError):
             pass
         try:
@@ -208,6 +212,9 @@ class ModelWorker:
         self._cleanup()
 
     def _cleanup(self) -> None:
+        if self._outbox is not None:
+            self._outbox.put(_STOP)
+            self._outbox = None
         for conn in (self._send, self._recv):
             if conn is not None:
                 conn.close()
@@ -218,6 +225,20 @@ class ModelWorker:
             except OSError:
                 pass
             self._stage_path = ""
+
+
+_STOP = object()
+
+
+def _write_jobs(conn: Connection, outbox: queue.Queue) -> None:
+    """Send what is queued, in order, until told to stop or the worker is gone (its crash is read elsewhere)."""
+    while (item := outbox.get()) is not _STOP:
+        try:
+            conn.send(item)
+        except (OSError, ValueError):  # broken pipe, or the connection closed after a crash
+            return
+        if item is None:
+            return
 
 
 # --- the worker process --------------------------------------------------------------------------------------
@@ -240,23 +261,10 @@ def _serve(recv: Connection, send: Connection) -> None:
         send.send(("load_error", f"the model could not be loaded: {type(e).__name__}: {e}"))
         return
     send.send(("ready", time.perf_counter() - t0))
-    # Jobs are read by a thread of their own: the batch may queue the next unit (megabytes of pixels, more than
-    # a pipe holds) while this one's answers are being sent, and neither side may wait for the other to read.
-    jobs: queue.Queue = queue.Queue()
-
-    def read_jobs() -> None:
-        try:
-            while (job := recv.recv()) is not None:
-                jobs.put(job)
-        except (EOFError, OSError):
-            pass  # the batch process went away
-        jobs.put(None)
-
-    threading.Thread(target=read_jobs, name="medgemma-worker-jobs", daemon=True).start()
     try:
         while True:
             t_wait = time.perf_counter()
-            if (job := jobs.get()) is None:
+            if (job := recv.recv()) is None:
                 break
             t_job = time.perf_counter()
             inside = 0.0
@@ -284,7 +292,7 @@ def _serve(recv: Connection, send: Connection) -> None:
             except Exception as e:  # noqa: BLE001 - one unit's error record, never the end of the batch
                 send.send(("error", f"unexpected {type(e).__name__}: {e}"))
             send.send(("done", time.perf_counter() - t_job - inside, t_job - t_wait))
-    except (EOFError, BrokenPipeError):
+    except (EOFError, OSError):
         pass  # the batch process went away
     finally:
         engine.close()
