@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from medgemma_cli.errors import InputError, MedgemmaError
+from medgemma_cli.errors import MedgemmaError
 from medgemma_cli.inputs import dicom
 from medgemma_cli.inputs.collect import Collected, collect
 from medgemma_cli.inputs.images import save_png
@@ -58,12 +58,8 @@ class _Counter:
     def __init__(self, files: ModelFiles):
         from medgemma_cli.llama_loader import load_llama
 
-        try:
-            with quiet_stderr():
-                self.llm = load_llama(files.text, vocab_only=True, verbose=False)
-        except (ValueError, UnicodeDecodeError) as e:  # llama-cpp-python's "Failed to load model", bad metadata
-            raise InputError(files.text, f"llama.cpp could not read this model's vocabulary ({type(e).__name__}); "
-                                         "the file is corrupt or not a MedGemma GGUF") from None
+        with quiet_stderr():
+            self.llm = load_llama(files.text, vocab_only=True, verbose=False)
         arch = self.llm.metadata.get("general.architecture", "gemma3")
         self.n_ctx_train = int(self.llm.metadata.get(f"{arch}.context_length", 8192))
 

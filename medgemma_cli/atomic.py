@@ -10,9 +10,9 @@ from typing import Iterator
 from types import TracebackType
 
 from medgemma_cli.errors import OutputError
+from medgemma_cli.store import MANIFEST, VERIFIED, leftovers
 
 
-COMMIT_NAME = "manifest.json"
 
 
 class AtomicFolder:
@@ -33,11 +33,9 @@ class AtomicFolder:
     def __enter__(self) -> "AtomicFolder":
         if self.folder.exists() and not self.folder.is_dir():
             raise OutputError(self.folder, "exists and is not a folder")
-        from medgemma_cli.store import leftovers
-
         stale = leftovers(self.folder) if self.folder.is_dir() else []  # temporaries of conversions that were killed
         # outputs without a manifest, beside a killed conversion's temporaries, are that conversion's: not a model
-        unfinished = bool(stale) and COMMIT_NAME in self.final_names and not (self.folder / COMMIT_NAME).exists()
+        unfinished = bool(stale) and MANIFEST in self.final_names and not (self.folder / MANIFEST).exists()
         for path in stale:
             try:
                 path.unlink()
@@ -89,13 +87,13 @@ class AtomicFolder:
         if exc_type is None:
             # the manifest is the commit point: the old one goes first and the new one comes last, so a kill
             # between the renames leaves a folder that is not a model, never a model made of two conversions
-            names = sorted(self.final_names, key=lambda n: n == COMMIT_NAME)
-            if COMMIT_NAME in self._temps:
-                (self.folder / COMMIT_NAME).unlink(missing_ok=True)
+            names = sorted(self.final_names, key=lambda n: n == MANIFEST)
+            if MANIFEST in self._temps:
+                (self.folder / MANIFEST).unlink(missing_ok=True)
             for name in names:
                 if name in self._temps and self._temps[name].exists():  # optional outputs may not exist
                     os.replace(self._temps[name], self.folder / name)
-            (self.folder / ".verified.json").unlink(missing_ok=True)  # checksums of the old files no longer apply
+            (self.folder / VERIFIED).unlink(missing_ok=True)  # checksums of the old files no longer apply
             return
         self._cleanup(list(self._temps.values()))
         for folder in reversed(self._created):
@@ -103,6 +101,20 @@ class AtomicFolder:
                 folder.rmdir()
             except OSError:
                 break
+
+
+def replace_text(path: Path, text: str, mode: int = 0o644) -> None:
+    """Write a small file whole or not at all: aside under a temporary name (created with `mode`), then renamed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @contextmanager

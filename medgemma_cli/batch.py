@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from medgemma_cli.atomic import replace_text
 from medgemma_cli.errors import InputError, MedgemmaError
 from medgemma_cli.inputs import dicom
 from medgemma_cli.inputs.collect import Collected, collect, kind_of
@@ -55,7 +56,7 @@ def own_outputs(results: Path) -> set[Path]:
     results = Path(results).resolve()
     from medgemma_cli.report import thumbnails_dir
 
-    return {results, lock_path(results), results.with_name(results.name + ".unit-key"), thumbnails_dir(results)}
+    return {results, lock_path(results), unit_key_path(results), thumbnails_dir(results)}
 
 
 def walk(folder: Path, ours: set[Path] | None = None) -> Walk:
@@ -154,7 +155,7 @@ def make_units(folder: Path, files: list[Path], unit: str = "series") -> list[Un
 def unit_id_key(out: Path, has_records: bool = False) -> bytes:
     """The secret behind one results file's unit ids, kept beside it (`<out>.unit-key`, owner-only): stable, so a
     resumed run finds its records; the site can map its own UIDs to ids with it; nobody else can."""
-    path = Path(out).with_name(Path(out).name + ".unit-key")
+    path = unit_key_path(out)
     try:
         text = path.read_text(encoding="ascii").strip()
     except FileNotFoundError:
@@ -172,11 +173,7 @@ def unit_id_key(out: Path, has_records: bool = False) -> bytes:
         raise InputError(path, "not a unit-id key (64 hex digits); restore it or choose another --out")
     path.parent.mkdir(parents=True, exist_ok=True)
     key = os.urandom(32)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as f:
-        f.write(key.hex() + "\n")
-    os.replace(tmp, path)
+    replace_text(path, key.hex() + "\n", mode=0o600)
     return key
 
 
@@ -306,6 +303,10 @@ class RecordFile:
 
 def lock_path(results: Path) -> Path:
     return Path(results).with_name(Path(results).name + ".lock")
+
+
+def unit_key_path(results: Path) -> Path:
+    return Path(results).with_name(Path(results).name + ".unit-key")
 
 
 def _lock_results(results: Path) -> int:

@@ -16,7 +16,6 @@ import queue
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -99,8 +98,7 @@ class ModelWorker:
     config: EngineConfig
     load_seconds: float = 0.0
     start_overhead_s: float = 0.0  # waiting for the process and its imports (not the model load) to be ready
-    submit_s: float = 0.0  # pickling and writing jobs
-    restarts: int = 0
+    submit_s: float = 0.0  # handing jobs to the writer thread (which pickles and writes them)
     _proc: subprocess.Popen | None = None
     _send: Connection | None = None
     _recv: Connection | None = None
@@ -110,11 +108,7 @@ class ModelWorker:
 
     def start(self) -> None:
         """Start the process and have it load the model; returns at once (`wait_ready` waits)."""
-        try:
-            fd, self._stage_path = tempfile.mkstemp(prefix="medgemma-worker-stage-")
-            os.close(fd)
-        except OSError:  # no usable temp folder: a crash is still reported, without what it was doing
-            self._stage_path = ""
+        self._stage_path = containment.new_stage_file()
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
         if os.environ.get(PIPE_SIZE_TEST_ENV) and hasattr(fcntl, "F_SETPIPE_SZ"):  # tests: pipes that fill at once
@@ -143,16 +137,11 @@ class ModelWorker:
         self._outbox.put(self.config)
         self._ready = False
 
-    @property
-    def running(self) -> bool:
-        return self._proc is not None
-
     def wait_ready(self) -> None:
         """Until the model is loaded (starting a fresh process after a crash). Only the wait beyond the load
         itself counts as the worker's cost: the load was paid in-process too, and the first process starts while
         the batch walks the folder."""
-        if self._proc is None:
-            self.restarts += 1
+        if self._proc is None:  # after a crash
             self.start()
         if self._ready:
             return
@@ -219,12 +208,8 @@ class ModelWorker:
             if conn is not None:
                 conn.close()
         self._send = self._recv = self._proc = None
-        if self._stage_path:
-            try:
-                os.unlink(self._stage_path)
-            except OSError:
-                pass
-            self._stage_path = ""
+        containment.remove_stage_file(self._stage_path)
+        self._stage_path = ""
 
 
 _STOP = object()

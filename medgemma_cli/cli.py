@@ -472,31 +472,31 @@ def models(
       medgemma models
       medgemma models --verify
     """
+    from rich.markup import escape
+
     from medgemma_cli import store
 
     found = store.list_models()
-    problems: dict[str, str] = {}
-    if verify:
-        for m in found:
-            try:
-                store.check_files(m.path, store.read_manifest(m.path), full=True)
-            except MedgemmaError as e:
-                problems[m.name] = str(e)
-    damaged = store.damaged_entries()
+    problems = store.verify_models(found) if verify else {}
+
+    def warn_and_exit() -> None:
+        for problem in problems.values():
+            err.print(f"[red]error:[/] {escape(problem)}", soft_wrap=True)
+        for path, why in store.damaged_entries():
+            err.print(f"[yellow]warning:[/] {escape(str(path))}: {escape(why)}", soft_wrap=True)
+        if problems:
+            raise typer.Exit(1)
+
     if as_json:
         out.print_json(json.dumps([{"name": m.name, "path": str(m.path), "kind": m.kind, "size": m.size,
                                     "preset": m.manifest.get("preset"),
                                     **({"verified": m.name not in problems, "problem": problems.get(m.name)}
                                        if verify else {})} for m in found]))
-        for path, why in damaged:
-            err.print(f"[yellow]warning:[/] {path}: {why}", soft_wrap=True)
-        if problems:
-            raise typer.Exit(1)
+        warn_and_exit()
         return
     if not found:
         out.print(f"No converted models in {store.models_dir()} yet. Convert one with: medgemma convert CHECKPOINT_DIR")
-        for path, why in damaged:
-            err.print(f"[yellow]warning:[/] {path}: {why}", soft_wrap=True)
+        warn_and_exit()
         return
     from rich.table import Table
 
@@ -512,12 +512,7 @@ def models(
             row.append("[green]ok[/]" if m.name not in problems else "[red]damaged[/]")
         table.add_row(*row)
     out.print(table)
-    for name, problem in problems.items():
-        err.print(f"[red]error:[/] {problem}", soft_wrap=True)
-    for path, why in damaged:
-        err.print(f"[yellow]warning:[/] {path}: {why}", soft_wrap=True)
-    if problems:
-        raise typer.Exit(1)
+    warn_and_exit()
 
 
 @app.command()

@@ -96,10 +96,6 @@ def stage(library: str, doing: str) -> Iterator[None]:
         _publish(previous)
 
 
-def current_stage() -> tuple[str, str] | None:
-    return _current
-
-
 def read_stage(path: str) -> tuple[str, str] | None:
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -123,21 +119,41 @@ def describe_death(signum: int, last: tuple[str, str] | None) -> str:
 
 # --- the supervising parent --------------------------------------------------------------------------------
 
+def command_of(argv: list[str]) -> str:
+    """The `medgemma` command an argument list runs ("" for none: help)."""
+    return next((a for a in argv if not a.startswith("-")), "")
+
+
 def supervised_command(argv: list[str]) -> str | None:
     """The command name if `argv` runs one that should be supervised (and we are not its child already)."""
     if os.environ.get(SUPERVISED_ENV):
         return None
-    command = next((a for a in argv if not a.startswith("-")), None)
+    command = command_of(argv)
     return command if command in SUPERVISED_COMMANDS else None
+
+
+def new_stage_file() -> str:
+    """A private temporary file for a child's stages; "" where none can be made (crashes are then reported
+    without what was being done)."""
+    try:
+        fd, path = tempfile.mkstemp(prefix="medgemma-stage-")
+        os.close(fd)
+        return path
+    except OSError:
+        return ""
+
+
+def remove_stage_file(path: str) -> None:
+    if path:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def run_supervised(argv: list[str]) -> int:
     """Run `medgemma ARGV` in a child process sharing our terminal; report its death by a signal in one line."""
-    try:
-        fd, stage_path = tempfile.mkstemp(prefix="medgemma-stage-")
-        os.close(fd)
-    except OSError:  # no usable temp folder: crashes are still one line, without the stage
-        stage_path = ""
+    stage_path = new_stage_file()
     env = {**os.environ, SUPERVISED_ENV: str(os.getpid()), STAGE_FILE_ENV: stage_path}
     try:
         proc = subprocess.Popen([sys.executable, "-m", "medgemma_cli", *argv], env=env)
@@ -170,11 +186,7 @@ def run_supervised(argv: list[str]) -> int:
         print(f"error: {describe_death(signum, read_stage(stage_path))}", file=sys.stderr, flush=True)
         return 1
     finally:
-        if stage_path:
-            try:
-                os.unlink(stage_path)
-            except OSError:
-                pass
+        remove_stage_file(stage_path)
 
 
 def init_child() -> None:

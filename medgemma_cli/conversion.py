@@ -47,12 +47,12 @@ def convert(src: Path | str, out: Path | str | None = None, *, preset: str | Non
         target = Path(out) if out is not None else default_output(src, preset)
         with stage("ONNX", "converting MedSigLIP"):
             manifest = convert_siglip(src, target, preset, overwrite=overwrite, progress=progress)
-        store.remember_verified(target, manifest=manifest)  # hashed while converting: the first load need not
+        store.remember_verified(target, manifest)  # hashed while converting: the first load need not
         return ConvertResult(target, manifest)
     preset = preset or DEFAULT_PRESET
     target = Path(out) if out is not None else default_output(src, preset)
     with stage("ggml", "converting the checkpoint"):
         manifest = convert_gguf(src, target, preset, mmproj_type, overwrite=overwrite, threads=threads,
                                 imatrix=imatrix, vision_onnx=vision_onnx, progress=progress)
-    store.remember_verified(target, manifest=manifest)
+    store.remember_verified(target, manifest)
     return ConvertResult(target, manifest)

@@ -25,7 +25,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from medgemma_cli.errors import MedgemmaError
+from medgemma_cli.atomic import replace_text
+from medgemma_cli.errors import InputError, MedgemmaError
 from medgemma_cli.machine import cpu_flags
 
 ENV = "MEDGEMMA_EXTRA_BUFFERS"
@@ -96,9 +97,7 @@ def _write_cache(key: str, v: Verdict) -> None:
     data[key]["probed_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
+        replace_text(path, json.dumps(data, indent=1))
     except OSError:
         pass
 
@@ -255,8 +254,12 @@ def load_llama(path: Path | str, use_extra_buffers: bool | None = None, **kwargs
         enabled = use_extra_buffers
     else:
         enabled = True if kwargs.get("vocab_only") else verdict().enabled
-    with extra_buffers(enabled):
-        return llama_cpp.Llama(str(path), **kwargs)
+    try:
+        with extra_buffers(enabled):
+            return llama_cpp.Llama(str(path), **kwargs)
+    except (ValueError, UnicodeDecodeError) as e:  # llama-cpp-python's "Failed to load model", bad metadata
+        raise InputError(path, f"llama.cpp could not load this model ({type(e).__name__}); the file is corrupt "
+                               "or not a MedGemma GGUF") from None
 
 
 def apply_to_process() -> Verdict:

@@ -75,15 +75,13 @@ def write_model(path: Path) -> None:
 def run(path: Path, extra: bool) -> tuple[np.ndarray, list[str]]:
     """Logits at every position of a multi-token batch and of three single-token steps after it, and the weight
     buffers llama.cpp used."""
-    import llama_cpp
-
     from medgemma_cli.containment import crash_if_testing
-    from medgemma_cli.llama_loader import buffer_types_used, extra_buffers
+    from medgemma_cli.llama_loader import buffer_types_used, load_llama
 
     threads = min(4, os.cpu_count() or 1)
-    with buffer_types_used() as buffers, extra_buffers(extra):
-        llm = llama_cpp.Llama(str(path), n_ctx=64, n_batch=64, n_ubatch=PROMPT, logits_all=True, n_threads=threads,
-                              n_threads_batch=threads, verbose=False)
+    with buffer_types_used() as buffers:
+        llm = load_llama(path, use_extra_buffers=extra, n_ctx=64, n_batch=64, n_ubatch=PROMPT, logits_all=True,
+                         n_threads=threads, n_threads_batch=threads, verbose=False)
     if extra:
         crash_if_testing("probe")
     prompt = [1] + [int(t) for t in np.random.default_rng(1).integers(3, VOCAB, PROMPT - 1)]

@@ -54,7 +54,9 @@ def forbid_sockets(command: str) -> None:
 
 def is_offline(argv: list[str]) -> tuple[bool, str]:
     """(offline?, command): every command is, except `batch --server URL`, which talks to that server only."""
-    command = next((a for a in argv if not a.startswith("-")), "")
+    from medgemma_cli.containment import command_of
+
+    command = command_of(argv)
     online = command == "batch" and any(a == "--server" or a.startswith("--server=") for a in argv)
     return not online, command or "--help"
 

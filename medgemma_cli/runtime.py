@@ -84,11 +84,9 @@ def resolve_model(model: Path | None = None, gguf: Path | None = None, mmproj: P
         model = store.newest("gguf", "MedGemma")
     model = Path(model)
     if (model / "text.gguf").is_file() or (model / store.MANIFEST).is_file():
-        manifest = store.read_manifest(model)  # no manifest: a conversion that did not finish
-        if manifest.get("kind") != "gguf" or "text.gguf" not in manifest["files"]:
-            raise InputError(model, f"a {manifest.get('kind', 'unknown')} model, not MedGemma GGUF")
-        store.check_files(model, manifest)
-        has = manifest["files"]
+        has = store.verified_manifest(model, "gguf", "MedGemma GGUF")["files"]
+        if "text.gguf" not in has:
+            raise InputError(model / store.MANIFEST, "lists no text.gguf; convert again")
         return ModelFiles(model / "text.gguf", model / "mmproj.gguf" if "mmproj.gguf" in has else None, model.name,
                           model / "vision.onnx" if "vision.onnx" in has else None)
     if model.is_dir():
@@ -180,13 +178,9 @@ class Engine:
         if gpu_layers is None:
             gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0
         self.gpu_layers = gpu_layers
-        try:
-            with stage("llama.cpp", "loading the model"), quiet_stderr(not verbose):
-                self.llm = load_llama(files.text, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
-                                      n_threads_batch=threads, n_gpu_layers=gpu_layers, verbose=verbose)
-        except (ValueError, UnicodeDecodeError) as e:  # llama-cpp-python's "Failed to load model", bad metadata
-            raise InputError(files.text, f"llama.cpp could not load this model ({type(e).__name__}); the file is "
-                                         "corrupt or not a MedGemma GGUF") from None
+        with stage("llama.cpp", "loading the model"), quiet_stderr(not verbose):
+            self.llm = load_llama(files.text, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
+                                  n_threads_batch=threads, n_gpu_layers=gpu_layers, verbose=verbose)
         self._lib = llama_cpp
         self.ctx = self.llm._ctx.ctx
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm._model.model)

@@ -122,11 +122,8 @@ def resolve_siglip(model: Path | None) -> SiglipModelFiles:
         folder = store.models_dir() / str(model)
     if not folder.is_dir():
         raise InputError(folder, "not a converted model folder")
-    manifest = store.read_manifest(folder)
-    if manifest.get("kind") != "onnx-siglip":
-        raise InputError(folder, f"a {manifest.get('kind', 'unknown')} model, not MedSigLIP (convert a SigLIP checkpoint)")
-    store.check_files(folder, manifest)
-    return SiglipModelFiles(folder, manifest)
+    return SiglipModelFiles(folder, store.verified_manifest(folder, "onnx-siglip", "MedSigLIP (convert a SigLIP "
+                                                                                    "checkpoint)"))
 
 
 class Siglip:

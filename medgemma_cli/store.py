@@ -44,18 +44,16 @@ class StoredModel:
 
 def list_models(root: Path | None = None) -> list[StoredModel]:
     """Every converted model in the store (folders with a readable manifest.json), sorted by name."""
+    from medgemma_cli.errors import InputError
+
     root = root or models_dir()
     out = []
     if root.is_dir():
-        for d in sorted(root.iterdir()):
-            m = d / "manifest.json"
-            if m.is_file():
-                try:
-                    manifest = json.loads(m.read_text(encoding="utf-8"))
-                except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-                    continue
-                if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict):
-                    out.append(StoredModel(d.name, d, manifest))
+        for d in sorted(p for p in root.iterdir() if p.is_dir()):
+            try:
+                out.append(StoredModel(d.name, d, read_manifest(d)))
+            except InputError:
+                continue  # not a model: `damaged_entries` says why
     return out
 
 
@@ -122,6 +120,30 @@ def _expected(manifest: dict[str, Any]) -> dict[str, tuple[int, str | None]]:
     return out
 
 
+def verified_manifest(folder: Path, kind: str, what: str) -> dict[str, Any]:
+    """The manifest of a model folder of `kind`, after its files were checked (what every load goes through)."""
+    from medgemma_cli.errors import InputError
+
+    manifest = read_manifest(folder)  # none: a conversion that did not finish
+    if manifest.get("kind") != kind:
+        raise InputError(folder, f"a {manifest.get('kind', 'unknown')} model, not {what}")
+    check_files(folder, manifest)
+    return manifest
+
+
+def verify_models(models: list[StoredModel]) -> dict[str, str]:
+    """`medgemma models --verify`: every file's SHA-256, now; the damaged models by name, with the problem."""
+    from medgemma_cli.errors import MedgemmaError
+
+    problems = {}
+    for m in models:
+        try:
+            check_files(m.path, m.manifest, full=True)
+        except MedgemmaError as e:
+            problems[m.name] = str(e)
+    return problems
+
+
 def check_files(folder: Path, manifest: dict[str, Any], full: bool = False) -> list[str]:
     """Every file the manifest lists is there with its size (always) and its SHA-256 (when the file changed since
     it last matched, or `full`). Returns the names whose checksum was computed; raises on the first problem."""
@@ -156,25 +178,28 @@ def check_files(folder: Path, manifest: dict[str, Any], full: bool = False) -> l
         verified[name] = stamp
         hashed.append(name)
     if hashed:
-        remember_verified(folder, verified)
+        _write_verified(folder, verified)
     return hashed
 
 
-def remember_verified(folder: Path, verified: dict[str, Any] | None = None, manifest: dict[str, Any] | None = None) -> None:
-    """Record that the files match now (after a conversion, whose hashes were just computed); best effort."""
+def remember_verified(folder: Path, manifest: dict[str, Any]) -> None:
+    """After a conversion, whose hashes were just computed: the first load need not hash the files again."""
     folder = Path(folder)
-    if verified is None:
-        verified = {}
-        for name, (_size, sha) in _expected(manifest or {}).items():
-            if sha is not None and (folder / name).is_file():
-                st = (folder / name).stat()
-                verified[name] = [st.st_size, st.st_mtime_ns, sha]
+    verified = {}
+    for name, (_size, sha) in _expected(manifest).items():
+        if sha is not None and (folder / name).is_file():
+            st = (folder / name).stat()
+            verified[name] = [st.st_size, st.st_mtime_ns, sha]
+    _write_verified(folder, verified)
+
+
+def _write_verified(folder: Path, verified: dict[str, Any]) -> None:
+    from medgemma_cli.atomic import replace_text
+
     try:
-        tmp = folder / f".{VERIFIED}.partial-{os.getpid()}"
-        tmp.write_text(json.dumps(verified), encoding="utf-8")
-        os.replace(tmp, folder / VERIFIED)
+        replace_text(Path(folder) / VERIFIED, json.dumps(verified))
     except OSError:
-        pass
+        pass  # a read-only store: the files are hashed again next time
 
 
 def leftovers(folder: Path) -> list[Path]:
