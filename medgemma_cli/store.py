@@ -206,7 +206,7 @@ def leftovers(folder: Path) -> list[Path]:
     """Temporary files of conversions whose process is gone (killed mid-way): `.NAME.partial-PID`."""
     import re
 
-    out = []
+    out: list[Path] = []
     try:
         entries = list(Path(folder).iterdir())
     except OSError:
