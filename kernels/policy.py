@@ -36,8 +36,8 @@ PRESETS: dict[str, Preset] = {
 DEFAULT_PRESET = "Q4_K_M"
 
 # When a row is not a whole number of blocks, llama.cpp falls back to a type with smaller blocks,
-# and to F16 when even that does not fit.
-FALLBACK: dict[Q, Q] = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0, Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0}
+# and to F16 when even that does not fit (llama-quant.cpp's tensor-type fallback).
+FALLBACK: dict[Q, Q] = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0, Q.Q2_K: Q.IQ4_NL, Q.Q3_K: Q.IQ4_NL}
 
 # The vision projector (mmproj): its own, simpler policy.
 MMPROJ_TYPES: dict[str, Q] = {"F32": Q.F32, "F16": Q.F16, "Q8_0": Q.Q8_0}
@@ -82,10 +82,12 @@ def text_tensor_type(preset: Preset, name: str, shape: tuple[int, ...], layer: i
     if name == "token_embd.weight":  # tied embeddings get the output matrix's rule
         if row % block_size(qtype):
             return Q.Q8_0
-        return preset.embeddings or qtype
-    if preset.sensitive is not None and layer is not None and (".attn_v." in name or ".ffn_down." in name):
-        if more_bits(layer, n_layers):
-            qtype = preset.sensitive
+        # the preset's embedding type is checked against the row like every other type: Q4_0's rows of 640
+        # are whole Q4_0 blocks, so llama.cpp picks Q6_K, then falls back to Q8_0 (640 is not 256 × n)
+        qtype = preset.embeddings or qtype
+    elif (preset.sensitive is not None and layer is not None and (".attn_v." in name or ".ffn_down." in name)
+          and more_bits(layer, n_layers)):
+        qtype = preset.sensitive
     return fit(qtype, row)
 
 
