@@ -18,7 +18,8 @@ from medgemma_cli.atomic import AtomicFolder, write_errors
 from medgemma_cli.converters import gemma3
 from medgemma_cli.converters.checkpoint import Checkpoint
 from medgemma_cli.checksums import sha256_file
-from medgemma_cli.converters.gguf_stream import PlannedTensor, QuantError, write_gguf
+from medgemma_cli.converters.gguf_stream import (TENSOR_ALIGNMENT, PlannedTensor, QuantError, misaligned_tensors,
+                                                 write_gguf)
 from medgemma_cli.converters.vision_onnx import VISION_ONNX_PRESETS, write_vision_onnx
 from medgemma_cli.converters.tokenizer import TokenType, Vocabulary, read_vocabulary, write_vocabulary
 from medgemma_cli.errors import InputError, OutputError
@@ -161,6 +162,13 @@ def verify_mmproj(path: Path, r: GGUFInfo, plan: ConversionPlan) -> None:
         raise OutputError(path, f"tensor set differs from the plan: {sorted(names ^ want)[:3]}")
 
 
+def verify_layout(path: Path, r: GGUFInfo) -> None:
+    """Every tensor on a cache line, as llama.cpp will map it: one that is not slows every matmul that reads it."""
+    bad = misaligned_tensors(r)
+    if bad:
+        raise OutputError(path, f"tensor {bad[0]!r} does not start on a {TENSOR_ALIGNMENT}-byte boundary")
+
+
 def _compare(path: Path, r: GGUFInfo, checks: dict[str, Any]) -> None:
     for key, want in checks.items():
         got = r.get(key)
@@ -265,6 +273,7 @@ def _write_all(ckpt: Checkpoint, plan: ConversionPlan, vocab: Vocabulary, pre: P
     # of Python objects for a 262k-token vocabulary)
     reader = read_gguf_info(text_tmp)
     verify_text(text_tmp, reader, plan, vocab, {fit(pre.default, spec.text.hidden)})
+    verify_layout(text_tmp, reader)
     manifest_files = {TEXT_FILE: _file_entry(text_tmp, reader, text_sha)}
     del reader
 
@@ -281,6 +290,7 @@ def _write_all(ckpt: Checkpoint, plan: ConversionPlan, vocab: Vocabulary, pre: P
         mm_sha, _ = write_gguf(mm_tmp, "clip", mm_metadata, plan.vision, ckpt, progress, threads)
         reader = read_gguf_info(mm_tmp)
         verify_mmproj(mm_tmp, reader, plan)
+        verify_layout(mm_tmp, reader)
         manifest_files[MMPROJ_FILE] = _file_entry(mm_tmp, reader, mm_sha)
         del reader
 

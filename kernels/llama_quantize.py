@@ -11,7 +11,8 @@ from typing import Mapping
 import numpy as np
 from gguf import LlamaFileType
 
-from medgemma_cli.errors import OutputError
+from medgemma_cli.errors import InputError, OutputError
+from medgemma_cli.kernels.ggml import read_gguf_info
 
 
 def llama_quantize(src: Path, dst: Path, file_type: LlamaFileType, threads: int | None = None,
@@ -20,6 +21,10 @@ def llama_quantize(src: Path, dst: Path, file_type: LlamaFileType, threads: int 
     import llama_cpp
     from llama_cpp import _logger
 
+    alignment = read_gguf_info(src, keys={"general.alignment"}).get("general.alignment")
+    if alignment not in (None, 32):
+        # llama.cpp's quantizer copies the key but pads its own output to 32 bytes: the file would not load
+        raise InputError(src, f"llama.cpp's quantizer cannot take a GGUF with general.alignment = {alignment}")
     _logger.set_verbose(False)  # llama.cpp prints every tensor to stderr otherwise
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(file_type)
