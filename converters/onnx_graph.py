@@ -14,6 +14,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 20
+# External weights start on multiples of this. ONNX Runtime maps external data at any offset on Linux and
+# macOS (and on Windows since 1.23), from the page below it, so the offset decides the mapped tensor's address:
+# 64 is the buffer alignment its CPU kernels (MLAS) prefer and allocate with, and a cache line.
+ONNX_DATA_ALIGNMENT = 64
 
 
 class GraphBuilder:
@@ -46,7 +50,7 @@ class GraphBuilder:
             self.inits.append(numpy_helper.from_array(value, name))
             return name
         f = self.data_file
-        f.write(b"\0" * (-f.tell() % 64))
+        f.write(b"\0" * (-f.tell() % ONNX_DATA_ALIGNMENT))
         offset = f.tell()
         f.write(value.tobytes())
         t = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(value.dtype), dims=list(value.shape))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ from medgemma_cli import __version__
 from medgemma_cli.atomic import AtomicFolder, write_errors
 from medgemma_cli.converters.checkpoint import Checkpoint
 from medgemma_cli.checksums import sha256_file
-from medgemma_cli.converters.onnx_graph import GraphBuilder, siglip_pooling_head, siglip_text_tower, siglip_vision_tower
+from medgemma_cli.converters.onnx_graph import (ONNX_DATA_ALIGNMENT, GraphBuilder, siglip_pooling_head,
+                                                siglip_text_tower, siglip_vision_tower)
 from medgemma_cli.errors import InputError, OutputError
 from medgemma_cli.kernels.onnx_quant import ONNX_PRESETS, quantize_onnx
 from medgemma_cli.offline import no_uuid1
@@ -52,22 +54,53 @@ def _save(model: onnx.ModelProto, path: Path) -> bool:
     return big
 
 
-def _rename_external_data(graph: Path, data_tmp: Path, final_name: str) -> None:
-    """Move a graph's external weights to the file that will be renamed to `final_name`, and point the graph
-    at that final name (the graph and its data become final together)."""
-    m = onnx.load(str(graph), load_external_data=False)
-    locations = set()
-    for t in m.graph.initializer:
+def _external_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of a graph whose data lives in a file: initializers, and constants in node attributes
+    (ONNX Runtime's quantizer externalizes those too), subgraphs included."""
+    for t in graph.initializer:
         if t.data_location == onnx.TensorProto.EXTERNAL:
-            for e in t.external_data:
-                if e.key == "location":
-                    locations.add(e.value)
-                    e.value = final_name
-    if not locations:
+            yield t
+    for node in graph.node:
+        for a in node.attribute:
+            for t in ([a.t] if a.HasField("t") else []) + list(a.tensors):
+                if t.data_location == onnx.TensorProto.EXTERNAL:
+                    yield t
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from _external_tensors(g)
+
+
+def _realign_external_data(graph: Path, data_tmp: Path, final_name: str) -> None:
+    """Move a graph's external weights to the file that will be renamed to `final_name`, each at a multiple of
+    ONNX_DATA_ALIGNMENT, and point the graph at that final name (the graph and its data become final together).
+
+    onnx's and ONNX Runtime's savers write the weights back to back: the file is renamed when that left them
+    aligned (MedSigLIP's sizes do), and copied with padding when it did not."""
+    m = onnx.load(str(graph), load_external_data=False)
+    entries = [{e.key: e for e in t.external_data} for t in _external_tensors(m.graph)]
+    if not entries:
         return
-    if len(locations) != 1:
-        raise OutputError(graph, f"expected one external data file, found {sorted(locations)}")
-    (graph.parent / locations.pop()).rename(data_tmp)
+    locations = {e["location"].value for e in entries}
+    if len(locations) != 1 or any("offset" not in e or "length" not in e for e in entries):
+        raise OutputError(graph, f"expected one external data file with offsets and lengths, found {sorted(locations)}")
+    src = graph.parent / locations.pop()
+    if all(int(e["offset"].value) % ONNX_DATA_ALIGNMENT == 0 for e in entries):
+        src.rename(data_tmp)
+    else:
+        with open(src, "rb") as fin, open(data_tmp, "wb") as fout:
+            for e in sorted(entries, key=lambda e: int(e["offset"].value)):
+                fout.write(b"\0" * (-fout.tell() % ONNX_DATA_ALIGNMENT))
+                offset, left = fout.tell(), int(e["length"].value)
+                fin.seek(int(e["offset"].value))
+                while left:
+                    chunk = fin.read(min(left, 16 << 20))
+                    if not chunk:
+                        raise OutputError(src, "external data ends before its last tensor")
+                    fout.write(chunk)
+                    left -= len(chunk)
+                e["offset"].value = str(offset)
+        src.unlink()
+    for e in entries:
+        e["location"].value = final_name
     onnx.save_model(m, str(graph))
 
 
@@ -132,7 +165,7 @@ def convert_siglip(src: Path | str, out: Path | str, preset: str = "int8", text_
                             quantize_onnx(fp32, tmp, qp, external_data=ext)
                     onnx.checker.check_model(str(tmp))
                     if ext:
-                        _rename_external_data(tmp, folder.temp(final + ".data"), final + ".data")
+                        _realign_external_data(tmp, folder.temp(final + ".data"), final + ".data")
                     entries[final] = {"size": tmp.stat().st_size, "sha256": sha256_file(tmp), "preset": qp}
                     progress.advance(1, tensors=0)
                 shutil.copyfile(tok, folder.temp(TOKENIZER_FILE))
