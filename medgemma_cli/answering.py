@@ -15,6 +15,8 @@ from medgemma_cli.prompt import build_messages, truncate_notes
 from medgemma_cli.runtime import Engine, ModelFiles, Timings, quiet_stderr, resolve_model
 from medgemma_cli.session import PrefixSession, Turn
 
+NOTE_BYTES_PER_TOKEN = 8  # above what any text costs a Gemma token (CJK: ~3 bytes a character, ~1.5 a token)
+
 
 @dataclass
 class AskOptions:
@@ -114,13 +116,14 @@ def _prepare(question: str, files: list[Path] | None, model: Path | None, gguf: 
         raise MedgemmaError("the question is empty")
     model_files = resolve_model(model, gguf, mmproj)
     vision = model_files.vision
-    inputs = collect([Path(f) for f in files or []], vision["image_size"] if vision else None, opts.max_slices,
-                     scrub_identifiers=not opts.include_phi)
     counter = _Counter(model_files)
+    limit = min(opts.ctx or counter.n_ctx_train, counter.n_ctx_train)
+    note_bytes = limit * NOTE_BYTES_PER_TOKEN  # read no more of a note than the context could hold
+    inputs = collect([Path(f) for f in files or []], vision["image_size"] if vision else None, opts.max_slices,
+                     scrub_identifiers=not opts.include_phi, note_bytes=note_bytes)
     image_tokens = vision["image_tokens"] if vision else 0
     # each slice costs its embeddings, <start_of_image>/<end_of_image>, the blank lines and its label
     per_image = image_tokens + 2 + counter.count("\n\nSLICE 85\n\n")
-    limit = min(opts.ctx or counter.n_ctx_train, counter.n_ctx_train)
     extra_tokens = min(extra_tokens, limit // 2)  # room kept for a conversation's later turns
     text_tokens = counter.count(question + "".join(t for _, t in inputs.notes)) + 64 + extra_tokens
     room = limit - opts.max_tokens - text_tokens
@@ -128,7 +131,7 @@ def _prepare(question: str, files: list[Path] | None, model: Path | None, gguf: 
         fit = max(1, room // per_image)
         before = len(inputs.images)
         inputs = collect([Path(f) for f in files or []], vision["image_size"], min(opts.max_slices, fit),
-                         scrub_identifiers=not opts.include_phi)
+                         scrub_identifiers=not opts.include_phi, note_bytes=note_bytes)
         inputs.warnings.append(f"too many images for a context of {limit} tokens: {len(inputs.images)} of "
                                f"{before} slices sent, sampled evenly")
     opts_for_plan = AskOptions(**{**opts.__dict__, "max_tokens": opts.max_tokens + extra_tokens})

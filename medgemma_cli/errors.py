@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from medgemma_cli.printable import printable
+
 
 class MedgemmaError(Exception):
     """An error the CLI reports as one line and a non-zero exit, without a traceback."""
@@ -17,7 +19,8 @@ class InputError(MedgemmaError):
     def __init__(self, path: Path | str | None, problem: str):
         self.path = Path(path) if path is not None else None
         self.problem = problem
-        super().__init__(f"{self.path}: {problem}" if self.path is not None else problem)
+        shown = f"{self.path}: {problem}" if self.path is not None else problem
+        super().__init__(printable(shown))  # one line, whatever the file's name or the header's bytes
 
 
 class UnsupportedModelError(InputError):
@@ -29,4 +32,4 @@ class OutputError(MedgemmaError):
 
     def __init__(self, path: Path | str, problem: str):
         self.path = Path(path)
-        super().__init__(f"{self.path}: {problem}")
+        super().__init__(printable(f"{self.path}: {problem}"))

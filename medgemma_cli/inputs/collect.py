@@ -14,6 +14,7 @@ from medgemma_cli.errors import InputError
 from medgemma_cli.inputs import dicom, identifiers
 from medgemma_cli.inputs.images import is_image, load_rgb, resize_square
 from medgemma_cli.inputs.notes import NOTE_SUFFIXES, read_note
+from medgemma_cli.printable import printable
 
 
 @dataclass
@@ -75,8 +76,10 @@ def kind_of(path: Path) -> str | None:
 
 
 def collect(paths: list[Path], image_size: int | None, max_slices: int = dicom.MAX_SLICES,
-            keep_full: bool = False, scrub_identifiers: bool = True) -> Collected:
+            keep_full: bool = False, scrub_identifiers: bool = True, note_bytes: int | None = None) -> Collected:
     """Read and render everything; DICOM images are grouped into series and rendered by modality.
+
+    `note_bytes` bounds what is read of each note (the context it will go into holds only so much).
 
     With `scrub_identifiers` (the default), the patient's identifiers named in the DICOM headers are replaced by
     placeholders in the notes and structured-report text (see `identifiers`)."""
@@ -90,22 +93,27 @@ def collect(paths: list[Path], image_size: int | None, max_slices: int = dicom.M
         if kind is None:
             if f in named:
                 raise InputError(f, "not a DICOM file (no DICM preamble), PNG/JPEG image or text/PDF note")
-            out.warnings.append(f"skipped {f}: not DICOM, an image or a note")
+            out.warnings.append(f"skipped {printable(f)}: not DICOM, an image or a note")
             continue
         if kind == "note":
-            out.notes.append((f.name, read_note(f)))
-            out.records.append(InputRecord(f, "note", f"note, {len(out.notes[-1][1])} characters"))
+            note = read_note(f, note_bytes)
+            out.notes.append((f.name, note.text))
+            out.warnings.extend(f"{printable(f.name)}: {w}" for w in note.warnings)
+            out.records.append(InputRecord(f, "note", f"note, {len(note.text)} characters{note.how}"))
         elif kind == "image":
             if image_size is None:
                 raise InputError(f, "this model has no vision projector (mmproj); it cannot read images")
             rgb = load_rgb(f)
+            if dicom.is_flat(rgb):
+                raise InputError(f, "the image is blank: every pixel has the same value")
             out.images.append(PromptImage(resize_square(rgb, image_size), None, f, rgb if keep_full else None))
             out.records.append(InputRecord(f, "image", f"{rgb.shape[1]}×{rgb.shape[0]} image"))
         else:
             ds = dicom.read(f)
             headers.append(ds)
             if dicom.is_sr(ds):
-                text = dicom.sr_text(ds)
+                with dicom.reading(f):
+                    text = dicom.sr_text(ds)
                 if not text:
                     raise InputError(f, "structured report without text content")
                 out.notes.append((f.name, text))
@@ -119,7 +127,8 @@ def collect(paths: list[Path], image_size: int | None, max_slices: int = dicom.M
         if image_size is None:
             raise InputError(dicoms[0][0], "this model has no vision projector (mmproj); it cannot read images")
         for vol in dicom.assemble(dicoms, max_slices):
-            rendered = dicom.render_volume(vol)
+            rendered = dicom.render_volume(vol)  # may leave out slices that cannot be shown (vol.notes says so)
+            out.warnings.extend(printable(n) for n in vol.notes)
             for i, (s, rgb) in enumerate(zip(vol.slices, rendered, strict=True), 1):
                 label = f"SLICE {i}" if vol.is_volume else None
                 out.images.append(PromptImage(resize_square(rgb, image_size), label, s.path, rgb if keep_full else None))
@@ -134,7 +143,7 @@ def collect(paths: list[Path], image_size: int | None, max_slices: int = dicom.M
             for p in files_in:
                 out.records.append(InputRecord(p, "dicom", detail))
             if vol.total_slices > sent:
-                out.warnings.append(f"the series of {files_in[0].name}: {vol.total_slices} slices, "
+                out.warnings.append(f"the series of {printable(files_in[0].name)}: {vol.total_slices} slices, "
                                     f"{sent} sampled evenly")
     if scrub_identifiers and out.notes and headers:
         _scrub_notes(out, headers)

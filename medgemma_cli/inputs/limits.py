@@ -57,8 +57,16 @@ def check_dicom_pixels(ds: Any, path: Path) -> int:
         rows, cols = int(ds.Rows), int(ds.Columns)
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
         bits = int(ds.BitsAllocated)
+        stored = int(ds.get("BitsStored", bits) or bits)
     except (AttributeError, TypeError, ValueError):
         raise InputError(path, "Rows, Columns or BitsAllocated missing or not a number") from None
+    if bits not in (1, 8, 16, 32, 64) or not 1 <= stored <= bits:
+        raise InputError(path, f"BitsAllocated {bits} with BitsStored {stored} is not a pixel format DICOM defines")
+    if samples not in (1, 3):
+        raise InputError(path, f"SamplesPerPixel {samples}: only grey (1) and colour (3) images exist")
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if syntax is None or not syntax.is_transfer_syntax:
+        raise InputError(path, f"transfer syntax {str(syntax or 'missing')!r} is not one DICOM defines")
     check_image_size(path, cols, rows)
     decoded = rows * cols * frames * samples * max(1, (bits + 7) // 8)
     if decoded > limit("decoded_mb") << 20:
@@ -67,7 +75,7 @@ def check_dicom_pixels(ds: Any, path: Path) -> int:
     pixel_data = ds.get("PixelData")
     if pixel_data is None:
         return frames
-    if not ds.file_meta.TransferSyntaxUID.is_compressed:
+    if not syntax.is_compressed:
         # (half: YBR_FULL_422 stores 2 bytes for 3 samples; anything shorter cannot hold the frames declared)
         if bits >= 8 and len(pixel_data) < decoded // 2:
             raise InputError(path, f"declares {frames} frame(s) of {cols}×{rows} ({decoded:,} bytes) but holds "

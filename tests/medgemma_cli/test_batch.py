@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pictures import picture
 from PIL import Image
 from pydicom.data import get_testdata_file
 
@@ -24,6 +25,7 @@ from medgemma_cli.answering import AskOptions
 from medgemma_cli.batch import make_units, pseudonym, run_batch, unit_id_key, walk
 
 pytestmark = pytest.mark.slow
+
 
 
 def data(name: str) -> Path:
@@ -54,8 +56,8 @@ def messy(tmp_path) -> Path:
     (root / "mr" / "IM0001").write_bytes(data("MR_small.dcm").read_bytes())  # no extension: found by content
     (root / "cine").mkdir()
     (root / "cine" / "multi.dcm").write_bytes(data("emri_small.dcm").read_bytes())
-    Image.fromarray(np.full((20, 30, 3), 120, np.uint8)).save(root / "photo.png")
-    Image.fromarray(np.full((20, 30, 3), 60, np.uint8)).save(root / "scan.jpg")
+    Image.fromarray(picture(20, 30, 120)).save(root / "photo.png")
+    Image.fromarray(picture(20, 30, 60)).save(root / "scan.jpg")
     full = data("CT_small.dcm").read_bytes()
     (root / "broken.dcm").write_bytes(full[: len(full) - 20000])  # header intact, pixels cut
     (root / "notdicom.dcm").write_text("hello")
@@ -190,16 +192,21 @@ def test_kill_and_resume(tmp_path, convert_tiny):
     root.mkdir()
     n = 24
     for i in range(n):
-        Image.fromarray(np.full((16, 16, 3), i * 10, np.uint8)).save(root / f"img{i:02d}.png")
+        Image.fromarray(picture(16, 16, i * 10)).save(root / f"img{i:02d}.png")
     out = tmp_path / "r.jsonl"
     env = {**os.environ, "MEDGEMMA_HOME": str(tmp_path / "home")}
     cmd = [sys.executable, "-m", "medgemma_cli", "batch", str(root), "-q", "A?", "-q", "B?", "--out", str(out),
-           "--model", str(convert_tiny("Q8_0")), "--max-tokens", "400", "--ctx", "1024", "--quiet"]
+           "--model", str(convert_tiny("Q8_0")), "--max-tokens", "100", "--ctx", "1024", "--quiet"]
     rng = random.Random(4)
     partial = []
     for _ in range(4):
+        before = len(out.read_bytes().splitlines()) if out.exists() else 0
         p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=tmp_path)
-        time.sleep(rng.uniform(1.0, 3.0))
+        deadline = time.monotonic() + 120  # a loaded machine is slow to its first answer: wait for one
+        while time.monotonic() < deadline and p.poll() is None and (
+                not out.exists() or len(out.read_bytes().splitlines()) <= before):
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.5))
         p.send_signal(signal.SIGKILL)
         p.wait()
         partial.append(len(out.read_bytes().splitlines()) if out.exists() else 0)
@@ -410,7 +417,7 @@ def test_server_refusal_becomes_error_records(tmp_path, llama_server):
     root = tmp_path / "imgs"
     root.mkdir()
     for i in range(3):
-        Image.fromarray(np.full((20, 20, 3), 40 * i, np.uint8)).save(root / f"i{i}.png")
+        Image.fromarray(picture(20, 20, 40 * i)).save(root / f"i{i}.png")
     out = tmp_path / "r.jsonl"
     too_long = "Describe " * 2500 + "?"
     s = run_batch(root, ["Findings?", too_long], out, server=_server(llama_server, workers=2),
@@ -514,7 +521,7 @@ def test_two_runs_on_one_results_file_refuse(tmp_path, convert_tiny):
 
     root = tmp_path / "scans"
     root.mkdir()
-    Image.fromarray(np.full((16, 16, 3), 50, np.uint8)).save(root / "a.png")
+    Image.fromarray(picture(16, 16, 50)).save(root / "a.png")
     out = tmp_path / "r.jsonl"
     holder = RecordFile(out, "jsonl")  # as a running batch holds it
     try:
@@ -540,7 +547,7 @@ def test_our_outputs_inside_the_folder_are_not_inputs(tmp_path, convert_tiny):
     root = tmp_path / "scans"
     root.mkdir()
     for i in range(2):
-        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(root / f"p{i}.png")
+        Image.fromarray(picture(16, 16, 40 * i)).save(root / f"p{i}.png")
     out = root / "results.jsonl"
     for _ in range(3):
         s = run_batch(root, ["A?"], out, model=convert_tiny("Q8_0"), options=AskOptions(max_tokens=4))
@@ -557,7 +564,7 @@ def test_a_lost_unit_key_is_said_not_replaced(tmp_path, convert_tiny):
 
     root = tmp_path / "scans"
     root.mkdir()
-    Image.fromarray(np.full((16, 16, 3), 50, np.uint8)).save(root / "a.png")
+    Image.fromarray(picture(16, 16, 50)).save(root / "a.png")
     out = tmp_path / "r.csv"
     run_batch(root, ["A?"], out, fmt="csv", model=convert_tiny("Q8_0"), options=AskOptions(max_tokens=3))
     key = out.with_name("r.csv.unit-key")

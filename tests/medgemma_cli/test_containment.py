@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pictures import picture
 from PIL import Image
 from pydicom.data import get_testdata_file
 
@@ -22,6 +23,7 @@ from medgemma_cli import containment
 pytestmark = pytest.mark.slow
 
 CT = Path(get_testdata_file("CT_small.dcm", download=False))
+
 
 
 def medgemma(*args: str, home: Path, crash: str = "", timeout: int = 300,
@@ -82,7 +84,7 @@ def test_killing_the_command_stops_its_work(model, tmp_path):
     folder = tmp_path / "units"
     folder.mkdir()
     for i in range(30):
-        Image.fromarray(np.full((16, 16, 3), i * 8, np.uint8)).save(folder / f"p{i:02d}.png")
+        Image.fromarray(picture(16, 16, i * 8)).save(folder / f"p{i:02d}.png")
     out = tmp_path / "orphan-check.jsonl"
     env = {**os.environ, "MEDGEMMA_HOME": str(tmp_path)}
     p = subprocess.Popen([sys.executable, "-m", "medgemma_cli", "batch", str(folder), "-q", "A?", "--out", str(out),
@@ -113,7 +115,7 @@ def folder(tmp_path) -> Path:
     root = tmp_path / "scans"
     root.mkdir()
     for i in range(6):
-        Image.fromarray(np.full((16, 16, 3), 30 * i, np.uint8)).save(root / f"img{i}.png")
+        Image.fromarray(picture(16, 16, 30 * i)).save(root / f"img{i}.png")
     return root
 
 
@@ -194,7 +196,7 @@ def test_batch_worker_protocol_does_not_deadlock_on_full_pipes(model, tmp_path):
 
     root = tmp_path / "scans"
     (root / "ct").mkdir(parents=True)
-    Image.fromarray(np.full((16, 16, 3), 70, np.uint8)).save(root / "a.png")
+    Image.fromarray(picture(16, 16, 70)).save(root / "a.png")
     base = pydicom.dcmread(CT)
     for i in range(6):
         base.SOPInstanceUID = f"1.2.826.0.1.3680043.55.{i}"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pictures import picture
 from PIL import Image
 from pydicom.data import get_testdata_file
 
@@ -20,6 +21,7 @@ pytestmark = pytest.mark.slow
 
 CT = get_testdata_file("CT_small.dcm", download=False)
 SOCKET_CALLS = "socket,socketpair,connect,bind,sendto,sendmsg,listen,accept,accept4"
+
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,7 @@ def strace() -> str:
 def inputs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("offline-inputs")
     (root / "scans").mkdir()
-    Image.fromarray(np.full((24, 24, 3), 90, np.uint8)).save(root / "scans" / "a.png")
+    Image.fromarray(picture(24, 24, 90)).save(root / "scans" / "a.png")
     (root / "scans" / "b.dcm").write_bytes(Path(CT).read_bytes())
     (root / "note.txt").write_text("Cough for three days.\n")
     return root

@@ -132,7 +132,7 @@ def test_ybr_full_422_becomes_rgb():
 
 
 def _series(tmp_path: Path, n: int) -> list[Path]:
-    """A CT series built from CT_small: each slice offset along the normal, constant HU per slice,
+    """A CT series built from CT_small: each slice offset along the normal, constant HU per slice (but a corner),
     written under shuffled names with shuffled instance numbers."""
     base = pydicom.dcmread(data("CT_small.dcm"))
     normal = np.cross(np.array(base.ImageOrientationPatient[:3], float), np.array(base.ImageOrientationPatient[3:], float))
@@ -145,6 +145,7 @@ def _series(tmp_path: Path, n: int) -> list[Path]:
         ds.InstanceNumber = n - i  # deliberately disagrees with the geometry
         ds.SOPInstanceUID = f"{base.SOPInstanceUID}.{i}"
         arr = np.full(base.pixel_array.shape, 100 + 10 * i, dtype=base.pixel_array.dtype)
+        arr[-4:, -4:] = 0  # one dark corner: a blank slice would be left out
         ds.PixelData = arr.tobytes()
         p = tmp_path / f"img{order[i]:03d}"
         ds.save_as(p)
