@@ -26,13 +26,14 @@ from medgemma_cli.atomic import replace_text
 from medgemma_cli.errors import InputError, MedgemmaError
 from medgemma_cli.inputs import dicom
 from medgemma_cli.inputs.collect import Collected, collect, kind_of
+from medgemma_cli.printable import printable
 from medgemma_cli.report import save_thumbnail
 
 UNIT_KINDS = ("series", "study", "file")
 PHI_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "StudyDate", "AccessionNumber", "InstitutionName")
 CSV_FIELDS = ["unit", "unit_kind", "files", "modality", "images_sent", "question", "answer", "error", "model",
               "run_key", "first_token_s", "total_s", "prompt_tokens", "completion_tokens", "classify",
-              "identifiers_removed", "phi"]
+              "identifiers_removed", "warnings", "phi"]
 
 
 @dataclass
@@ -70,8 +71,8 @@ def walk(folder: Path, ours: set[Path] | None = None) -> Walk:
     skipped: list[tuple[str, str]] = []
     seen: set[tuple[int, int]] = set()
 
-    def rel(p: Path) -> str:
-        return str(p.relative_to(folder)) if p.is_relative_to(folder) else str(p)
+    def rel(p: Path) -> str:  # for people to read: undecodable bytes and control characters escaped
+        return printable(p.relative_to(folder) if p.is_relative_to(folder) else p)
 
     def visit(d: Path) -> None:
         try:
@@ -118,35 +119,34 @@ def walk(folder: Path, ours: set[Path] | None = None) -> Walk:
 
 
 def _hash(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]  # names need not be UTF-8
 
 
 def make_units(folder: Path, files: list[Path], unit: str = "series") -> list[Unit]:
+    """Files grouped into units. A file unit is one file (two copies of one SOP instance are two units: a bad
+    copy must not fail its good twin). A header that cannot be read makes that file a unit of its own, in
+    error, and grouping goes on."""
     if unit not in UNIT_KINDS:
         raise MedgemmaError(f"unknown unit {unit!r}; choose one of {', '.join(UNIT_KINDS)}")
     units: dict[str, Unit] = {}
     for f in files:
         rel = str(f.relative_to(folder))
-        if kind_of(f) != "dicom" or unit == "file":
-            uid = _hash(rel) if kind_of(f) != "dicom" else None
-            if uid is None:
-                try:
-                    ds = dicom.read(f, pixels=False)
-                    uid = str(ds.get("SOPInstanceUID", "")) or _hash(rel)
-                except InputError as e:
-                    units[_hash(rel)] = Unit(_hash(rel), "file", [f], error=e.problem)
-                    continue
-            units.setdefault(uid, Unit(uid, "file", [], "" if kind_of(f) != "dicom" else str(ds.get("Modality", ""))))
-            units[uid].files.append(f)
+        is_dicom = kind_of(f) == "dicom"
+        if not is_dicom and unit != "file":
+            units.setdefault(_hash(rel), Unit(_hash(rel), "file", [f]))
             continue
         try:
-            ds = dicom.read(f, pixels=False)
+            ds = dicom.read(f, pixels=False) if is_dicom else None
         except InputError as e:
-            units[_hash(rel)] = Unit(_hash(rel), unit, [f], error=e.problem)
+            units[_hash(rel)] = Unit(_hash(rel), "file" if unit == "file" else unit, [f], error=e.problem)
+            continue
+        modality = str(ds.get("Modality", "") or "") if ds is not None else ""
+        if unit == "file":
+            units[_hash(rel)] = Unit(_hash(rel), "file", [f], modality)
             continue
         key = "StudyInstanceUID" if unit == "study" else "SeriesInstanceUID"
-        uid = str(ds.get(key, "")) or _hash(rel)
-        u = units.setdefault(uid, Unit(uid, unit, [], str(ds.get("Modality", "")),
+        uid = str(ds.get(key, "") or "") or _hash(rel)
+        u = units.setdefault(uid, Unit(uid, unit, [], modality,
                                        {t: str(ds.get(t)) for t in PHI_TAGS if ds.get(t) not in (None, "")}))
         u.files.append(f)
     return list(units.values())
@@ -180,7 +180,7 @@ def unit_id_key(out: Path, has_records: bool = False) -> bytes:
 def pseudonym(key: bytes, unit_id: str) -> str:
     """HMAC-SHA256 of a unit id (a DICOM UID, or a hash of a relative path), shortened: no UID, date or device
     serial inside it leaves the site."""
-    return "u" + hmac.new(key, unit_id.encode("utf-8"), hashlib.sha256).hexdigest()[:24]
+    return "u" + hmac.new(key, unit_id.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()[:24]
 
 
 def run_key(model_sha: str, question: str) -> str:
@@ -287,6 +287,7 @@ class RecordFile:
         else:
             timings, tokens = record.get("timings") or {}, record.get("tokens") or {}
             row = {**record, "files": ";".join(record["files"]), "phi": json.dumps(record.get("phi") or {}),
+                   "warnings": "; ".join(record.get("warnings") or []),
                    "classify": json.dumps(record["classify"]) if record.get("classify") else "",
                    "first_token_s": timings.get("first_token_s", ""), "total_s": timings.get("total_s", ""),
                    "prompt_tokens": tokens.get("prompt", ""), "completion_tokens": tokens.get("completion", "")}
@@ -416,14 +417,15 @@ class _Writer:
         return [q for q, k in self.keys.items() if (u.id, k) not in self.records.done]
 
     def base(self, u: Unit) -> dict[str, Any]:
-        return {"unit": u.id, "unit_kind": u.kind, "files": [str(f.relative_to(self.folder)) for f in u.files],
+        return {"unit": u.id, "unit_kind": u.kind, "files": [printable(f.relative_to(self.folder)) for f in u.files],
                 "modality": u.modality, "model": self.model,
                 **({"phi": u.phi} if self.include_phi and u.phi else {})}
 
     def answer(self, u: Unit, q: str, images_sent: int, answer: str, timings: dict[str, float],
-               tokens: dict[str, Any], classification: dict[str, Any] | None, identifiers_removed: int = 0) -> None:
+               tokens: dict[str, Any], classification: dict[str, Any] | None, inputs: Collected | None) -> None:
         self.records.append({**self.base(u), "images_sent": images_sent, "question": q, "answer": answer,
-                             "identifiers_removed": identifiers_removed,
+                             "identifiers_removed": inputs.identifiers_removed if inputs else 0,
+                             "warnings": list(inputs.warnings) if inputs else [],
                              "error": None, "run_key": self.keys[q], "timings": timings, "tokens": tokens,
                              **({"classify": classification} if classification else {})})
         self.written += 1
@@ -529,7 +531,7 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
                     uris = [png_data_uri(rgb) for rgb in images]
                 return _Prepared(u, inputs, None, uris)
             except InputError as e:
-                return _Prepared(u, None, f"{Path(e.path).name if e.path else ''}: {e.problem}".strip(": "))
+                return _Prepared(u, None, printable(f"{Path(e.path).name if e.path else ''}: {e.problem}".strip(": ")))
             except Exception as e:  # noqa: BLE001 - a bad unit must not stop the batch
                 return _Prepared(u, None, f"{type(e).__name__}: {e}")
 
@@ -643,7 +645,7 @@ def _answer_locally(worker: Any, todo: list[Unit], prepare: Callable[[Unit], _Pr
                 writer.answer(u, result.question, n_images, result.answer,
                               {"first_token_s": result.first_token_s, "total_s": result.total_s},
                               {"prompt": result.prompt_tokens, "completion": result.completion_tokens},
-                              f.classification, f.prepared.inputs.identifiers_removed if f.prepared.inputs else 0)
+                              f.classification, f.prepared.inputs)
             elif isinstance(result, UnitError):
                 writer.fail_unit(u, result.message)
             else:  # this unit is done
@@ -704,7 +706,7 @@ def _answer_by_server(client: Any, workers: int, todo: list[Unit], prepare: Call
                 writer.answer(u, q, len(state.prepared.inputs.images), reply.answer,
                               {"total_s": round(reply.seconds, 3)},
                               {"prompt": reply.prompt_tokens, "completion": reply.completion_tokens},
-                              state.classification, state.prepared.inputs.identifiers_removed)
+                              state.classification, state.prepared.inputs)
             state.remaining -= 1
             if state.remaining == 0:
                 finished_units += 1

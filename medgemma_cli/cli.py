@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 import typer
 
 from medgemma_cli import __version__
-from medgemma_cli.console import RichProgress, err, human_bytes, out
+from medgemma_cli.console import RichProgress, err, human_bytes, out, shown
 from medgemma_cli.errors import MedgemmaError
 from medgemma_cli.kernels.policy import DEFAULT_MMPROJ_TYPE, DEFAULT_PRESET, MMPROJ_TYPES, PRESETS
 
@@ -37,7 +37,7 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
         except MedgemmaError as e:
             if _DEBUG:
                 raise
-            err.print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {shown(e)}", soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted; nothing was left half-written")
@@ -47,7 +47,7 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as e:  # noqa: BLE001 - the last line of defence for users
             if _DEBUG:
                 raise
-            err.print(f"[bold red]error:[/] unexpected {type(e).__name__}: {e} (rerun with --debug for details)",
+            err.print(f"[bold red]error:[/] unexpected {type(e).__name__}: {shown(e)} (rerun with --debug for details)",
                       soft_wrap=True)
             raise typer.Exit(1) from None
 
@@ -189,13 +189,13 @@ def ask(
         return
     out.print()
     for w in result.warnings:
-        err.print(f"[yellow]note:[/] {w}")
+        err.print(f"[yellow]note:[/] {shown(w)}")
     t = result.timings
     err.print(f"[dim]{result.model['name']} · {result.images_sent} image(s) · {result.tokens['prompt']} prompt tokens · "
               f"first token {t['first_token_s']:.1f} s (images {t['image_encode_s']:.1f} s) · "
               f"{t['decode_tokens_per_s']:.1f} tokens/s[/]")
     if result.saved_inputs:
-        err.print(f"[dim]model inputs saved: {', '.join(result.saved_inputs)}[/]")
+        err.print(f"[dim]model inputs saved: {shown(', '.join(result.saved_inputs))}[/]")
     if result.identifiers_removed:
         err.print(f"[dim]{result.identifiers_removed} patient identifier(s) replaced in the notes before the model "
                   "saw them (--include-phi keeps them)[/]")
@@ -272,7 +272,7 @@ def batch(
 
         remote = ServerOptions(server, server_model, workers, image_size, timeout=timeout)
         if not is_loopback(server) and not server.lower().startswith("https://"):
-            err.print(f"[yellow]note:[/] images go to {server} unencrypted (http); use https beyond this machine")
+            err.print(f"[yellow]note:[/] images go to {shown(server)} unencrypted (http); use https beyond this machine")
     elif workers != 1:
         raise MedgemmaError("--workers applies to --server; the local model answers one unit at a time")
     bar = None if quiet else Bar(TextColumn("[bold]units"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -298,7 +298,7 @@ def batch(
             bar.stop()
     from rich.table import Table
 
-    t = Table(title=f"Batch → {out_file}", title_justify="left")
+    t = Table(title=f"Batch → {shown(out_file)}", title_justify="left")
     for col in ("units", "records written", "already done", "failed", "skipped files", "time"):
         t.add_column(col, justify="right")
     t.add_row(str(s.units), str(s.records_written), str(s.done_before), str(s.failed), str(len(s.skipped)),
@@ -310,14 +310,14 @@ def batch(
         from medgemma_cli.report import write_report
 
         write_report(out_file, report)
-        out.print(f"report: {report}")
+        out.print(f"report: {shown(report)}")
     for path, why in s.skipped[:20]:
-        err.print(f"[dim]skipped {path}: {why}[/]", markup=True)
+        err.print(f"[dim]skipped {shown(path)}: {shown(why)}[/]")
     if len(s.skipped) > 20:
         err.print(f"[dim]… and {len(s.skipped) - 20} more skipped[/]")
     if s.failed or s.errors_in_file:
         if not s.failed:
-            err.print(f"[yellow]note:[/] {out_file} holds {s.errors_in_file} error record(s) from earlier runs "
+            err.print(f"[yellow]note:[/] {shown(out_file)} holds {s.errors_in_file} error record(s) from earlier runs "
                       "(--retry-failed tries those units again)")
         raise typer.Exit(1)
 
@@ -359,7 +359,7 @@ def chat(
                                                          options=opts, extra_tokens=max(0, ctx // 2))
     try:
         for w in session.inputs.warnings + warnings:
-            err.print(f"[yellow]note:[/] {w}")
+            err.print(f"[yellow]note:[/] {shown(w)}")
         t = session.prefill_timings
         err.print(f"[dim]{model_files.name} · {len(session.inputs.images)} image(s) encoded in {t.image_encode_s:.1f} s "
                   f"({session.engine.vision_backend}) · /save FILE, /quit[/]")
@@ -379,14 +379,14 @@ def chat(
                 tmp = target.with_name(f".{target.name}.partial")
                 tmp.write_text(json.dumps(session.transcript(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
                 os.replace(tmp, target)
-                err.print(f"[dim]transcript saved to {target}[/]")
+                err.print(f"[dim]transcript saved to {shown(target)}[/]")
                 continue
             if line.startswith("/"):
                 err.print("[yellow]commands:[/] /save FILE, /quit")
                 continue
             turn = session.follow_up(line, max_tokens, temperature, seed,
                                      on_text=lambda piece: out.print(piece, end="", markup=False, highlight=False),
-                                     on_notice=lambda msg: err.print(f"[yellow]note:[/] {msg}"))
+                                     on_notice=lambda msg: err.print(f"[yellow]note:[/] {shown(msg)}"))
             out.print()
             tt = turn.timings
             err.print(f"[dim]first token {tt.first_token_s:.1f} s · {turn.completion_tokens} tokens · "
@@ -452,7 +452,7 @@ def embed(
     if not files and not text:
         raise typer.BadParameter("give image files or --text")
     info = run_embed(files or [], out_file, model=model, text=text, threads=threads)
-    out.print(f"{info['count']} {info['kind']} embeddings of {info['dimensions']} dimensions → {info['path']}")
+    out.print(f"{info['count']} {info['kind']} embeddings of {info['dimensions']} dimensions → {shown(info['path'])}")
 
 
 @app.command()
@@ -472,8 +472,6 @@ def models(
       medgemma models
       medgemma models --verify
     """
-    from rich.markup import escape
-
     from medgemma_cli import store
 
     found = store.list_models()
@@ -481,9 +479,9 @@ def models(
 
     def warn_and_exit() -> None:
         for problem in problems.values():
-            err.print(f"[red]error:[/] {escape(problem)}", soft_wrap=True)
+            err.print(f"[red]error:[/] {shown(problem)}", soft_wrap=True)
         for path, why in store.damaged_entries():
-            err.print(f"[yellow]warning:[/] {escape(str(path))}: {escape(why)}", soft_wrap=True)
+            err.print(f"[yellow]warning:[/] {shown(path)}: {shown(why)}", soft_wrap=True)
         if problems:
             raise typer.Exit(1)
 
@@ -495,7 +493,7 @@ def models(
         warn_and_exit()
         return
     if not found:
-        out.print(f"No converted models in {store.models_dir()} yet. Convert one with: medgemma convert CHECKPOINT_DIR")
+        out.print(f"No converted models in {shown(store.models_dir())} yet. Convert one with: medgemma convert CHECKPOINT_DIR")
         warn_and_exit()
         return
     from rich.table import Table
@@ -664,7 +662,7 @@ def demo() -> None:
     out.print()
     out.print(f"[dim]{result.completion_tokens} tokens generated · model: {result.model.path} · {result.seconds:.1f} s[/]")
     for p in result.saved_inputs:
-        out.print(f"[dim]what the model saw: {p}[/]")
+        out.print(f"[dim]what the model saw: {shown(p)}[/]")
     out.print(f"[yellow]{RANDOM_WEIGHTS_NOTICE}[/]")
 
 

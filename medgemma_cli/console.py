@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, DownloadColumn, Progress as RichBar, SpinnerColumn, TaskProgressColumn,
                            TextColumn, TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
 
+from medgemma_cli.printable import printable
+
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
+
+
+def shown(text: object) -> str:
+    """Text from files or the user (paths, DICOM strings, warnings about them) inside a rich markup line:
+    `[red]` in a file name is not markup, and an escape sequence in a header does not reach the terminal."""
+    return escape(printable(text))
 
 
 def human_bytes(n: float) -> str:
