@@ -3,7 +3,8 @@
 Read from the checkpoint's own tokenizer definitions, never guessed from how a token looks: the pieces and
 their SentencePiece types from `tokenizer.model`, or the vocabulary and merges from `tokenizer.json` (all that
 transformers 5 saves); the added tokens and their `special` flags from `tokenizer.json`, `tokenizer_config.json`
-and `added_tokens.json`. The result is what llama.cpp's own Gemma conversion writes, entry for entry.
+and `added_tokens.json`. From tokenizer.model the result is what llama.cpp's own Gemma conversion writes, entry
+for entry; from tokenizer.json alone it differs only in the scores of merged pieces, which keep their order.
 """
 
 from __future__ import annotations
@@ -168,7 +169,9 @@ def _merge_pair(merge: Any, path: Path) -> tuple[str, str]:
 def _json_pieces(data: dict[str, Any], path: Path, vocab_size: int) -> _Pieces:
     """The BPE vocabulary as SentencePiece pieces. llama.cpp's SentencePiece tokenizer merges the adjacent pair
     whose result scores highest; BPE merges the pair of lowest rank. A piece's score is therefore minus the rank of
-    the first merge that makes it, which orders merges exactly as tokenizer.json does."""
+    the first merge that makes it. (Converted from SentencePiece, as Gemma's is, tokenizer.json lists every split
+    of a piece as a merge, ranked by the piece's original score, so pairs and results rank alike; the original
+    scores themselves are not in the file.)"""
     model = data["model"]
     by_id: dict[int, str] = {}
     for text, tid in model["vocab"].items():
