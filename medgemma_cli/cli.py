@@ -67,6 +67,10 @@ def _root(
 ) -> None:
     global _DEBUG
     _DEBUG = _DEBUG or debug
+    if not _DEBUG:  # pydicom's complaints about header values: what matters is reported by us, naming the file
+        import warnings
+
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
 
 
 @app.command()

@@ -46,10 +46,14 @@ class _CappedReads(io.BufferedReader):
     def __init__(self, raw: io.FileIO, size: int):
         super().__init__(raw)
         self._size = size
+        self.overrun: tuple[int, int] | None = None  # (asked, left) of the first read past the end
 
     def read(self, size: int | None = -1) -> bytes:
         if size is not None and size > 0:
-            size = min(size, max(0, self._size - self.tell()))
+            left = max(0, self._size - self.tell())
+            if size > left + 8 and self.overrun is None:  # (a tag's 8 bytes: pydicom probing for the end)
+                self.overrun = (size, left)
+            size = min(size, left)
             if size == 0:
                 return b""
         return super().read(size)
@@ -72,6 +76,13 @@ def read(path: Path, *, pixels: bool = True) -> Any:
                 pass
             for element in _convert_all(ds):
                 pass
+            if f.overrun is not None:
+                element = None
+                asked, left = f.overrun
+                raise InputError(path, f"an element declares {asked:,} bytes, but {left:,} are left in the file "
+                                       "(cut short or damaged)")
+    except InputError:
+        raise
     except (MemoryError, RecursionError) as e:
         raise InputError(path, f"not a readable DICOM file ({type(e).__name__}: nested or sized beyond reason)") from None
     except Exception as e:  # noqa: BLE001 - whatever pydicom raises on this file's bytes is this file's problem
@@ -437,10 +448,15 @@ def assemble(datasets: list[tuple[Path, Any]], max_slices: int = MAX_SLICES) -> 
     series: dict[str, list[Slice]] = {}
     heads: dict[str, Any] = {}
     faults: dict[str, list[tuple[Path, str]]] = {}
+    broken: dict[str, list[InputError]] = {}
     for path, ds in datasets:
-        n = check_dicom_pixels(ds, path)  # a frame count from the header is checked before anything is made per frame
         with reading(path):
             uid = str(ds.get("SeriesInstanceUID", "") or "") or f"file:{path}"
+        try:
+            n = check_dicom_pixels(ds, path)  # a frame count is checked before anything is made per frame
+        except InputError as e:
+            broken.setdefault(uid, []).append(e)
+            continue
         if n > 1:
             uid = f"{uid}/{ds.get('SOPInstanceUID', '') or path}"  # a multi-frame object is its own volume
         try:
@@ -454,17 +470,23 @@ def assemble(datasets: list[tuple[Path, Any]], max_slices: int = MAX_SLICES) -> 
                 faults.setdefault(uid, []).append((path, str(e)))
         series.setdefault(uid, []).extend(slices)
         heads.setdefault(uid, ds)
-    volumes = []
     notes_of: dict[str, list[str]] = {}
-    for uid, bad in faults.items():
+    for uid, bad in faults.items():  # unorderable files are left out of a series that has others
         good = [s for s in series[uid] if s.path not in {p for p, _ in bad}]
-        if good:  # several files: the unorderable ones are left out
+        if good:
             series[uid] = good
-            notes_of[uid] = [f"{p.name} left out of its series: {why}" for p, why in bad]
+            notes_of.setdefault(uid, []).extend(f"{p.name} left out of its series: {why}" for p, why in bad)
+    for uid, errors in broken.items():  # files whose pixels cannot be what the header says, likewise
+        home = next((k for k in series if k == uid or k.startswith(uid + "/")), None)
+        if home is None:
+            raise errors[0]
+        notes_of.setdefault(home, []).extend(f"{e.path.name if e.path else '?'} left out of its series: {e.problem}"
+                                            for e in errors)
+    volumes = []
     shares = share_slices([len(v) for v in series.values()], max_slices)
     for (uid, slices), share in zip(series.items(), shares, strict=True):
         if all(s.position is not None for s in slices) and len({s.position for s in slices}) == len(slices):
-            slices.sort(key=lambda s: s.position)
+            slices.sort(key=lambda s: s.position if s.position is not None else 0.0)
         elif all(s.instance is not None for s in slices):
             slices.sort(key=lambda s: (s.instance, s.frame))
         else:

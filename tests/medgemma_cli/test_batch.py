@@ -579,3 +579,16 @@ def test_a_lost_unit_key_is_said_not_replaced(tmp_path, convert_tiny):
     key.write_bytes(saved)
     again = run_batch(root, ["A?"], out, fmt="csv", model=convert_tiny("Q8_0"), options=AskOptions(max_tokens=3))
     assert again.records_written == 0 and again.done_before == 1
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_names_that_are_not_utf8_or_hold_markup_never_end_the_batch(tmp_path, convert_tiny, fmt):
+    root = tmp_path / "names"
+    (root / "a[").mkdir(parents=True)
+    Image.fromarray(picture(16, 16, 40)).save(Path(os.fsdecode(bytes(root) + b"/caf\xe9.png")))
+    shutil.copy(data("CT_small.dcm"), root / "a[" / "]x\x1b[31m.dcm")
+    out = tmp_path / f"r.{fmt}"
+    s = run_batch(root, ["Q?"], out, fmt=fmt, model=convert_tiny("Q8_0"), options=AskOptions(max_tokens=2))
+    assert s.units == 2 and s.records_written == 2 and s.failed == 0
+    text = out.read_text(encoding="utf-8")
+    assert "caf\\xe9.png" in text.replace("\\\\", "\\") and "\x1b" not in text

@@ -88,3 +88,14 @@ def test_help_keeps_bracketed_defaults():
                           ("convert", "[default: the model store]"), ("bench", "[default: 1 and the physical cores]")):
         r = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "240", "NO_COLOR": "1"})
         assert r.exit_code == 0 and text in " ".join(r.output.split()), (command, r.output[-800:])
+
+
+def test_a_path_with_markup_and_control_characters_prints_as_text(tmp_path):
+    """`[/]` in a path once raised rich's MarkupError with a traceback; an escape sequence in a name reached the
+    terminal. The error is one line, the name shown with the control character escaped."""
+    odd = tmp_path / "scans[" / "]x\x1b[31m[red]"
+    r = medgemma("convert", str(odd), "--out", str(tmp_path / "out"), home=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "MarkupError" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "\x1b" not in r.stderr
+    assert "scans[/]x\\x1b[31m[red]" in lines[0] and "not a folder" in lines[0]
