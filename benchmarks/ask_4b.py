@@ -1,7 +1,9 @@
 """Benchmark: `ask` on the 4B-shaped synthetic model (Q4_K_M text, mmproj F16 and Q8_0), 2 threads.
 
 Reports image encode time, time to first token and decode tokens/s through our runtime, decode tokens/s of a
-bare llama-cpp-python generation loop on the same GGUF, and the memory-bandwidth bound.
+bare llama-cpp-python generation loop on the same GGUF and on llama.cpp's own file of the same weights (its
+quantizer over our BF16 conversion, see llama_cpp_reference.py: comparing our file only with itself would
+hide a slow file), and the memory-bandwidth bound.
 
     python benchmarks/ask_4b.py --work DIR     # reuses DIR/synthetic-4b-bf16 from convert_4b.py
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -22,6 +25,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved bare-loop runs per file")
     args = ap.parse_args()
     from PIL import Image
 
@@ -62,23 +66,42 @@ def main() -> None:
     ours = n / t.decode_s
     prompt = [tok for _, p in chunks.parts for tok in p]
     engine.close()
-    # a bare llama-cpp-python loop on the same GGUF
+    # a bare llama-cpp-python loop on the same GGUF, and on llama.cpp's own file of the same weights
+    from llama_cpp_reference import layout, reference_gguf, same_tensors
+
     from medgemma_cli.llama_loader import load_llama
 
-    llm = load_llama(files.text, n_ctx=1024, n_threads=args.threads, n_threads_batch=args.threads,
-                          verbose=False)
-    gen = llm.generate(prompt, temp=0.0, top_k=1)
-    next(gen)  # the first token comes with the prompt evaluation
-    t0 = time.perf_counter()
-    for _ in range(args.decode_tokens - 1):
-        next(gen)
-    bare = (args.decode_tokens - 1) / (time.perf_counter() - t0)
+    bf16 = args.work / "ask-4b-bf16"
+    if not (bf16 / "manifest.json").is_file():
+        convert(src, bf16, preset="BF16", vision_onnx="none", overwrite=True)
+    ref = reference_gguf(bf16 / "text.gguf", "Q4_K_M", args.work / "ask-4b-q4_k_m-llama-cpp.gguf", threads=os.cpu_count())
+    print(json.dumps({"same_tensor_bytes": same_tensors(files.text, ref), "layouts": [layout(files.text), layout(ref)]}),
+          flush=True)
+
+    def bare_decode(path: Path) -> float:
+        llm = load_llama(path, n_ctx=1024, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
+        gen = llm.generate(prompt, temp=0.0, top_k=1)
+        next(gen)  # the first token comes with the prompt evaluation
+        t0 = time.perf_counter()
+        for _ in range(args.decode_tokens - 1):
+            next(gen)
+        rate = (args.decode_tokens - 1) / (time.perf_counter() - t0)
+        llm.close()
+        return rate
+
+    runs: dict[str, list[float]] = {"ours": [], "llama.cpp": []}
+    for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits both alike
+        runs["ours"].append(bare_decode(files.text))
+        runs["llama.cpp"].append(bare_decode(ref))
+    bare, bare_ref = statistics.median(runs["ours"]), statistics.median(runs["llama.cpp"])
     from medgemma_cli.kernels.ggml import read_gguf_info
 
     weights = sum(t.size for t in read_gguf_info(files.text, keys=set()).tensors)
     bw = memory_bandwidth(args.threads)
     print(json.dumps({"decode_tokens_per_s_ours": round(ours, 2), "decode_tokens_per_s_bare_llama_cpp": round(bare, 2),
-                      "ours_vs_bare": round(ours / bare, 3), "bandwidth_gbps": round(bw, 1),
+                      "decode_tokens_per_s_bare_on_llama_cpp_file": round(bare_ref, 2), "bare_runs": runs,
+                      "ours_vs_bare": round(ours / bare, 3), "ours_vs_bare_on_llama_cpp_file": round(ours / bare_ref, 3),
+                      "our_file_vs_llama_cpp_file": round(bare / bare_ref, 3), "bandwidth_gbps": round(bw, 1),
                       "bandwidth_bound_tokens_per_s": round(bw * 1e9 / weights, 2),
                       "ours_vs_bound": round(ours / (bw * 1e9 / weights), 3)}), flush=True)
 
