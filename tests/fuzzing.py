@@ -465,6 +465,15 @@ class Fuzzer:
         folder.mkdir(parents=True)
         for name, data in case.files:
             (folder / name).write_bytes(data)
+        result = self.run_folder(folder)
+        if not result["faults"]:  # kept only when there is something to look at
+            for name, _ in case.files:
+                (folder / name).unlink()
+            folder.rmdir()
+        return result
+
+    def run_folder(self, folder: Path) -> dict[str, Any]:
+        """Reads the files in `folder` in a fresh child of the worker; the result carries its faults."""
         assert self.proc.stdin and self.proc.stdout
         self.proc.stdin.write(str(folder) + "\n")
         line = self.proc.stdout.readline()
@@ -472,10 +481,6 @@ class Fuzzer:
             raise RuntimeError("the fuzz worker died")
         result = json.loads(line)
         result["faults"] = verdict(result)
-        if not result["faults"]:
-            for name, _ in case.files:
-                (folder / name).unlink()
-            folder.rmdir()
         result["folder"] = str(folder)
         return result
 

@@ -220,11 +220,12 @@ def decode_frame(ds: Any, path: Path, index: int) -> np.ndarray:
     in float64 all at once (0.9 GB for a 6 MB file)."""
     from pydicom.pixels import apply_color_lut, pixel_array
 
-    from medgemma_cli.inputs.limits import check_dicom_pixels
+    from medgemma_cli.inputs.limits import check_dicom_pixels, reduction
 
     n = check_dicom_pixels(ds, path)  # before decoding: sizes, frame count, the codestream's own header
+    factor = reduction(ds)
     try:
-        arr = pixel_array(ds, index=index if n > 1 else None)
+        arr = _decode_reduced(ds, index, n, factor) if factor > 1 else pixel_array(ds, index=index if n > 1 else None)
     except Exception as e:  # noqa: BLE001 - decoders raise many types; the message is what the user needs
         syntax = getattr(ds.file_meta.get("TransferSyntaxUID"), "name", "unknown transfer syntax")
         raise InputError(path, f"cannot decode the pixel data ({syntax}): {type(e).__name__}: {e}") from None
@@ -237,6 +238,25 @@ def decode_frame(ds: Any, path: Path, index: int) -> np.ndarray:
     if not (arr.ndim == 2 or arr.ndim == 3 and arr.shape[-1] == 3):
         raise InputError(path, f"unexpected pixel array shape {arr.shape}")
     return arr
+
+
+def _decode_reduced(ds: Any, index: int, frames: int, factor: int) -> np.ndarray:
+    """One JPEG or JPEG 2000 frame decoded by Pillow at 1/factor of its size (libjpeg's scaled DCT, OpenJPEG's
+    resolution levels): a 16384² frame costs 1/64 of its memory. Colour comes back as RGB."""
+    from pydicom.encaps import get_frame
+
+    from medgemma_cli.inputs.images import open_unguarded
+
+    data = get_frame(ds.PixelData, index, number_of_frames=frames)
+    with open_unguarded(io.BytesIO(data)) as im:
+        if im.format == "JPEG":
+            im.draft(im.mode, (im.size[0] // factor, im.size[1] // factor))
+        else:
+            im.reduce = int(math.log2(factor))  # JPEG 2000: decode that many resolution levels down
+        im.load()
+        if im.mode not in ("L", "RGB", "I;16", "I;16L", "I;16B", "I"):
+            im = im.convert("RGB")
+        return np.asarray(im)
 
 
 def _frame_rescale(ds: Any, index: int) -> tuple[float, float] | None:
@@ -296,12 +316,11 @@ def grey_to_rgb(g: np.ndarray) -> np.ndarray:
     return np.repeat(g[..., None], 3, axis=-1)
 
 
-RENDER_PIXELS = 4096 * 4096  # larger frames are averaged down first: the model sees 896², MedSigLIP 448²
-
-
 def shrink(frame: np.ndarray) -> np.ndarray:
     """A frame over RENDER_PIXELS averaged over k×k blocks, in its own dtype: rendering works in float64, and a
     64 M-pixel frame would take 0.5 GB per intermediate array; the 896² the model sees changes very little."""
+    from medgemma_cli.inputs.limits import RENDER_PIXELS
+
     h, w = frame.shape[:2]
     if h * w <= RENDER_PIXELS:
         return frame

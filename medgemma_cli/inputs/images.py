@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -32,7 +33,7 @@ def load_rgb(path: Path) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit below says it better
-            with _open_unguarded(path) as im:  # the header only: the size is known before anything is decoded
+            with open_unguarded(path) as im:  # the header only: the size is known before anything is decoded
                 w, h = im.size
                 if im.format == "JPEG" and w * h > limit("image_pixels"):
                     im.draft("RGB", (w // 8 + 1, h // 8 + 1))  # libjpeg decodes at 1/2, 1/4 or 1/8 scale, free
@@ -55,7 +56,7 @@ def load_rgb(path: Path) -> np.ndarray:
 _pil_guard = threading.Lock()
 
 
-def _open_unguarded(path: Path):  # noqa: ANN202 - a PIL image
+def open_unguarded(path: Path | BinaryIO):  # noqa: ANN202 - a PIL image
     """Image.open without PIL's own pixel guard, which refuses at open what our check handles before decoding
     (a huge JPEG can still be read at 1/8 scale); the guard is put back at once."""
     from PIL import Image

@@ -21,6 +21,9 @@ LIMITS = {  # name: (environment variable, default)
 }
 
 
+RENDER_PIXELS = 4096 * 4096  # larger frames are reduced first: the model sees 896², MedSigLIP 448²
+
+
 def limit(name: str) -> int:
     env, default = LIMITS[name]
     try:
@@ -67,7 +70,10 @@ def check_dicom_pixels(ds: Any, path: Path) -> int:
     syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if syntax is None or not syntax.is_transfer_syntax:
         raise InputError(path, f"transfer syntax {str(syntax or 'missing')!r} is not one DICOM defines")
-    check_image_size(path, cols, rows)
+    factor = reduction(ds)
+    if factor == 1:
+        check_image_size(path, cols, rows)
+    rows, cols = -(-rows // factor), -(-cols // factor)  # what will be decoded
     decoded = rows * cols * frames * samples * max(1, (bits + 7) // 8)
     if decoded > limit("decoded_mb") << 20:
         raise InputError(path, f"{frames} frame(s) of {cols}×{rows} would decode to {decoded >> 20:,} MB, over the "
@@ -83,9 +89,37 @@ def check_dicom_pixels(ds: Any, path: Path) -> int:
         return frames
     first = _first_fragment(pixel_data)
     size = _codestream_size(first)
-    if size is not None and (size[0] > cols or size[1] > rows):
-        raise InputError(path, f"the compressed image says {size[0]}×{size[1]}, the header {cols}×{rows}")
+    if size is not None and (size[0] > cols * factor or size[1] > rows * factor):
+        raise InputError(path, f"the compressed image says {size[0]}×{size[1]}, the header "
+                               f"{int(ds.Columns)}×{int(ds.Rows)}")
     return frames
+
+
+REDUCIBLE = {  # transfer syntax: the largest power-of-two reduction its decoder offers (through Pillow)
+    "1.2.840.10008.1.2.4.50": 8,  # JPEG baseline: libjpeg's DCT scaling (draft mode)
+    "1.2.840.10008.1.2.4.51": 8,  # JPEG extended, 8-bit frames only (checked below)
+    "1.2.840.10008.1.2.4.90": 32,  # JPEG 2000: resolution levels (5 by default)
+    "1.2.840.10008.1.2.4.91": 32,
+}
+
+
+def reduction(ds: Any) -> int:
+    """1, or the power of two by which a JPEG or JPEG 2000 frame larger than RENDER_PIXELS is decoded by the
+    codec itself: the model sees 896², and a 16384² frame read at 1/4 costs 1/16 of the memory and time."""
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+        unsigned = int(ds.get("PixelRepresentation", 0) or 0) == 0
+        eight_bit = int(ds.BitsAllocated) == 8
+    except (AttributeError, TypeError, ValueError):
+        return 1
+    most = REDUCIBLE.get(syntax, 1)
+    if most == 1 or rows * cols <= RENDER_PIXELS or not unsigned or most == 8 and not eight_bit:
+        return 1
+    factor = 2
+    while (rows // factor) * (cols // factor) > RENDER_PIXELS and factor < most:
+        factor *= 2
+    return factor if (rows // factor) * (cols // factor) <= limit("image_pixels") else 1
 
 
 def _first_fragment(pixel_data: bytes) -> bytes:

@@ -5,6 +5,7 @@ interpreter, so a regression fails the test rather than the machine."""
 from __future__ import annotations
 
 import copy
+import io
 import struct
 import subprocess
 import sys
@@ -126,3 +127,44 @@ def test_ordinary_images_are_untouched(tmp_path):
     assert np.array_equal(c.images[0].full, rgb)
     c = collect([data("CT_small.dcm"), copy.copy(data("MR_small.dcm"))], 32)
     assert len(c.images) == 2
+
+
+def _encapsulated(tmp_path: Path, name: str, image: Image.Image, fmt: str, syntax: str) -> Path:
+    from pydicom.encaps import encapsulate
+
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {"irreversible": False}))
+    ds = pydicom.dcmread(data("CT_small.dcm"))
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.Rows, ds.Columns = image.size[1], image.size[0]
+    ds.BitsAllocated = ds.BitsStored = 8 if image.mode == "L" else 16
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 0
+    ds.Modality = "OT"
+    for k in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth"):
+        if k in ds:
+            del ds[k]
+    ds.PixelData = encapsulate([buf.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(tmp_path / name, enforce_file_format=False)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("fmt,syntax,mode", [("JPEG", "1.2.840.10008.1.2.4.50", "L"),
+                                             ("JPEG2000", "1.2.840.10008.1.2.4.90", "L"),
+                                             ("JPEG2000", "1.2.840.10008.1.2.4.90", "I;16")])
+def test_a_large_dicom_jpeg_is_decoded_at_reduced_resolution(tmp_path, monkeypatch, fmt, syntax, mode):
+    """The codec reads it smaller (libjpeg's scaled DCT, OpenJPEG's resolution levels) instead of a refusal;
+    the rendering is what the full decode gives, within the codec's own scaling error."""
+    gradient = Image.linear_gradient("L").resize((640, 480))
+    image = gradient if mode == "L" else gradient.convert("I").point(lambda v: v * 200).convert("I;16")
+    path = _encapsulated(tmp_path, "big.dcm", image, fmt, syntax)
+    full = collect([path], 64, keep_full=True).images[0].full
+    assert full.shape[:2] == (480, 640)
+    from medgemma_cli.inputs import limits
+
+    monkeypatch.setattr(limits, "RENDER_PIXELS", 100_000)  # 640×480 is over: read at 1/2 (320×240)
+    small = collect([path], 64, keep_full=True).images[0].full
+    assert small.shape[:2] == (240, 320)
+    expected = np.asarray(Image.fromarray(full).resize((320, 240), Image.BOX)).astype(int)
+    assert np.abs(small.astype(int) - expected).mean() < 3
