@@ -103,18 +103,32 @@ class AtomicFolder:
                 break
 
 
-def replace_text(path: Path, text: str, mode: int = 0o644) -> None:
-    """Write a small file whole or not at all: aside under a temporary name (created with `mode`), then renamed."""
+@contextmanager
+def replacing(path: Path, *, mode: int = 0o644, sync: bool = False) -> Iterator[Path]:
+    """A temporary path beside `path` (`.NAME.partial-PID`, created with `mode`) to write however the caller
+    likes: when the block ends it replaces `path` in one rename (after an fsync if `sync`), and when the block
+    fails it is removed. A single file is then whole or absent, like an AtomicFolder's."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode))
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        yield tmp
+        if sync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
+
+
+def replace_text(path: Path, text: str, mode: int = 0o644, sync: bool = False) -> None:
+    """Write a small text file whole or not at all."""
+    with replacing(path, mode=mode, sync=sync) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
 
 
 @contextmanager

@@ -261,12 +261,7 @@ class RecordFile:
 
     def _rewrite(self, text: str) -> None:
         """Replace the file in one step (written aside, synced, renamed): a kill leaves the old or the new."""
-        tmp = self.path.with_name(f".{self.path.name}.partial")
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        replace_text(self.path, text, sync=True)
 
     @staticmethod
     def _csv_line(values: list[Any]) -> str:

@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 import typer
 
 from medgemma_cli import __version__
+from medgemma_cli.atomic import replace_text
 from medgemma_cli.console import RichProgress, err, human_bytes, out, shown
 from medgemma_cli.errors import MedgemmaError
 from medgemma_cli.kernels.policy import DEFAULT_MMPROJ_TYPE, DEFAULT_PRESET, MMPROJ_TYPES, PRESETS
@@ -380,17 +381,23 @@ def chat(
                 break
             if line.startswith("/save"):
                 target = Path(line[5:].strip() or "medgemma-chat.json")
-                tmp = target.with_name(f".{target.name}.partial")
-                tmp.write_text(json.dumps(session.transcript(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-                os.replace(tmp, target)
+                try:
+                    replace_text(target, json.dumps(session.transcript(), indent=2, ensure_ascii=False) + "\n")
+                except OSError as e:  # a bad path must not end the conversation
+                    err.print(f"[red]error:[/] {shown(target)}: cannot save ({shown(e.strerror or e)})")
+                    continue
                 err.print(f"[dim]transcript saved to {shown(target)}[/]")
                 continue
             if line.startswith("/"):
                 err.print("[yellow]commands:[/] /save FILE, /quit")
                 continue
-            turn = session.follow_up(line, max_tokens, temperature, seed,
-                                     on_text=lambda piece: out.print(piece, end="", markup=False, highlight=False),
-                                     on_notice=lambda msg: err.print(f"[yellow]note:[/] {shown(msg)}"))
+            try:
+                turn = session.follow_up(line, max_tokens, temperature, seed,
+                                         on_text=lambda piece: out.print(piece, end="", markup=False, highlight=False),
+                                         on_notice=lambda msg: err.print(f"[yellow]note:[/] {shown(msg)}"))
+            except MedgemmaError as e:  # this question failed; the conversation and its images stay
+                err.print(f"[red]error:[/] {shown(e)}")
+                continue
             out.print()
             tt = turn.timings
             err.print(f"[dim]first token {tt.first_token_s:.1f} s · {turn.completion_tokens} tokens · "

@@ -5,11 +5,12 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from medgemma_cli.atomic import replace_text, replacing
 
 THUMB = 160
 
@@ -35,9 +36,8 @@ def save_thumbnail(results: Path, unit_id: str, images: list[np.ndarray]) -> Non
     folder = thumbnails_dir(results)
     folder.mkdir(parents=True, exist_ok=True)
     name = _thumb_name(unit_id)
-    tmp = folder / f".{name}.partial"
-    sheet.save(tmp, format="JPEG", quality=85)
-    os.replace(tmp, folder / name)
+    with replacing(folder / name) as tmp:
+        sheet.save(tmp, format="JPEG", quality=85)
 
 
 def _thumb_name(unit_id: str) -> str:
@@ -120,7 +120,5 @@ source: {e(results.name)}.</p>"""]
             parts.append(f"<dt>{e(str(r.get('question', '')))}</dt><dd>{e(str(r.get('answer') or ''))}</dd>")
         parts.append("</dl></section>")
     parts.append("</body></html>\n")
-    tmp = report.with_name(f".{report.name}.partial")
-    tmp.write_text("".join(parts), encoding="utf-8")
-    os.replace(tmp, report)
+    replace_text(report, "".join(parts))
     return report

@@ -86,20 +86,24 @@ class PrefixSession:
             return question.strip() + self.suffix
         return TURN_END + USER_TURN + question.strip() + TURN_END + MODEL_TURN
 
-    def _replay_text(self) -> str:
-        return "".join(self._turn_text(i, t.question) + t.answer for i, t in enumerate(self.history))
+    def _replay_text(self, turns: list[Turn] | None = None) -> str:
+        turns = self.history if turns is None else turns
+        return "".join(self._turn_text(i, t.question) + t.answer for i, t in enumerate(turns))
 
     def _drop_old_turns(self, question: str, max_tokens: int, on_notice: Callable[[str], None] | None) -> None:
-        def fits() -> bool:
-            text = self._replay_text() + self._turn_text(len(self.history), question)
+        """Nothing changes when even the question alone does not fit: the conversation goes on as it was."""
+        def fits(turns: list[Turn]) -> bool:
+            text = self._replay_text(turns) + self._turn_text(len(turns), question)
             return self.prefix_tokens + len(self.engine.tokenize(text)) + max_tokens <= self.engine.n_ctx
 
-        while self.history and not fits():
-            self.history.pop(0)
-            self.dropped_turns += 1
-        if not fits():
+        kept = list(self.history)
+        while kept and not fits(kept):
+            kept.pop(0)
+        if not fits(kept):
             raise MedgemmaError("the question does not fit in the context even without earlier turns; "
-                                "raise --ctx or lower --max-tokens")
+                                "ask a shorter one, lower --max-tokens or raise --ctx")
+        self.dropped_turns += len(self.history) - len(kept)
+        self.history = kept
         self.engine.rewind(self.prefix_tokens)
         if self.history:
             self.engine.decode_text(self._replay_text())

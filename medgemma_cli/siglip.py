@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from medgemma_cli.atomic import replacing
 from medgemma_cli.containment import stage
 from medgemma_cli.errors import InputError, MedgemmaError
 from medgemma_cli.inputs import dicom
@@ -264,8 +265,7 @@ def embed(paths: list[Path], out: Path, *, model: Path | None = None, text: list
         vectors = sig.embed_images([a for _, _, a in items])
         sources, frames = [str(p) for p, _, _ in items], [f for _, f, _ in items]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    try:
+    with replacing(out) as tmp:
         if suffix == ".npz":
             with open(tmp, "wb") as f:
                 np.savez(f, embeddings=vectors, sources=np.array(sources),
@@ -278,7 +278,4 @@ def embed(paths: list[Path], out: Path, *, model: Path | None = None, text: list
                 w.writerow(["source", "frame"] + [f"e{i}" for i in range(vectors.shape[1])])
                 for s, fr, v in zip(sources, frames, vectors, strict=True):
                     w.writerow([s, "" if fr is None else fr] + [f"{x:.7g}" for x in v])
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return {"path": str(out), "count": len(sources), "dimensions": int(vectors.shape[1]), "kind": "text" if text else "image"}
