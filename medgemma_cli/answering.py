@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from medgemma_cli.defaults import DEFAULT_MAX_TOKENS
 from medgemma_cli.errors import MedgemmaError
 from medgemma_cli.inputs import dicom
 from medgemma_cli.inputs.collect import Collected, collect
@@ -21,7 +22,7 @@ NOTE_BYTES_PER_TOKEN = 8  # above what any text costs a Gemma token (CJK: ~3 byt
 @dataclass
 class AskOptions:
     system: str | None = None
-    max_tokens: int = 512
+    max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 0.0
     seed: int = 0
     threads: int | None = None

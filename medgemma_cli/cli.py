@@ -7,13 +7,17 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
 from medgemma_cli import __version__
 from medgemma_cli.atomic import replace_text
+from medgemma_cli.cli_options import (Backend, GpuLayers, Gguf, IncludePhi, Json, MaxSlices, MaxTokens, Mmproj, Model,
+                                      RecordFormat, Seed, System, Temperature, Threads, UnitKind, VisionBackend,
+                                      VisionOnnx, WithMetadata, flag)
 from medgemma_cli.console import RichProgress, err, human_bytes, out, shown
+from medgemma_cli.defaults import DEFAULT_BATCH_CTX, DEFAULT_CHAT_CTX, DEFAULT_MAX_TOKENS, MAX_SLICES
 from medgemma_cli.errors import MedgemmaError
 from medgemma_cli.kernels.policy import DEFAULT_MMPROJ_TYPE, DEFAULT_PRESET, MMPROJ_TYPES, PRESETS
 
@@ -79,14 +83,14 @@ def _root(
 def convert(
     src: Path = typer.Argument(..., help="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.model)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder \\[default: the model store]."),
-    quant: Optional[str] = typer.Option(None, "--quant", "-q", help=f"MedGemma preset: {', '.join(PRESETS)} \\[default: {DEFAULT_PRESET}]; MedSigLIP: fp32, int8, q4 \\[default: int8]."),
+    quant: Optional[str] = typer.Option(None, "--quant", help=f"MedGemma preset: {', '.join(PRESETS)} \\[default: {DEFAULT_PRESET}]; MedSigLIP: fp32, int8, q4 \\[default: int8]."),
     mmproj_quant: str = typer.Option(DEFAULT_MMPROJ_TYPE, "--mmproj-quant",
                                      help=f"Vision projector type: {', '.join(MMPROJ_TYPES)}."),
-    force: bool = typer.Option(False, "--force", help="Replace existing files in the output folder."),
+    force: Annotated[bool, flag("--force", "Replace existing files in the output folder.")] = False,
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (llama.cpp's GGUF or .dat format)."),
-    vision_onnx: str = typer.Option("int8", "--vision-onnx", help="Also write MedGemma's vision tower as vision.onnx for fast CPU image encoding: int8, fp32 or none."),
+    vision_onnx: Annotated[VisionOnnx, typer.Option("--vision-onnx", case_sensitive=False, help="Also write MedGemma's vision tower as vision.onnx for fast CPU image encoding.")] = VisionOnnx.int8,
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help="Quantization threads \\[default: all cores]."),
-    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+    as_json: Json = False,
 ) -> None:
     """Convert a checkpoint: MedGemma → GGUF for llama.cpp (+ vision.onnx); MedSigLIP → ONNX.
 
@@ -105,7 +109,7 @@ def convert(
 
     progress = None if as_json else RichProgress()
     result = run_convert(src, out_dir, preset=quant.upper() if quant else None, mmproj_type=mmproj_quant.upper(), overwrite=force,
-                         threads=threads, imatrix=imatrix, vision_onnx=vision_onnx.lower(), progress=progress)
+                         threads=threads, imatrix=imatrix, vision_onnx=vision_onnx.value, progress=progress)
     if as_json:
         out.print_json(json.dumps({"path": str(result.path), **result.manifest}))
         return
@@ -134,23 +138,23 @@ def convert(
 def ask(
     question: str = typer.Argument(..., help="The question, in quotes."),
     files: Optional[list[Path]] = typer.Argument(None, help="DICOM files or series folders, PNG/JPEG images, notes (.txt, .md, .pdf)."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Converted model folder or its name in the store \\[default: the newest]."),
-    gguf: Optional[Path] = typer.Option(None, "--gguf", help="A text-model GGUF from elsewhere (with --mmproj for images)."),
-    mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="The vision projector GGUF that goes with --gguf."),
-    system: Optional[str] = typer.Option(None, "--system", help='System prompt, e.g. "You are an expert radiologist."'),
-    max_tokens: int = typer.Option(512, "--max-tokens", help="Longest answer, in tokens."),
-    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (as the reference evaluations)."),
-    seed: int = typer.Option(0, "--seed", help="Sampling seed (with --temperature > 0)."),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads \\[default: physical cores]."),
-    gpu_layers: Optional[int] = typer.Option(None, "--gpu-layers", help="Layers offloaded to the GPU \\[default: all when the build supports it]."),
+    model: Model = None,
+    gguf: Gguf = None,
+    mmproj: Mmproj = None,
+    system: System = None,
+    max_tokens: MaxTokens = DEFAULT_MAX_TOKENS,
+    temperature: Temperature = 0.0,
+    seed: Seed = 0,
+    threads: Threads = None,
+    gpu_layers: GpuLayers = None,
     ctx: Optional[int] = typer.Option(None, "--ctx", help="Context size limit \\[default: what the prompt needs]."),
-    max_slices: int = typer.Option(85, "--max-slices", help="Most slices sent from one series, sampled evenly."),
+    max_slices: MaxSlices = MAX_SLICES,
     save_input: Optional[Path] = typer.Option(None, "--save-input", help="Write PNGs of exactly the pixels the model receives here."),
-    with_metadata: bool = typer.Option(False, "--with-metadata", help="Add modality, body part, view, age and sex (never names, IDs or dates)."),
-    show_thinking: bool = typer.Option(False, "--show-thinking", help="Keep MedGemma 27B's thinking trace in the output."),
-    vision_backend: str = typer.Option("auto", "--vision-backend", help="auto (ONNX Runtime on CPU-only runs when vision.onnx exists), onnx or mtmd."),
-    include_phi: bool = typer.Option(False, "--include-phi", help="Leave the patient's name, IDs, birth date, physicians and institution in notes and SR text (otherwise [NAME], [ID], [DATE], [INSTITUTION])."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (answer, inputs with SHA-256, tokens, timings)."),
+    with_metadata: WithMetadata = False,
+    show_thinking: Annotated[bool, flag("--show-thinking", "Keep MedGemma 27B's thinking trace in the output.")] = False,
+    vision_backend: Backend = VisionBackend.auto,
+    include_phi: IncludePhi = False,
+    as_json: Annotated[bool, flag("--json", "Print one JSON object (answer, inputs with SHA-256, tokens, timings).")] = False,
 ) -> None:
     """Ask MedGemma about local DICOM files, series, images and clinical notes; the answer streams as it comes.
 
@@ -170,7 +174,7 @@ def ask(
 
     opts = AskOptions(system=system, max_tokens=max_tokens, temperature=temperature, seed=seed, threads=threads,
                       gpu_layers=gpu_layers, ctx=ctx, with_metadata=with_metadata, show_thinking=show_thinking,
-                      max_slices=max_slices, save_input=save_input, verbose=_DEBUG, vision_backend=vision_backend.lower(),
+                      max_slices=max_slices, save_input=save_input, verbose=_DEBUG, vision_backend=vision_backend.value,
                       include_phi=include_phi)
     status = None if as_json else err.status("reading the inputs, encoding the images…")
     waiting = [status is not None]
@@ -213,21 +217,22 @@ def batch(
     question: Optional[list[str]] = typer.Option(None, "--question", "-q", help="A question for every unit (repeatable)."),
     questions_file: Optional[Path] = typer.Option(None, "--questions", help="A file with one question per line."),
     out_file: Path = typer.Option(..., "--out", "-o", help="Results file; re-running the same command resumes it."),
-    fmt: str = typer.Option("jsonl", "--format", help="jsonl or csv."),
-    unit: str = typer.Option("series", "--unit", help="series (default), study or file."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Converted model folder or name \\[default: the newest]."),
-    gguf: Optional[Path] = typer.Option(None, "--gguf"),
-    mmproj: Optional[Path] = typer.Option(None, "--mmproj"),
-    system: Optional[str] = typer.Option(None, "--system"),
-    max_tokens: int = typer.Option(256, "--max-tokens"),
-    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
-    seed: int = typer.Option(0, "--seed"),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t"),
-    gpu_layers: Optional[int] = typer.Option(None, "--gpu-layers"),
-    ctx: int = typer.Option(8192, "--ctx", help="Context per unit; long series are sampled to fit."),
-    vision_backend: str = typer.Option("auto", "--vision-backend", help="auto, onnx or mtmd."),
-    with_metadata: bool = typer.Option(False, "--with-metadata", help="Add modality, body part, view, age and sex (never names, IDs or dates)."),
-    include_phi: bool = typer.Option(False, "--include-phi", help="Add patient names, IDs and dates to the records, use DICOM UIDs as unit ids, and leave identifiers in notes and SR text."),
+    fmt: Annotated[RecordFormat, typer.Option("--format", case_sensitive=False, help="Results file format.")] = RecordFormat.jsonl,
+    unit: Annotated[UnitKind, typer.Option("--unit", case_sensitive=False, help="What one prompt holds: a series, a study or a file.")] = UnitKind.series,
+    model: Model = None,
+    gguf: Gguf = None,
+    mmproj: Mmproj = None,
+    system: System = None,
+    max_tokens: MaxTokens = DEFAULT_MAX_TOKENS,
+    temperature: Temperature = 0.0,
+    seed: Seed = 0,
+    threads: Threads = None,
+    gpu_layers: GpuLayers = None,
+    ctx: int = typer.Option(DEFAULT_BATCH_CTX, "--ctx", help="Context per unit; long series are sampled to fit."),
+    max_slices: MaxSlices = MAX_SLICES,
+    vision_backend: Backend = VisionBackend.auto,
+    with_metadata: WithMetadata = False,
+    include_phi: IncludePhi = False,
     report: Optional[Path] = typer.Option(None, "--report", help="Also write one self-contained HTML file to review the run."),
     classify_labels: Optional[list[str]] = typer.Option(None, "--classify", help="Add MedSigLIP probabilities for this label (repeatable)."),
     siglip_model: Optional[Path] = typer.Option(None, "--siglip-model", help="Converted MedSigLIP for --classify \\[default: the newest]."),
@@ -238,8 +243,8 @@ def batch(
     workers: int = typer.Option(1, "--workers", "-w", help="Concurrent requests with --server."),
     image_size: int = typer.Option(896, "--image-size", help="With --server: the size images are resized to here (MedGemma: 896)."),
     timeout: float = typer.Option(600.0, "--timeout", help="With --server: seconds to wait for one answer."),
-    retry_failed: bool = typer.Option(False, "--retry-failed", help="Remove earlier error records from --out and try those units again."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar; one log line per unit."),
+    retry_failed: Annotated[bool, flag("--retry-failed", "Remove earlier error records from --out and try those units again.")] = False,
+    quiet: Annotated[bool, flag("--quiet", "No progress bar; one log line per unit.")] = False,
 ) -> None:
     """Answer questions about every series (or study, or file) in a folder; results are written as they come.
 
@@ -268,8 +273,8 @@ def batch(
         except OSError as e:
             raise MedgemmaError(f"{questions_file}: cannot read ({e.strerror or e})") from e
     opts = AskOptions(system=system, max_tokens=max_tokens, temperature=temperature, seed=seed, threads=threads,
-                      gpu_layers=gpu_layers, ctx=ctx, with_metadata=with_metadata,
-                      vision_backend=vision_backend.lower(), verbose=_DEBUG)
+                      gpu_layers=gpu_layers, ctx=ctx, with_metadata=with_metadata, max_slices=max_slices,
+                      vision_backend=vision_backend.value, verbose=_DEBUG)
     classifier = ClassifyOptions(classify_labels, siglip_model, classify_template, threads=threads) if classify_labels else None
     remote = None
     if server is not None:
@@ -295,7 +300,7 @@ def batch(
         bar.update(task, completed=i, description=unit_id[-24:])
 
     try:
-        s = run_batch(folder, qs, out_file, fmt=fmt.lower(), unit=unit.lower(), model=model, gguf=gguf,
+        s = run_batch(folder, qs, out_file, fmt=fmt.value, unit=unit.value, model=model, gguf=gguf,
                       mmproj=mmproj, options=opts, include_phi=include_phi, classify=classifier, server=remote,
                       retry_failed=retry_failed, on_progress=progress)
     finally:
@@ -331,19 +336,20 @@ def batch(
 @_guard
 def chat(
     files: Optional[list[Path]] = typer.Argument(None, help="DICOM files or series folders, images, notes."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Converted model folder or its name in the store \\[default: the newest]."),
-    gguf: Optional[Path] = typer.Option(None, "--gguf", help="A text-model GGUF from elsewhere."),
-    mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="Its vision projector GGUF."),
-    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
-    max_tokens: int = typer.Option(512, "--max-tokens", help="Longest answer per turn, in tokens."),
-    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
-    seed: int = typer.Option(0, "--seed"),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads \\[default: physical cores]."),
-    gpu_layers: Optional[int] = typer.Option(None, "--gpu-layers"),
-    ctx: int = typer.Option(8192, "--ctx", help="Context for the whole conversation; old turns are dropped (with a notice) beyond it."),
-    with_metadata: bool = typer.Option(False, "--with-metadata", help="Add modality, body part, view, age and sex."),
-    vision_backend: str = typer.Option("auto", "--vision-backend", help="auto, onnx or mtmd."),
-    include_phi: bool = typer.Option(False, "--include-phi", help="Leave the patient's identifiers in notes and SR text."),
+    model: Model = None,
+    gguf: Gguf = None,
+    mmproj: Mmproj = None,
+    system: System = None,
+    max_tokens: MaxTokens = DEFAULT_MAX_TOKENS,
+    temperature: Temperature = 0.0,
+    seed: Seed = 0,
+    threads: Threads = None,
+    gpu_layers: GpuLayers = None,
+    ctx: int = typer.Option(DEFAULT_CHAT_CTX, "--ctx", help="Context for the whole conversation; old turns are dropped (with a notice) beyond it."),
+    max_slices: MaxSlices = MAX_SLICES,
+    with_metadata: WithMetadata = False,
+    vision_backend: Backend = VisionBackend.auto,
+    include_phi: IncludePhi = False,
 ) -> None:
     """Talk about the same images and notes: they are encoded once, follow-up questions reuse them.
 
@@ -358,7 +364,7 @@ def chat(
 
     opts = AskOptions(system=system, max_tokens=max_tokens, temperature=temperature, seed=seed, threads=threads,
                       gpu_layers=gpu_layers, ctx=ctx, with_metadata=with_metadata, verbose=_DEBUG,
-                      vision_backend=vision_backend.lower(), include_phi=include_phi)
+                      max_slices=max_slices, vision_backend=vision_backend.value, include_phi=include_phi)
     with err.status("reading the inputs and encoding the images…"):
         session, model_files, warnings, _ = open_session("?", files or [], model=model, gguf=gguf, mmproj=mmproj,
                                                          options=opts, extra_tokens=max(0, ctx // 2))
@@ -410,18 +416,18 @@ def chat(
 @_guard
 def classify(
     files: list[Path] = typer.Argument(..., help="Images, DICOM files or folders."),
-    labels: list[str] = typer.Option(..., "--labels", "-l", help="Candidate findings (repeat, or give several after one --labels)."),
+    labels: list[str] = typer.Option(..., "--labels", "-l", help="A candidate finding; repeat --labels for each."),
     template: Optional[str] = typer.Option(None, "--template", help='Prompt template with {}, e.g. "chest x-ray showing {}".'),
-    softmax: bool = typer.Option(False, "--softmax", help="Softmax over the labels instead of an independent sigmoid per label."),
+    softmax: Annotated[bool, flag("--softmax", "Softmax over the labels instead of an independent sigmoid per label.")] = False,
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Converted MedSigLIP folder \\[default: the newest in the store]."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help="ONNX Runtime threads."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: Json = False,
 ) -> None:
     """Zero-shot labels with MedSigLIP: a probability per label for each image (sigmoid of cos·exp(scale)+bias).
 
     [bold]Examples[/]
 
-      medgemma classify chest.png --labels "pleural effusion" "pneumothorax" "no finding"
+      medgemma classify chest.png --labels "pleural effusion" --labels pneumothorax --labels "no finding"
       medgemma classify ./cxr/ --labels cardiomegaly --labels edema --template "chest x-ray showing {}" --json
     """
     from medgemma_cli.siglip import classify as run_classify
@@ -469,8 +475,8 @@ def embed(
 @app.command()
 @_guard
 def models(
-    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
-    verify: bool = typer.Option(False, "--verify", help="Check every file's SHA-256 against its manifest (reads every byte)."),
+    as_json: Json = False,
+    verify: Annotated[bool, flag("--verify", "Check every file's SHA-256 against its manifest (reads every byte).")] = False,
 ) -> None:
     """List the converted models in the store (MEDGEMMA_HOME, or the user data folder).
 
@@ -527,8 +533,8 @@ def models(
 @app.command()
 @_guard
 def doctor(
-    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
-    reprobe: bool = typer.Option(False, "--reprobe", help="Test llama.cpp's extra buffer types again (after a driver, BIOS or llama-cpp-python change)."),
+    as_json: Json = False,
+    reprobe: Annotated[bool, flag("--reprobe", "Test llama.cpp's extra buffer types again (after a driver, BIOS or llama-cpp-python change).")] = False,
 ) -> None:
     """What this machine will do, and why: CPU and its features, llama.cpp's build, the extra-buffer verdict,
     ONNX Runtime, threads, the model store.
@@ -587,12 +593,12 @@ def doctor(
 @_guard
 def bench(
     shapes: list[str] = typer.Option(["4b"], "--shape", help="Synthetic model shapes to run end to end: 4b, 27b, tiny (repeatable); 'none' to skip."),
-    preset: str = typer.Option("Q4_K_M", "--quant", "-q", help="Preset of the synthetic models."),
+    preset: str = typer.Option(DEFAULT_PRESET, "--quant", help="Preset of the synthetic models."),
     threads: Optional[list[int]] = typer.Option(None, "--threads", "-t", help="Thread counts to measure (repeatable) \\[default: 1 and the physical cores]."),
     prompt_tokens: int = typer.Option(64, "--prompt-tokens", help="Prompt length for prompt processing."),
     decode_tokens: int = typer.Option(16, "--decode-tokens", help="Tokens decoded one at a time."),
-    compare_extra_buffers: bool = typer.Option(False, "--compare-extra-buffers", help="Also run each model with llama.cpp's extra buffer types (AMX, repacked weights) off, where they are safe to have on."),
-    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+    compare_extra_buffers: Annotated[bool, flag("--compare-extra-buffers", "Also run each model with llama.cpp's extra buffer types (AMX, repacked weights) off, where they are safe to have on.")] = False,
+    as_json: Json = False,
 ) -> None:
     """Measure this machine: memory bandwidth, quantized matmuls through ggml, and MedGemma-shaped models end to end.
 

@@ -20,10 +20,10 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from medgemma_cli.defaults import MAX_SLICES
 from medgemma_cli.errors import InputError
 from medgemma_cli.offline import import_pydicom
 
-MAX_SLICES = 85  # 85 × 256 image tokens stay under a 32K context (MedGemma 1.5 recipe)
 CT_WINDOWS = ((-1024.0, 1024.0), (-135.0, 215.0), (0.0, 80.0))  # HU ranges packed into R, G, B
 SAFE_TAGS = ("Modality", "BodyPartExamined", "ViewPosition", "PatientAge", "PatientSex")
 SR_SKIP_VALUE_TYPES = {"PNAME", "DATE", "DATETIME", "TIME", "UIDREF"}  # identifying or not clinical content

@@ -1,0 +1,68 @@
+"""Options that several commands share, declared once (as huggingface_hub's CLI does): a flag means the same
+thing, with the same default and help, wherever it appears. Defaults come from the library's own constants."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+class VisionBackend(str, Enum):
+    auto = "auto"
+    onnx = "onnx"
+    mtmd = "mtmd"
+
+
+class UnitKind(str, Enum):
+    series = "series"
+    study = "study"
+    file = "file"
+
+
+class RecordFormat(str, Enum):
+    jsonl = "jsonl"
+    csv = "csv"
+
+
+class VisionOnnx(str, Enum):
+    int8 = "int8"
+    fp32 = "fp32"
+    none = "none"
+
+
+def flag(name: str, help: str) -> typer.models.OptionInfo:  # noqa: A002 - Typer's own parameter name
+    """A boolean switch, shown without a `<bool>` placeholder."""
+    return typer.Option(name, help=help, metavar="")
+
+
+# the model
+Model = Annotated[Optional[Path], typer.Option(
+    "--model", "-m", help="Converted model folder or its name in the store \\[default: the newest].")]
+Gguf = Annotated[Optional[Path], typer.Option(
+    "--gguf", help="A text-model GGUF from elsewhere (with --mmproj for images).")]
+Mmproj = Annotated[Optional[Path], typer.Option("--mmproj", help="The vision projector GGUF that goes with --gguf.")]
+Threads = Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads \\[default: physical cores].")]
+GpuLayers = Annotated[Optional[int], typer.Option(
+    "--gpu-layers", help="Layers offloaded to the GPU \\[default: all when the build supports it].")]
+Backend = Annotated[VisionBackend, typer.Option(
+    "--vision-backend", case_sensitive=False,
+    help="auto: ONNX Runtime on CPU-only runs when vision.onnx exists, else libmtmd.")]
+
+# the prompt and the answer
+System = Annotated[Optional[str], typer.Option(
+    "--system", help='System prompt, e.g. "You are an expert radiologist."')]
+MaxTokens = Annotated[int, typer.Option("--max-tokens", help="Longest answer (per question), in tokens.")]
+Temperature = Annotated[float, typer.Option("--temperature", help="0 = greedy (as the reference evaluations).")]
+Seed = Annotated[int, typer.Option("--seed", help="Sampling seed (with --temperature > 0).")]
+MaxSlices = Annotated[int, typer.Option("--max-slices", help="Most slices sent from one series, sampled evenly.")]
+WithMetadata = Annotated[bool, flag(
+    "--with-metadata", "Add modality, body part, view, age and sex (never names, IDs or dates).")]
+IncludePhi = Annotated[bool, flag(
+    "--include-phi", "Leave the patient's name, IDs, birth date, physicians and institution in notes and SR text "
+    "(otherwise [NAME], [ID], [DATE], [INSTITUTION]); batch: also in records, with DICOM UIDs as unit ids.")]
+
+# output
+Json = Annotated[bool, flag("--json", "Print JSON.")]

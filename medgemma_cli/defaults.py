@@ -1,0 +1,7 @@
+"""Defaults declared once, for the library and the command line alike (mlx-lm's DEFAULT_* pattern). A leaf
+module: it imports nothing, so the CLI can read these without loading numpy or llama.cpp."""
+
+DEFAULT_MAX_TOKENS = 512  # the longest answer per question, in ask, chat and batch alike
+DEFAULT_CHAT_CTX = 8192  # a conversation's whole context; old turns are dropped (visibly) beyond it
+DEFAULT_BATCH_CTX = 8192  # per unit; long series are sampled to fit
+MAX_SLICES = 85  # 85 × 256 image tokens stay under a 32K context (MedGemma 1.5 recipe)
