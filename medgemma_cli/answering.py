@@ -13,7 +13,8 @@ from medgemma_cli.inputs import dicom
 from medgemma_cli.inputs.collect import Collected, collect
 from medgemma_cli.inputs.images import save_png
 from medgemma_cli.prompt import build_messages, truncate_notes
-from medgemma_cli.runtime import Engine, ModelFiles, Timings, quiet_stderr, resolve_model
+from medgemma_cli.native import quiet_stderr
+from medgemma_cli.runtime import Engine, ModelFiles, Timings, resolve_model
 from medgemma_cli.session import PrefixSession, Turn
 
 NOTE_BYTES_PER_TOKEN = 8  # above what any text costs a Gemma token (CJK: ~3 bytes a character, ~1.5 a token)

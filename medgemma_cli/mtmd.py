@@ -18,7 +18,7 @@ class MtmdVisionEncoder:
                  verbose: bool = False):
         from llama_cpp import mtmd_cpp
 
-        from medgemma_cli.runtime import quiet_stderr
+        from medgemma_cli.native import quiet_stderr
 
         self._m = mtmd_cpp
         self._llama = llama  # keep the model alive as long as we are

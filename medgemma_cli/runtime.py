@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import codecs
 import ctypes
-import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
@@ -23,29 +21,9 @@ from medgemma_cli.containment import stage
 from medgemma_cli.errors import InputError, MedgemmaError
 from medgemma_cli.kernels.ggml import read_gguf_info
 from medgemma_cli.llama_loader import load_llama
+from medgemma_cli.native import quiet_stderr
 
 THINK_OPEN, THINK_CLOSE = "<unused94>", "<unused95>"  # MedGemma 27B's thinking trace
-
-
-@contextmanager
-def quiet_stderr(enabled: bool = True) -> Iterator[None]:
-    """llama.cpp and libmtmd print to the C stderr even when asked not to; silence fd 2 around them."""
-    if not enabled:
-        yield
-        return
-    try:
-        saved = os.dup(2)
-    except OSError:
-        yield
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
 
 
 @dataclass(frozen=True)
