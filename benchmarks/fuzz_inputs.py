@@ -2,7 +2,7 @@
 (thousands of seeded mutants, every DICOM file pydicom and pydicom-data ship) with its outcome table.
 
 Each input is read as `ask` and `batch` read it, in a forked child with 1 GB of address space beyond the reader
-and a deadline (tests/fuzzing.py). Peak RSS includes the reader process itself (~70 MB).
+and a deadline (medgemma_cli/testing/fuzz.py). Peak RSS includes the reader process itself (~70 MB).
 
     python benchmarks/fuzz_inputs.py                 # bombs, then 300 mutants per kind (~6 min on 2 cores)
     python benchmarks/fuzz_inputs.py --per-kind 1000 --seed 3
@@ -17,15 +17,12 @@ import os
 import platform
 import shutil
 import struct
-import sys
 import tempfile
 import time
 import zlib
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-import fuzzing  # noqa: E402 - the harness lives with the tests that use it
+from medgemma_cli.testing import fuzz as fuzzing
 
 
 def _cpu() -> str:
@@ -52,7 +49,7 @@ def bombs(workdir: Path) -> list[tuple[str, list[tuple[str, bytes]] | Path]]:
     from pydicom.uid import JPEGBaseline8Bit
 
     out: list[tuple[str, list[tuple[str, bytes]] | Path]] = []
-    ds = pydicom.dcmread(fuzzing._testdata("JPEG2000.dcm"))
+    ds = pydicom.dcmread(fuzzing.testdata_file("JPEG2000.dcm"))
     raw = bytearray(ds.PixelData)
     start = raw.find(b"\xff\x4f\xff\x51")
     struct.pack_into(">II", raw, start + 8, 65535, 65535)
@@ -64,7 +61,7 @@ def bombs(workdir: Path) -> list[tuple[str, list[tuple[str, bytes]] | Path]]:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=30)
     del img
-    ds = pydicom.dcmread(fuzzing._testdata("CT_small.dcm"))
+    ds = pydicom.dcmread(fuzzing.testdata_file("CT_small.dcm"))
     ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
     ds.Rows = ds.Columns = side
     ds.BitsAllocated = ds.BitsStored = 8
@@ -104,7 +101,7 @@ def bombs(workdir: Path) -> list[tuple[str, list[tuple[str, bytes]] | Path]]:
                 f.write(line)
         out.append((f"{mb} MB text note", p))
 
-    ds = pydicom.dcmread(fuzzing._testdata("CT_small.dcm"))
+    ds = pydicom.dcmread(fuzzing.testdata_file("CT_small.dcm"))
     ds.NumberOfFrames = 2147483647
     out.append(("DICOM with NumberOfFrames = 2147483647", [("frames.dcm", _dicom_bytes(ds))]))
     return out

@@ -35,12 +35,9 @@ def main() -> None:
             text_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=2, num_attention_heads=16,
                              vocab_size=256, max_position_embeddings=64))
         SiglipModel(cfg).save_pretrained(ckpt)
-        import sys
+        from medgemma_cli.synthetic import train_siglip_tokenizer
 
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "converters"))
-        from test_siglip import _sp_model  # the test's tiny SentencePiece model is enough here
-
-        _sp_model(ckpt / "spiece.model")
+        train_siglip_tokenizer(ckpt / "spiece.model")
     from medgemma_cli.conversion import convert
     from medgemma_cli.siglip import Siglip, resolve_siglip
 

@@ -136,6 +136,19 @@ def train_tokenizer(path: Path, pieces: int) -> None:
     path.write_bytes(model.getvalue())
 
 
+def train_siglip_tokenizer(path: Path, pieces: int = 256) -> None:
+    """A SigLIP-style SentencePiece unigram model (pad 0, eos 1, unk 2, no bos): the tests' and the MedSigLIP
+    benchmark's stand-in for MedSigLIP's own spiece.model, which only matters here as a valid vocabulary."""
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(_corpus().lower().splitlines()), model_writer=model,
+                                   vocab_size=pieces, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>", character_coverage=1.0,
+                                   num_threads=1, minloglevel=2)
+    path.write_bytes(model.getvalue())
+
+
 def _tokenizer_files(folder: Path, shape: Shape) -> None:
     import sentencepiece as spm
 

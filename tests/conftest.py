@@ -141,27 +141,14 @@ def chat_prompt(hf_tokenizer) -> tuple[str, list[int]]:
     return text, ids
 
 
-def _sp_model(path: Path) -> None:
-    import io
-
-    import sentencepiece as spm
-
-    from medgemma_cli.synthetic import _corpus
-
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(_corpus().lower().splitlines()), model_writer=buf,
-                                   vocab_size=256, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                   pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>", character_coverage=1.0,
-                                   num_threads=1, minloglevel=2)
-    path.write_bytes(buf.getvalue())
-
-
 @pytest.fixture(scope="session")
 def siglip_ckpt(tmp_path_factory) -> Path:
     """A tiny random SiglipModel (transformers) with a SentencePiece vocabulary: MedSigLIP's architecture."""
     torch = pytest.importorskip("torch")
     import numpy as np
     from transformers import SiglipConfig, SiglipModel
+
+    from medgemma_cli.synthetic import train_siglip_tokenizer
 
     folder = tmp_path_factory.mktemp("siglip") / "tiny-medsiglip"
     cfg = SiglipConfig(
@@ -182,7 +169,7 @@ def siglip_ckpt(tmp_path_factory) -> Path:
             else:
                 p.copy_(0.1 * torch.randn_like(p))
     model.save_pretrained(folder)
-    _sp_model(folder / "spiece.model")
+    train_siglip_tokenizer(folder / "spiece.model")
     (folder / "preprocessor_config.json").write_text(json.dumps(
         {"image_processor_type": "SiglipImageProcessor", "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
          "size": {"height": 32, "width": 32}, "resample": 2, "rescale_factor": 1 / 255}))

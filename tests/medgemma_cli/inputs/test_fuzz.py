@@ -10,7 +10,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-import fuzzing
+from medgemma_cli.testing import fuzz as fuzzing
 
 pytestmark = pytest.mark.slow
 

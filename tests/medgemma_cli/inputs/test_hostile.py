@@ -17,10 +17,9 @@ from pydicom.data import get_testdata_file
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 
-import fuzzing
+from medgemma_cli.testing import fuzz as fuzzing
 from medgemma_cli.batch import make_units, walk
 from medgemma_cli.errors import InputError
-from medgemma_cli.inputs import dicom
 from medgemma_cli.inputs.collect import collect
 from medgemma_cli.inputs.notes import decode_text, read_note
 from medgemma_cli.printable import printable

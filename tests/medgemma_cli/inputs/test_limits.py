@@ -171,7 +171,7 @@ def test_a_large_dicom_jpeg_is_decoded_at_reduced_resolution(tmp_path, monkeypat
 
 
 def test_a_pdf_whose_content_inflates_to_150_mb_is_bounded(tmp_path):
-    import fuzzing
+    from medgemma_cli.testing import fuzz as fuzzing
 
     stream = zlib.compress((b"BT /F1 12 Tf 72 720 Td (" + b"A" * 200 + b") Tj ET\n") * 600_000, 9)
     pdf = fuzzing.minimal_pdf("x").replace(b"<< /Length", b"<< /Filter /FlateDecode /Length", 1)

@@ -6,7 +6,8 @@ fails on any other exception, a signal, a timeout, memory exhaustion, a batch th
 an image-bearing case read without error yet sending no image, or a blank one.
 
 Used by tests/medgemma_cli/inputs/test_fuzz.py (a few hundred cases) and benchmarks/fuzz_inputs.py (thousands).
-Run as a script, it is the worker: it imports the readers once, then forks one child per case read from stdin.
+Run as `python -m medgemma_cli.testing.fuzz serve`, it is the worker: it imports the readers once, then forks one
+child per case read from stdin.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ CASE_SECONDS = 20.0
 # ---------------------------------------------------------------- seeds
 
 
-def _testdata(name: str) -> Path:
+def testdata_file(name: str) -> Path:
     from pydicom.data import get_testdata_file
 
     path = get_testdata_file(name, download=False)  # never a download: pydicom-data is a test extra
@@ -68,7 +69,7 @@ def seed_files(kind: str) -> list[tuple[str, bytes]]:
     if kind in DICOM_SEEDS:
         out = []
         for name in DICOM_SEEDS[kind]:
-            p = _pydicom_test_files() / name if "/" in name else _testdata(name)
+            p = _pydicom_test_files() / name if "/" in name else testdata_file(name)
             for f in sorted(p.iterdir()) if p.is_dir() else [p]:
                 out.append((f.name + ("" if f.suffix else ".dcm"), f.read_bytes()))
         return out
@@ -404,12 +405,11 @@ def _address_space() -> int:
 
 
 def serve() -> None:
-    import numpy
-    import PIL.Image
-    import pydicom
+    import importlib
 
-    import medgemma_cli.batch
-    import medgemma_cli.inputs.collect
+    for name in ("numpy", "PIL.Image", "pydicom", "medgemma_cli.batch", "medgemma_cli.inputs.collect",
+                 "medgemma_cli.inputs.limits", "medgemma_cli.inputs.notes", "medgemma_cli.inputs.images"):
+        importlib.import_module(name)  # once, before the forks: every child reads with the same code
 
     for line in sys.stdin:
         folder = line.strip()
@@ -454,7 +454,7 @@ class Fuzzer:
 
     def __init__(self, workdir: Path):
         self.workdir = Path(workdir)
-        self.proc = subprocess.Popen([sys.executable, __file__, "serve"], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "medgemma_cli.testing.fuzz", "serve"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
                                      env={**os.environ, "PYTHONWARNINGS": "ignore"})
         self.n = 0
@@ -502,6 +502,5 @@ def read_file_case(path: Path, fuzzer: Fuzzer) -> dict[str, Any]:
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["serve"]:
-    sys.path.remove(str(Path(__file__).resolve().parent))  # tests/medgemma_cli would shadow the package
     serve()
 
