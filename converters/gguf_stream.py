@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import gguf
 import numpy as np
@@ -74,7 +75,8 @@ class QuantError:
 REPORT_STRIDE = 16  # the quantization report measures every 16th row: rows quantize independently
 
 
-def _prepared_chunks(ckpt: Checkpoint, tensors: list[PlannedTensor]) -> Iterator[tuple[PlannedTensor, np.ndarray, bool]]:
+def _prepared_chunks(ckpt: Checkpoint,
+                     tensors: list[PlannedTensor]) -> Iterator[tuple[PlannedTensor, np.ndarray, bool]]:
     """(tensor, data, is_final_bytes) per row chunk: a plain copy of the stored bytes when the type does not
     change, else float32 rows ready for encoding. Runs one chunk ahead of the encoder, in a helper thread."""
     for t in tensors:
@@ -163,6 +165,12 @@ def misaligned_tensors(info: GGUFInfo) -> list[str]:
     return [t.name for t in info.tensors if t.offset % TENSOR_ALIGNMENT]
 
 
+def output_file(w: gguf.GGUFWriter) -> BinaryIO:
+    """The file a GGUFWriter writes to: open once its header is written (gguf-py types it optional)."""
+    assert w.fout is not None, "the GGUF header is not written yet"
+    return w.fout[0]
+
+
 def begin_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], None],
                tensors: Sequence[tuple[str, tuple[int, ...], Q, int]]) -> gguf.GGUFWriter:
     """Write the header, key-values and tensor infos of a new GGUF file for `tensors` (name, numpy shape,
@@ -182,7 +190,7 @@ def begin_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], 
     try:
         w.write_header_to_file(path)
         w.write_kv_data_to_file()
-        f = w.fout[0]
+        f = output_file(w)
         kv_end = f.tell()
         w.write_ti_data_to_file()
         end = f.tell()
@@ -211,7 +219,7 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], 
     progress = progress or NullProgress()
     threads = threads or os.cpu_count() or 1
     w = begin_gguf(path, arch, add_metadata, [(t.gguf_name, t.shape, t.qtype, t.nbytes) for t in tensors])
-    fout = w.fout[0]
+    fout = output_file(w)
     sha = hashlib.sha256()
     try:
         fout.flush()
@@ -246,7 +254,7 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], 
             current = t
             if x is not None and t.qtype != Q.F32:
                 _measure(x, data, t.qtype, errors[t.gguf_name])
-            view = memoryview(np.ascontiguousarray(data)).cast("B")
+            view = np.ascontiguousarray(data).data.cast("B")
             put(view)
             written[t.gguf_name] += len(view)
             progress.advance(len(view))

@@ -18,16 +18,22 @@ import onnx
 
 from medgemma_cli import __version__
 from medgemma_cli.atomic import AtomicFolder, write_errors
-from medgemma_cli.converters.checkpoint import Checkpoint
 from medgemma_cli.checksums import sha256_file
-from medgemma_cli.converters.onnx_graph import (ONNX_DATA_ALIGNMENT, GraphBuilder, siglip_pooling_head,
-                                                siglip_text_tower, siglip_vision_tower)
+from medgemma_cli.converters.checkpoint import Checkpoint
+from medgemma_cli.converters.onnx_graph import (
+    ONNX_DATA_ALIGNMENT,
+    GraphBuilder,
+    siglip_pooling_head,
+    siglip_text_tower,
+    siglip_vision_tower,
+)
 from medgemma_cli.errors import InputError, OutputError
 from medgemma_cli.kernels.onnx_quant import ONNX_PRESETS, quantize_onnx
 from medgemma_cli.offline import no_uuid1
 from medgemma_cli.progress import NullProgress, Progress
 
-VISION_FILE, TEXT_FILE, TOKENIZER_FILE, MANIFEST_FILE = "siglip-vision.onnx", "siglip-text.onnx", "tokenizer.model", "manifest.json"
+VISION_FILE, TEXT_FILE = "siglip-vision.onnx", "siglip-text.onnx"
+TOKENIZER_FILE, MANIFEST_FILE = "tokenizer.model", "manifest.json"
 _EXTERNAL_OVER = 1_500_000_000  # protobuf stops at 2 GB; larger graphs keep their weights beside them
 
 
@@ -136,9 +142,11 @@ def convert_siglip(src: Path | str, out: Path | str, preset: str = "int8", text_
         progress.begin("Building ONNX graphs", 2, 0)
         vis = GraphBuilder("siglip_vision")
         hidden = siglip_vision_tower(vis, get, "vision_model", vc)
-        vis.output(siglip_pooling_head(vis, hidden, get, "vision_model.head", vc), "image_embeds", ["batch", vc["hidden_size"]])
+        vis.output(siglip_pooling_head(vis, hidden, get, "vision_model.head", vc), "image_embeds",
+                   ["batch", vc["hidden_size"]])
         txt = GraphBuilder("siglip_text")
-        txt.output(siglip_text_tower(txt, get, "text_model", tc), "text_embeds", ["batch", tc.get("projection_size", tc["hidden_size"])])
+        txt.output(siglip_text_tower(txt, get, "text_model", tc), "text_embeds",
+                   ["batch", tc.get("projection_size", tc["hidden_size"])])
         scale = float(get("logit_scale").reshape(-1)[0])
         bias = float(get("logit_bias").reshape(-1)[0])
         unused = sorted(set(ckpt.entries) - used)
@@ -147,7 +155,7 @@ def convert_siglip(src: Path | str, out: Path | str, preset: str = "int8", text_
                              (f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""))
         pre_cfg = ckpt.processor_config
         files = [VISION_FILE, TEXT_FILE, TOKENIZER_FILE, MANIFEST_FILE]
-        with AtomicFolder(out, files + [VISION_FILE + ".data", TEXT_FILE + ".data"], overwrite=overwrite) as folder, \
+        with AtomicFolder(out, [*files, VISION_FILE + ".data", TEXT_FILE + ".data"], overwrite=overwrite) as folder, \
                 write_errors(out):
             try:
                 entries = {}

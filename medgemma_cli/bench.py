@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import gguf
 import numpy as np
@@ -20,7 +21,7 @@ from gguf import GGMLQuantizationType as Q
 from medgemma_cli import store
 from medgemma_cli.containment import stage
 from medgemma_cli.converters import gemma3
-from medgemma_cli.converters.gguf_stream import begin_gguf, misaligned_tensors
+from medgemma_cli.converters.gguf_stream import begin_gguf, misaligned_tensors, output_file
 from medgemma_cli.kernels import ggml
 from medgemma_cli.kernels.matmul import MatmulFigure, matmul_throughput
 from medgemma_cli.kernels.policy import PRESETS, nbytes, text_tensor_type
@@ -104,7 +105,7 @@ def synthetic_gguf(shape: str, preset: str = "Q4_K_M", folder: Path | None = Non
             write_vocabulary(w, vocab)
 
         w = begin_gguf(tmp, "gemma3", metadata, [(name, shp, q, nbytes(q, shp)) for name, shp, q in plan])
-        f = w.fout[0]
+        f = output_file(w)
         for _name, shp, q in plan:
             f.write(b"\0" * (-f.tell() % w.data_alignment))
             if len(shp) == 1:
@@ -116,7 +117,7 @@ def synthetic_gguf(shape: str, preset: str = "Q4_K_M", folder: Path | None = Non
             done = 0
             while done < rows:
                 n = min(block.shape[0], rows - done)
-                f.write(memoryview(block[:n]).cast("B"))
+                f.write(block[:n].data.cast("B"))
                 done += n
         f.write(b"\0" * (-f.tell() % w.data_alignment))
         w.close()
@@ -159,7 +160,7 @@ def end_to_end(path: Path, shape: str, preset: str, threads: int, prompt_tokens:
         llm = load_llama(path, use_extra_buffers=extra, n_ctx=prompt_tokens + decode_tokens + 16,
                          n_batch=max(prompt_tokens, 8), n_threads=threads, n_threads_batch=threads, verbose=False)
     rng = np.random.default_rng(1)
-    prompt = [2] + rng.integers(10, 900, prompt_tokens - 1).tolist()
+    prompt = [2, *rng.integers(10, 900, prompt_tokens - 1).tolist()]
     with stage("llama.cpp", "reading the benchmark prompt"):
         t0 = time.perf_counter()
         llm.eval(prompt)

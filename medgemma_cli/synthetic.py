@@ -10,9 +10,10 @@ from __future__ import annotations
 import io
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -59,10 +60,13 @@ SHAPES: dict[str, Shape] = {
 
 # Prefixes of the key layouts seen in the wild (see converters/gemma3.py KEY_LAYOUTS).
 LAYOUTS: dict[str, dict[str, str]] = {
-    "hf4": {"text": "language_model.model.", "vision": "vision_tower.vision_model.", "projector": "multi_modal_projector."},
-    "hf5": {"text": "model.language_model.", "vision": "model.vision_tower.vision_model.", "projector": "model.multi_modal_projector."},
+    "hf4": {"text": "language_model.model.", "vision": "vision_tower.vision_model.",
+            "projector": "multi_modal_projector."},
+    "hf5": {"text": "model.language_model.", "vision": "model.vision_tower.vision_model.",
+            "projector": "model.multi_modal_projector."},
     "hf5-flat": {"text": "model.language_model.", "vision": "vision_tower.", "projector": "multi_modal_projector."},
-    "model-prefixed": {"text": "model.language_model.", "vision": "model.vision_tower.", "projector": "model.multi_modal_projector."},
+    "model-prefixed": {"text": "model.language_model.", "vision": "model.vision_tower.",
+                       "projector": "model.multi_modal_projector."},
 }
 
 SPECIAL_TOKENS = ["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
@@ -149,7 +153,9 @@ def train_siglip_tokenizer(path: Path, pieces: int = 256) -> None:
     path.write_bytes(model.getvalue())
 
 
-def _tokenizer_files(folder: Path, shape: Shape) -> None:
+def _tokenizer_files(folder: Path, shape: Shape) -> tuple[int, int, int, int]:
+    """The tokenizer files; returns the ids of the image soft token, <start_of_image>, <end_of_image> and
+    <end_of_turn>."""
     import sentencepiece as spm
 
     train_tokenizer(folder / "tokenizer.model", shape.sp_pieces)
@@ -268,7 +274,8 @@ def make_checkpoint(folder: Path | str, shape: str = "tiny", *, architecture: st
                "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": None, "do_pan_and_scan": None,
                "image_seq_length": s.image_tokens}
         _json(folder / "preprocessor_config.json", pre)
-        _json(folder / "processor_config.json", {"image_seq_length": s.image_tokens, "processor_class": "Gemma3Processor"})
+        _json(folder / "processor_config.json",
+              {"image_seq_length": s.image_tokens, "processor_class": "Gemma3Processor"})
     spec = gemma3.read_spec(config, {"image_seq_length": s.image_tokens}, folder / "config.json")
     prefixes = LAYOUTS[layout] if architecture == "Gemma3ForConditionalGeneration" else {"text": "model."}
     specs = _tensor_specs(spec, prefixes)
