@@ -63,7 +63,7 @@ class Checkpoint:
                     raise InputError(index_path, f"names a shard outside the checkpoint folder: {str(n)[:80]!r}")
                 if not (self.folder / n).is_file():
                     raise InputError(self.folder / n, f"missing (listed in {index_path.name})")
-            self._index = weight_map
+            self._index: dict[str, str] | None = weight_map
             return [self.folder / n for n in names]
         self._index = None
         files = sorted(self.folder.glob("*.safetensors"))
@@ -103,7 +103,7 @@ class Checkpoint:
         for f in self.files.values():
             f.close()
 
-    def __enter__(self) -> "Checkpoint":
+    def __enter__(self) -> Checkpoint:
         return self
 
     def __exit__(self, *exc: object) -> None:

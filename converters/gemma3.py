@@ -290,7 +290,8 @@ def _check_llama_cpp_assumptions(tc: dict[str, Any], t: TextParams, p: Any) -> N
                                        "which llama.cpp assumes")
 
 
-def expand(table: tuple[tuple[str, str, tuple[str, ...], bool], ...], n_layers: int) -> list[tuple[str, str, tuple[str, ...], bool]]:
+def expand(table: tuple[tuple[str, str, tuple[str, ...], bool], ...],
+           n_layers: int) -> list[tuple[str, str, tuple[str, ...], bool]]:
     """The table with its `{i}` rows repeated for every layer: global rows first, then layer by layer."""
     globals_ = [row for row in table if "{i}" not in row[0]]
     per_layer = [row for row in table if "{i}" in row[0]]
@@ -329,6 +330,7 @@ def write_text_metadata(w: gguf.GGUFWriter, spec: Gemma3Spec, name: str) -> None
     w.add_rope_freq_base_swa(t.rope_theta_local)
     if t.rope_scaling == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        assert t.rope_factor is not None  # read with the scaling type: linear scaling always has a factor
         w.add_rope_scaling_factor(t.rope_factor)
 
 

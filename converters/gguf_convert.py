@@ -15,18 +15,32 @@ from gguf import GGMLQuantizationType as Q
 
 from medgemma_cli import __version__
 from medgemma_cli.atomic import AtomicFolder, write_errors
+from medgemma_cli.checksums import sha256_file
 from medgemma_cli.converters import gemma3
 from medgemma_cli.converters.checkpoint import Checkpoint
-from medgemma_cli.checksums import sha256_file
-from medgemma_cli.converters.gguf_stream import (TENSOR_ALIGNMENT, PlannedTensor, QuantError, misaligned_tensors,
-                                                 write_gguf)
-from medgemma_cli.converters.vision_onnx import VISION_ONNX_PRESETS, write_vision_onnx
+from medgemma_cli.converters.gguf_stream import (
+    TENSOR_ALIGNMENT,
+    PlannedTensor,
+    QuantError,
+    misaligned_tensors,
+    write_gguf,
+)
 from medgemma_cli.converters.tokenizer import TokenType, Vocabulary, read_vocabulary, write_vocabulary
+from medgemma_cli.converters.vision_onnx import VISION_ONNX_PRESETS, write_vision_onnx
 from medgemma_cli.errors import InputError, OutputError
 from medgemma_cli.kernels.ggml import GGUFInfo, read_gguf_info
 from medgemma_cli.kernels.imatrix import read_imatrix
-from medgemma_cli.kernels.policy import (DEFAULT_MMPROJ_TYPE, DEFAULT_PRESET, MMPROJ_FILE_TYPES, MMPROJ_TYPES,
-                                         PRESETS, Preset, fit, mmproj_tensor_type, text_tensor_type)
+from medgemma_cli.kernels.policy import (
+    DEFAULT_MMPROJ_TYPE,
+    DEFAULT_PRESET,
+    MMPROJ_FILE_TYPES,
+    MMPROJ_TYPES,
+    PRESETS,
+    Preset,
+    fit,
+    mmproj_tensor_type,
+    text_tensor_type,
+)
 from medgemma_cli.progress import NullProgress, Progress
 
 TEXT_FILE = "text.gguf"
@@ -48,15 +62,15 @@ def plan_tensors(ckpt: Checkpoint, spec: gemma3.Gemma3Spec, preset: Preset, mmpr
     """Map every checkpoint tensor to its GGUF name and type; refuse missing, unexpected or misshapen ones."""
     dims = spec.dims
     expected: dict[tuple[str, str], tuple[str, tuple[str, ...], bool]] = {}
-    for src, dst, shape, plus_one in gemma3.expand(gemma3.TEXT_TENSORS, spec.text.layers):
-        expected[("text", src)] = (dst, shape, plus_one)
+    for src, dst, syms, plus_one in gemma3.expand(gemma3.TEXT_TENSORS, spec.text.layers):
+        expected[("text", src)] = (dst, syms, plus_one)
     if not spec.text.tie_embeddings:
         expected[("lm_head", "weight")] = ("output.weight", ("vocab", "hidden"), False)
     if spec.vision is not None:
-        for src, dst, shape, plus_one in gemma3.expand(gemma3.VISION_TENSORS, spec.vision.layers):
-            expected[("vision", src)] = (dst, shape, plus_one)
-        for src, dst, shape, plus_one in gemma3.PROJECTOR_TENSORS:
-            expected[("projector", src)] = (dst, shape, plus_one)
+        for src, dst, syms, plus_one in gemma3.expand(gemma3.VISION_TENSORS, spec.vision.layers):
+            expected[("vision", src)] = (dst, syms, plus_one)
+        for src, dst, syms, plus_one in gemma3.PROJECTOR_TENSORS:
+            expected[("projector", src)] = (dst, syms, plus_one)
 
     found: dict[tuple[str, str], str] = {}
     for key, entry in ckpt.entries.items():
@@ -75,7 +89,8 @@ def plan_tensors(ckpt: Checkpoint, spec: gemma3.Gemma3Spec, preset: Preset, mmpr
         gguf_name, shape_syms, _ = expected[(component, name)]
         want = tuple(dims[s] if isinstance(s, str) else s for s in shape_syms)
         if entry.shape != want:
-            raise InputError(entry.path, f"tensor {key!r} has shape {list(entry.shape)}, config.json implies {list(want)}")
+            raise InputError(entry.path,
+                             f"tensor {key!r} has shape {list(entry.shape)}, config.json implies {list(want)}")
         if entry.dtype not in _FLOAT_DTYPES:
             raise InputError(entry.path, f"tensor {key!r} has dtype {entry.dtype}, expected a floating-point type")
         found[(component, name)] = key
@@ -95,11 +110,13 @@ def plan_tensors(ckpt: Checkpoint, spec: gemma3.Gemma3Spec, preset: Preset, mmpr
             im = _imatrix_for(imatrix, gguf_name, shape, qtype)
             text.append(PlannedTensor(gguf_name, key, shape, qtype, plus_one, im))
         else:
-            vision.append(PlannedTensor(gguf_name, key, shape, mmproj_tensor_type(mmproj_type, gguf_name, shape), plus_one))
+            vision.append(PlannedTensor(gguf_name, key, shape, mmproj_tensor_type(mmproj_type, gguf_name, shape),
+                                        plus_one))
     return ConversionPlan(spec, text, vision)
 
 
-def _imatrix_for(imatrix: dict[str, np.ndarray] | None, name: str, shape: tuple[int, ...], qtype: Q) -> np.ndarray | None:
+def _imatrix_for(imatrix: dict[str, np.ndarray] | None, name: str, shape: tuple[int, ...],
+                 qtype: Q) -> np.ndarray | None:
     """The importance vector for a tensor, used as llama-quantize uses it (only when it fits the rows)."""
     if imatrix is None or name not in imatrix or qtype in (Q.F32, Q.F16, Q.BF16):
         return None
@@ -182,7 +199,8 @@ def _compare(path: Path, r: GGUFInfo, checks: dict[str, Any]) -> None:
 
 def _file_entry(path: Path, r: GGUFInfo, sha256: str) -> dict[str, Any]:
     types = Counter(Q(t.type).name for t in r.tensors)
-    return {"size": path.stat().st_size, "sha256": sha256, "tensors": len(r.tensors), "tensor_types": dict(sorted(types.items()))}
+    return {"size": path.stat().st_size, "sha256": sha256, "tensors": len(r.tensors),
+            "tensor_types": dict(sorted(types.items()))}
 
 
 def quantization_report(plan: ConversionPlan, errors: dict[str, QuantError]) -> dict[str, Any]:
@@ -197,7 +215,8 @@ def quantization_report(plan: ConversionPlan, errors: dict[str, QuantError]) -> 
         c["types"][t.qtype.name] += 1
         c["ref"] += e.ref
         c["err"] += e.err
-    summary = {cls: {"types": dict(c["types"]), "rel_rms": round(float(np.sqrt(c["err"] / c["ref"])) if c["ref"] else 0.0, 6)}
+    summary = {cls: {"types": dict(c["types"]),
+                     "rel_rms": round(float(np.sqrt(c["err"] / c["ref"])) if c["ref"] else 0.0, 6)}
                for cls, c in classes.items()}
     return {"classes": summary, "tensors": tensors}
 
@@ -218,7 +237,8 @@ def convert_gguf(src: Path | str, out: Path | str, preset: str = DEFAULT_PRESET,
         raise InputError(None, f"unknown mmproj type {mmproj_type!r}; choose one of {', '.join(MMPROJ_TYPES)}")
     pre = PRESETS[preset]
     if vision_onnx not in VISION_ONNX_PRESETS:
-        raise InputError(None, f"unknown vision ONNX preset {vision_onnx!r}; choose one of {', '.join(VISION_ONNX_PRESETS)}")
+        raise InputError(None, f"unknown vision ONNX preset {vision_onnx!r}; "
+                               f"choose one of {', '.join(VISION_ONNX_PRESETS)}")
     importance = read_imatrix(imatrix) if imatrix is not None else None
     with Checkpoint(src) as ckpt:
         spec = gemma3.read_spec(ckpt.config, ckpt.processor_config, ckpt.config_path)
@@ -235,7 +255,7 @@ def convert_gguf(src: Path | str, out: Path | str, preset: str = DEFAULT_PRESET,
         with AtomicFolder(out, files, overwrite=overwrite) as folder, write_errors(out):
             try:
                 extra = {}
-                if importance is not None:
+                if importance is not None and imatrix is not None:
                     extra["imatrix"] = {"path": str(Path(imatrix).resolve()),
                                         "tensors": sum(t.imatrix is not None for t in plan.text)}
                 if onnx_vision:

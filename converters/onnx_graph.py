@@ -7,7 +7,8 @@ Gelu with tanh approximation, Softmax).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import onnx
@@ -122,10 +123,14 @@ class GraphBuilder:
             wq, bq, wk, bk, wv, bv, wo, bo = qkv
         split = self.shape_const([0, -1, heads, hd], f"{prefix}.split_heads")
         merge = self.shape_const([0, -1, dim], f"{prefix}.merge_heads")
-        q = self.op("Transpose", [self.op("Reshape", [self.linear(xq, wq, bq, f"{prefix}.q_proj"), split])], perm=[0, 2, 1, 3])
-        k = self.op("Transpose", [self.op("Reshape", [self.linear(xkv, wk, bk, f"{prefix}.k_proj"), split])], perm=[0, 2, 3, 1])
-        v = self.op("Transpose", [self.op("Reshape", [self.linear(xkv, wv, bv, f"{prefix}.v_proj"), split])], perm=[0, 2, 1, 3])
-        scores = self.op("Mul", [self.op("MatMul", [q, k]), self.const(f"{prefix}.scale", np.array(hd**-0.5, np.float32))])
+        q = self.op("Transpose", [self.op("Reshape", [self.linear(xq, wq, bq, f"{prefix}.q_proj"), split])],
+                    perm=[0, 2, 1, 3])
+        k = self.op("Transpose", [self.op("Reshape", [self.linear(xkv, wk, bk, f"{prefix}.k_proj"), split])],
+                    perm=[0, 2, 3, 1])
+        v = self.op("Transpose", [self.op("Reshape", [self.linear(xkv, wv, bv, f"{prefix}.v_proj"), split])],
+                    perm=[0, 2, 1, 3])
+        scores = self.op("Mul", [self.op("MatMul", [q, k]),
+                                 self.const(f"{prefix}.scale", np.array(hd**-0.5, np.float32))])
         probs = self.op("Softmax", [scores], axis=-1)
         ctx = self.op("Reshape", [self.op("Transpose", [self.op("MatMul", [probs, v])], perm=[0, 2, 1, 3]), merge])
         return self.linear(ctx, wo, bo, f"{prefix}.out_proj")
@@ -140,9 +145,11 @@ class GraphBuilder:
         """SigLIP's pre-LN encoder: x += attn(LN1(x)); x += mlp(LN2(x))."""
         for i in range(layers):
             p = f"{prefix}.layers.{i}"
-            h = self.layer_norm(x, get(f"{p}.layer_norm1.weight"), get(f"{p}.layer_norm1.bias"), eps, f"{p}.layer_norm1")
+            h = self.layer_norm(x, get(f"{p}.layer_norm1.weight"), get(f"{p}.layer_norm1.bias"), eps,
+                                f"{p}.layer_norm1")
             x = self.op("Add", [x, self.attention(h, h, get, f"{p}.self_attn", heads, dim)])
-            h = self.layer_norm(x, get(f"{p}.layer_norm2.weight"), get(f"{p}.layer_norm2.bias"), eps, f"{p}.layer_norm2")
+            h = self.layer_norm(x, get(f"{p}.layer_norm2.weight"), get(f"{p}.layer_norm2.bias"), eps,
+                                f"{p}.layer_norm2")
             x = self.op("Add", [x, self.mlp(h, get, f"{p}.mlp")])
         return x
 
@@ -200,7 +207,7 @@ def gemma3_projector(gb: GraphBuilder, x: str, get: Callable[[str], np.ndarray],
     the stored weight + 1, project to the text width: [B, patches, D] → [B, image_tokens, text hidden]."""
     d = cfg["hidden_size"]
     side = cfg["image_size"] // cfg["patch_size"]
-    tokens_side = int(round(image_tokens ** 0.5))
+    tokens_side = round(image_tokens ** 0.5)
     k = side // tokens_side
     grid = gb.op("Reshape", [gb.op("Transpose", [x], perm=[0, 2, 1]), gb.shape_const([0, d, side, side], "grid_shape")])
     pooled = gb.op("AveragePool", [grid], kernel_shape=[k, k], strides=[k, k])

@@ -7,12 +7,13 @@ truncated or corrupt file is reported by name before any output is written.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -100,7 +101,7 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
             )
         entries[name] = TensorEntry(path, name, dtype, shape, data_start + begin, data_start + end)
     spans = sorted((e.begin, e.end, e.name) for e in entries.values() if e.end > e.begin)
-    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+    for (_, end_a, a), (begin_b, _, b) in itertools.pairwise(spans):
         if begin_b < end_a:  # two tensors reading the same bytes: a crafted or broken header
             raise InputError(path, f"corrupt safetensors header: tensors {a!r} and {b!r} overlap")
     return entries
@@ -121,7 +122,7 @@ class SafetensorsFile:
     def _read(self, offset: int, out: np.ndarray) -> np.ndarray:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-        view = memoryview(out.reshape(-1).view(np.uint8))
+        view = out.reshape(-1).view(np.uint8).data
         done = 0
         while done < len(view):
             n = os.preadv(self._fd, [view[done:]], offset + done) if hasattr(os, "preadv") else _pread_into(

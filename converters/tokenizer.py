@@ -300,7 +300,7 @@ def read_vocabulary(folder: Path, vocab_size: int) -> Vocabulary:
     tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
     scores = [PAD_SCORE] * vocab_size
     types = [int(TokenType.UNUSED)] * vocab_size
-    for i, (text, score, kind) in enumerate(zip(pieces.texts, pieces.scores, pieces.types)):
+    for i, (text, score, kind) in enumerate(zip(pieces.texts, pieces.scores, pieces.types, strict=True)):
         tokens[i], scores[i], types[i] = text.encode("utf-8"), score, kind
 
     config_path = folder / "tokenizer_config.json"

@@ -233,7 +233,8 @@ def read_gguf_info(path: Path | str, keys: set[str] | None = None) -> GGUFInfo:
             while len(ne) > 1 and ne[-1] == 1:
                 ne.pop()
             tensors.append(TensorInfo(h.gguf_get_tensor_name(ctx, j).decode(), h.gguf_get_tensor_type(ctx, j),
-                                      tuple(ne), base + h.gguf_get_tensor_offset(ctx, j), h.gguf_get_tensor_size(ctx, j)))
+                                      tuple(ne), base + h.gguf_get_tensor_offset(ctx, j),
+                                      h.gguf_get_tensor_size(ctx, j)))
         return GGUFInfo(kv, tensors)
     finally:
         h.gguf_free(ctx)

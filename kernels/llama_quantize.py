@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
+from typing import Any
 
 import numpy as np
 from gguf import LlamaFileType
@@ -29,7 +30,7 @@ def llama_quantize(src: Path, dst: Path, file_type: LlamaFileType, threads: int 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(file_type)
     params.nthread = int(threads or os.cpu_count() or 1)
-    keep = []
+    keep: list[Any] = []  # what the parameters point into, alive until the quantizer returns
     if imatrix:
         entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
         for i, (name, values) in enumerate(imatrix.items()):

@@ -50,7 +50,8 @@ def _cpu() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     return base, cpu
 
 
-def mul_mat(weights: np.ndarray, qtype: Q, k: int, x: np.ndarray, threads: int = 1, repeats: int = 1) -> tuple[np.ndarray, float]:
+def mul_mat(weights: np.ndarray, qtype: Q, k: int, x: np.ndarray, threads: int = 1,
+            repeats: int = 1) -> tuple[np.ndarray, float]:
     """x @ Wᵀ with W stored as `qtype` rows of k values (weights: [n, row bytes] uint8, or float arrays).
 
     Returns the product [m, n] and the best time of `repeats` runs in seconds."""
@@ -59,7 +60,8 @@ def mul_mat(weights: np.ndarray, qtype: Q, k: int, x: np.ndarray, threads: int =
     n = w.shape[0]
     xa = np.ascontiguousarray(x, dtype=np.float32)
     m = xa.shape[0]
-    mem = w.nbytes + xa.nbytes + 4 * m * n + 8 * m * k + 4 * base.ggml_tensor_overhead() + base.ggml_graph_overhead() + (64 << 20)
+    mem = (w.nbytes + xa.nbytes + 4 * m * n + 8 * m * k + 4 * base.ggml_tensor_overhead() + base.ggml_graph_overhead()
+           + (64 << 20))
     ctx = base.ggml_init(_InitParams(mem, None, False))
     if not ctx:
         raise MemoryError("ggml_init failed")
