@@ -20,7 +20,7 @@ _disable_telemetry()  # before anything of ours can create an ONNX Runtime envir
 # source checkout they sit beside it; let the checkout import them under the same names.
 _checkout = _Path(__file__).resolve().parent.parent
 if (_checkout / "pyproject.toml").is_file() and (_checkout / "converters" / "__init__.py").is_file():
-    __path__.append(str(_checkout))  # type: ignore[name-defined]  # noqa: F821
+    __path__.append(str(_checkout))
 
 
 def __getattr__(name: str):  # lazy, so `medgemma --help` does not load numpy, gguf or llama.cpp
@@ -40,8 +40,9 @@ def __getattr__(name: str):  # lazy, so `medgemma --help` does not load numpy, g
         return getattr(store, name)
     lazy = {
         "run_demo": "medgemma_cli.demo", "ask": "medgemma_cli.answering", "ask_many": "medgemma_cli.answering",
-        "open_session": "medgemma_cli.answering", "AskOptions": "medgemma_cli.answering", "classify": "medgemma_cli.siglip",
-        "embed": "medgemma_cli.siglip", "run_bench": "medgemma_cli.bench", "run_batch": "medgemma_cli.batch",
+        "open_session": "medgemma_cli.answering", "AskOptions": "medgemma_cli.answering",
+        "classify": "medgemma_cli.siglip", "embed": "medgemma_cli.siglip", "run_bench": "medgemma_cli.bench",
+        "run_batch": "medgemma_cli.batch",
         "ServerOptions": "medgemma_cli.batch", "ClassifyOptions": "medgemma_cli.batch",
         "write_report": "medgemma_cli.report", "run_doctor": "medgemma_cli.doctor",
     }

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from medgemma_cli.defaults import DEFAULT_MAX_TOKENS
 from medgemma_cli.errors import MedgemmaError
 from medgemma_cli.inputs import dicom
 from medgemma_cli.inputs.collect import Collected, collect
 from medgemma_cli.inputs.images import save_png
-from medgemma_cli.prompt import build_messages, truncate_notes
 from medgemma_cli.native import quiet_stderr
+from medgemma_cli.prompt import build_messages, truncate_notes
 from medgemma_cli.runtime import Engine, ModelFiles, Timings, resolve_model
 from medgemma_cli.session import PrefixSession, Turn
 
@@ -113,7 +114,8 @@ def plan_context(question: str, inputs: Collected, files: ModelFiles, opts: AskO
 
 
 def _prepare(question: str, files: list[Path] | None, model: Path | None, gguf: Path | None, mmproj: Path | None,
-             opts: AskOptions, extra_tokens: int = 0) -> tuple[ModelFiles, Collected, list[tuple[str, str]], int, list[str]]:
+             opts: AskOptions,
+             extra_tokens: int = 0) -> tuple[ModelFiles, Collected, list[tuple[str, str]], int, list[str]]:
     if not question.strip():
         raise MedgemmaError("the question is empty")
     model_files = resolve_model(model, gguf, mmproj)
@@ -121,7 +123,8 @@ def _prepare(question: str, files: list[Path] | None, model: Path | None, gguf: 
     counter = _Counter(model_files)
     limit = min(opts.ctx or counter.n_ctx_train, counter.n_ctx_train)
     note_bytes = limit * NOTE_BYTES_PER_TOKEN  # read no more of a note than the context could hold
-    inputs = collect([Path(f) for f in files or []], vision["image_size"] if vision else None, opts.max_slices,
+    image_size = vision["image_size"] if vision else None
+    inputs = collect([Path(f) for f in files or []], image_size, opts.max_slices,
                      scrub_identifiers=not opts.include_phi, note_bytes=note_bytes)
     image_tokens = vision["image_tokens"] if vision else 0
     # each slice costs its embeddings, <start_of_image>/<end_of_image>, the blank lines and its label
@@ -132,7 +135,7 @@ def _prepare(question: str, files: list[Path] | None, model: Path | None, gguf: 
     if inputs.images and len(inputs.images) * per_image > room and inputs.volumes:
         fit = max(1, room // per_image)
         before = len(inputs.images)
-        inputs = collect([Path(f) for f in files or []], vision["image_size"], min(opts.max_slices, fit),
+        inputs = collect([Path(f) for f in files or []], image_size, min(opts.max_slices, fit),
                          scrub_identifiers=not opts.include_phi, note_bytes=note_bytes)
         inputs.warnings.append(f"too many images for a context of {limit} tokens: {len(inputs.images)} of "
                                f"{before} slices sent, sampled evenly")
@@ -163,7 +166,8 @@ def _result(model_files: ModelFiles, engine: Engine, inputs: Collected, warnings
                  "prefill_s": round(prefill.prefill_s + t.prefill_s, 3),
                  "first_token_s": round(prefill.first_token_s + t.first_token_s, 3),
                  "decode_s": round(t.decode_s, 3),
-                 "decode_tokens_per_s": round(turn.completion_tokens / t.decode_s, 2) if t.decode_s and turn.completion_tokens else 0.0,
+                 "decode_tokens_per_s": (round(turn.completion_tokens / t.decode_s, 2)
+                                         if t.decode_s and turn.completion_tokens else 0.0),
                  "total_s": round(time.perf_counter() - t_start, 3)},
         stopped=turn.stopped,
         saved_inputs=saved,
@@ -186,7 +190,8 @@ def open_session(question_hint: str, files: list[Path] | None, *, model: Path | 
                  ) -> tuple[PrefixSession, ModelFiles, list[str], list[str]]:
     """Load the model and encode the inputs once; answer questions with the returned session."""
     opts = options or AskOptions()
-    model_files, inputs, notes, n_ctx, warnings = _prepare(question_hint, files, model, gguf, mmproj, opts, extra_tokens)
+    model_files, inputs, notes, n_ctx, warnings = _prepare(question_hint, files, model, gguf, mmproj, opts,
+                                                           extra_tokens)
     saved = _save_inputs(inputs, opts.save_input)
     engine = Engine(model_files, n_ctx=n_ctx, threads=opts.threads, gpu_layers=opts.gpu_layers, verbose=opts.verbose,
                     vision_backend=opts.vision_backend)
@@ -218,7 +223,7 @@ def ask_many(questions: list[str], files: list[Path] | None = None, *, model: Pa
     longest = max(questions, key=len)
     session, model_files, warnings, saved = open_session(longest, files, model=model, gguf=gguf, mmproj=mmproj,
                                                          options=opts)
-    results = []
+    results: list[AskResult] = []
     try:
         for q in questions:
             if not q.strip():

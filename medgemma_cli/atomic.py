@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 from types import TracebackType
 
 from medgemma_cli.errors import OutputError
 from medgemma_cli.store import MANIFEST, VERIFIED, leftovers
-
-
 
 
 class AtomicFolder:
@@ -30,7 +28,7 @@ class AtomicFolder:
         self._temps: dict[str, Path] = {}
         self._scratch: list[Path] = []
 
-    def __enter__(self) -> "AtomicFolder":
+    def __enter__(self) -> AtomicFolder:
         if self.folder.exists() and not self.folder.is_dir():
             raise OutputError(self.folder, "exists and is not a folder")
         stale = leftovers(self.folder) if self.folder.is_dir() else []  # temporaries of conversions that were killed
@@ -126,9 +124,8 @@ def replacing(path: Path, *, mode: int = 0o644, sync: bool = False) -> Iterator[
 
 def replace_text(path: Path, text: str, mode: int = 0o644, sync: bool = False) -> None:
     """Write a small text file whole or not at all."""
-    with replacing(path, mode=mode, sync=sync) as tmp:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
+    with replacing(path, mode=mode, sync=sync) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
 
 
 @contextmanager

@@ -18,9 +18,10 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from medgemma_cli.atomic import replace_text
 from medgemma_cli.errors import InputError, MedgemmaError
@@ -91,7 +92,7 @@ def walk(folder: Path, ours: set[Path] | None = None) -> Walk:
             skipped.append((rel(d), f"unreadable folder: {e.strerror or e}"))
             return
         for p in entries:
-            if ours and (p.resolve() in ours or p.name.startswith(".") and ".partial" in p.name):
+            if ours and (p.resolve() in ours or (p.name.startswith(".") and ".partial" in p.name)):
                 continue
             try:
                 if p.is_dir():
@@ -144,6 +145,7 @@ def make_units(folder: Path, files: list[Path], unit: str = "series") -> list[Un
         if unit == "file":
             units[_hash(rel)] = Unit(_hash(rel), "file", [f], modality)
             continue
+        assert ds is not None  # a file that is not DICOM is a unit of its own (above)
         key = "StudyInstanceUID" if unit == "study" else "SeriesInstanceUID"
         uid = str(ds.get(key, "") or "") or _hash(rel)
         u = units.setdefault(uid, Unit(uid, unit, [], modality,
@@ -161,7 +163,8 @@ def unit_id_key(out: Path, has_records: bool = False) -> bytes:
     except FileNotFoundError:
         if has_records:  # ids made without this key: every unit would be redone and recorded twice
             raise InputError(path, f"missing, but {Path(out).name} already holds records (from an older "
-                                   "medgemma-cli, or --include-phi?); restore the key or choose another --out") from None
+                                   "medgemma-cli, or --include-phi?); restore the key or choose another --out"
+                             ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(path, f"cannot read the unit-id key ({e}); restore it or choose another --out") from None
     else:
@@ -208,7 +211,7 @@ class RecordFile:
             if self.path.exists():
                 self._repair_and_load(retry_failed)
             new = not self.path.exists() or self.path.stat().st_size == 0
-            self.f = open(self.path, "a", encoding="utf-8", newline="")
+            self.f = open(self.path, "a", encoding="utf-8", newline="")  # noqa: SIM115 - held open until close()
         except BaseException:
             os.close(self._lock)
             raise
@@ -253,7 +256,7 @@ class RecordFile:
                     kept.append(self._csv_line([r.get(k, "") for k in CSV_FIELDS]))
             header = self._csv_line(CSV_FIELDS)
         if retry_failed and any(err for _, _, err in rows):
-            self._rewrite(header + "".join(line for line, (_, _, err) in zip(kept, rows) if not err))
+            self._rewrite(header + "".join(line for line, (_, _, err) in zip(kept, rows, strict=True) if not err))
             self.dropped_errors = sum(err for _, _, err in rows)
             rows = [r for r in rows if not r[2]]
         self.done = {(unit, key) for unit, key, _ in rows}
@@ -397,8 +400,8 @@ def _classification(zero_shot: Any, inputs: Collected) -> dict[str, Any]:
     for img in inputs.images:
         img.full = None  # only MedSigLIP needed it; the unit may wait a while for the server
     return {"images": len(images),
-            "mean": {lb: round(float(v), 4) for lb, v in zip(zero_shot.labels, p.mean(axis=0))},
-            "max": {lb: round(float(v), 4) for lb, v in zip(zero_shot.labels, p.max(axis=0))}}
+            "mean": {lb: round(float(v), 4) for lb, v in zip(zero_shot.labels, p.mean(axis=0), strict=True)},
+            "max": {lb: round(float(v), 4) for lb, v in zip(zero_shot.labels, p.max(axis=0), strict=True)}}
 
 
 class _Writer:
@@ -459,6 +462,7 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
         raise InputError(folder, "not a folder")
     n_ctx = min(opts.ctx or 8192, 131072)
     worker = None
+    image_size: int | None
 
     if server is not None:
         from medgemma_cli.remote import ChatServer
@@ -712,8 +716,8 @@ def _answer_by_server(client: Any, workers: int, todo: list[Unit], prepare: Call
             u = p.unit
             if on_progress:
                 on_progress(finished_units, len(todo), u.id)
-            if p.error is not None:
-                writer.fail_unit(u, p.error)
+            if p.error is not None or p.inputs is None:
+                writer.fail_unit(u, p.error or "nothing could be read")
                 finished_units += 1
                 continue
             qs = writer.pending(u)

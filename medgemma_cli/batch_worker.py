@@ -27,7 +27,6 @@ from medgemma_cli.errors import MedgemmaError
 from medgemma_cli.inputs.collect import Collected, PromptImage
 from medgemma_cli.runtime import ModelFiles
 
-
 PIPE_SIZE_TEST_ENV = "MEDGEMMA_TEST_PIPE_SIZE"  # tests only: small pipes, so that a protocol deadlock shows
 
 

@@ -6,16 +6,35 @@ import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any
 
 import typer
 
 from medgemma_cli import __version__
 from medgemma_cli.atomic import replace_text
-from medgemma_cli.cli_options import (Backend, GpuLayers, Gguf, IncludePhi, Json, MaxSlices, MaxTokens, Mmproj, Model,
-                                      RecordFormat, Seed, System, Temperature, Threads, UnitKind, VisionBackend,
-                                      VisionOnnx, WithMetadata, flag)
+from medgemma_cli.cli_options import (
+    Backend,
+    Gguf,
+    GpuLayers,
+    IncludePhi,
+    Json,
+    MaxSlices,
+    MaxTokens,
+    Mmproj,
+    Model,
+    RecordFormat,
+    Seed,
+    System,
+    Temperature,
+    Threads,
+    UnitKind,
+    VisionBackend,
+    VisionOnnx,
+    WithMetadata,
+    flag,
+)
 from medgemma_cli.console import RichProgress, err, human_bytes, out, shown
 from medgemma_cli.defaults import DEFAULT_BATCH_CTX, DEFAULT_CHAT_CTX, DEFAULT_MAX_TOKENS, MAX_SLICES
 from medgemma_cli.errors import MedgemmaError
@@ -49,7 +68,7 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort):
             raise
-        except Exception as e:  # noqa: BLE001 - the last line of defence for users
+        except Exception as e:  # the last line of defence for users
             if _DEBUG:
                 raise
             err.print(f"[bold red]error:[/] unexpected {type(e).__name__}: {shown(e)} (rerun with --debug for details)",
@@ -81,15 +100,21 @@ def _root(
 @app.command()
 @_guard
 def convert(
-    src: Path = typer.Argument(..., help="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.model)."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder \\[default: the model store]."),
-    quant: Optional[str] = typer.Option(None, "--quant", help=f"MedGemma preset: {', '.join(PRESETS)} \\[default: {DEFAULT_PRESET}]; MedSigLIP: fp32, int8, q4 \\[default: int8]."),
+    src: Path = typer.Argument(
+        ..., help="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.model)."),
+    out_dir: Path | None = typer.Option(None, "--out", "-o", help="Output folder \\[default: the model store]."),
+    quant: str | None = typer.Option(
+        None, "--quant",
+        help=f"MedGemma preset: {', '.join(PRESETS)} \\[default: {DEFAULT_PRESET}]; "
+             "MedSigLIP: fp32, int8, q4 \\[default: int8]."),
     mmproj_quant: str = typer.Option(DEFAULT_MMPROJ_TYPE, "--mmproj-quant",
                                      help=f"Vision projector type: {', '.join(MMPROJ_TYPES)}."),
     force: Annotated[bool, flag("--force", "Replace existing files in the output folder.")] = False,
-    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (llama.cpp's GGUF or .dat format)."),
-    vision_onnx: Annotated[VisionOnnx, typer.Option("--vision-onnx", case_sensitive=False, help="Also write MedGemma's vision tower as vision.onnx for fast CPU image encoding.")] = VisionOnnx.int8,
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="Quantization threads \\[default: all cores]."),
+    imatrix: Path | None = typer.Option(None, "--imatrix", help="Importance matrix (llama.cpp's GGUF or .dat format)."),
+    vision_onnx: Annotated[VisionOnnx, typer.Option(
+        "--vision-onnx", case_sensitive=False,
+        help="Also write MedGemma's vision tower as vision.onnx for fast CPU image encoding.")] = VisionOnnx.int8,
+    threads: int | None = typer.Option(None, "--threads", "-t", help="Quantization threads \\[default: all cores]."),
     as_json: Json = False,
 ) -> None:
     """Convert a checkpoint: MedGemma → GGUF for llama.cpp (+ vision.onnx); MedSigLIP → ONNX.
@@ -108,8 +133,9 @@ def convert(
     from medgemma_cli.conversion import convert as run_convert
 
     progress = None if as_json else RichProgress()
-    result = run_convert(src, out_dir, preset=quant.upper() if quant else None, mmproj_type=mmproj_quant.upper(), overwrite=force,
-                         threads=threads, imatrix=imatrix, vision_onnx=vision_onnx.value, progress=progress)
+    result = run_convert(src, out_dir, preset=quant.upper() if quant else None, mmproj_type=mmproj_quant.upper(),
+                         overwrite=force, threads=threads, imatrix=imatrix, vision_onnx=vision_onnx.value,
+                         progress=progress)
     if as_json:
         out.print_json(json.dumps({"path": str(result.path), **result.manifest}))
         return
@@ -137,7 +163,8 @@ def convert(
 @_guard
 def ask(
     question: str = typer.Argument(..., help="The question, in quotes."),
-    files: Optional[list[Path]] = typer.Argument(None, help="DICOM files or series folders, PNG/JPEG images, notes (.txt, .md, .pdf)."),
+    files: list[Path] | None = typer.Argument(
+        None, help="DICOM files or series folders, PNG/JPEG images, notes (.txt, .md, .pdf)."),
     model: Model = None,
     gguf: Gguf = None,
     mmproj: Mmproj = None,
@@ -147,14 +174,17 @@ def ask(
     seed: Seed = 0,
     threads: Threads = None,
     gpu_layers: GpuLayers = None,
-    ctx: Optional[int] = typer.Option(None, "--ctx", help="Context size limit \\[default: what the prompt needs]."),
+    ctx: int | None = typer.Option(None, "--ctx", help="Context size limit \\[default: what the prompt needs]."),
     max_slices: MaxSlices = MAX_SLICES,
-    save_input: Optional[Path] = typer.Option(None, "--save-input", help="Write PNGs of exactly the pixels the model receives here."),
+    save_input: Path | None = typer.Option(
+        None, "--save-input", help="Write PNGs of exactly the pixels the model receives here."),
     with_metadata: WithMetadata = False,
-    show_thinking: Annotated[bool, flag("--show-thinking", "Keep MedGemma 27B's thinking trace in the output.")] = False,
+    show_thinking: Annotated[bool, flag(
+        "--show-thinking", "Keep MedGemma 27B's thinking trace in the output.")] = False,
     vision_backend: Backend = VisionBackend.auto,
     include_phi: IncludePhi = False,
-    as_json: Annotated[bool, flag("--json", "Print one JSON object (answer, inputs with SHA-256, tokens, timings).")] = False,
+    as_json: Annotated[bool, flag(
+        "--json", "Print one JSON object (answer, inputs with SHA-256, tokens, timings).")] = False,
 ) -> None:
     """Ask MedGemma about local DICOM files, series, images and clinical notes; the answer streams as it comes.
 
@@ -180,7 +210,7 @@ def ask(
     waiting = [status is not None]
 
     def stream(piece: str) -> None:
-        if waiting[0]:  # the spinner gives way to the answer
+        if waiting[0] and status is not None:  # the spinner gives way to the answer
             status.stop()
             waiting[0] = False
         out.print(piece, end="", markup=False, highlight=False)
@@ -200,7 +230,8 @@ def ask(
     for w in result.warnings:
         err.print(f"[yellow]note:[/] {shown(w)}")
     t = result.timings
-    err.print(f"[dim]{result.model['name']} · {result.images_sent} image(s) · {result.tokens['prompt']} prompt tokens · "
+    err.print(f"[dim]{result.model['name']} · {result.images_sent} image(s) · "
+              f"{result.tokens['prompt']} prompt tokens · "
               f"first token {t['first_token_s']:.1f} s (images {t['image_encode_s']:.1f} s) · "
               f"{t['decode_tokens_per_s']:.1f} tokens/s[/]")
     if result.saved_inputs:
@@ -214,11 +245,13 @@ def ask(
 @_guard
 def batch(
     folder: Path = typer.Argument(..., help="A folder of scans (walked recursively; DICOM recognised by content)."),
-    question: Optional[list[str]] = typer.Option(None, "--question", "-q", help="A question for every unit (repeatable)."),
-    questions_file: Optional[Path] = typer.Option(None, "--questions", help="A file with one question per line."),
+    question: list[str] | None = typer.Option(None, "--question", "-q", help="A question for every unit (repeatable)."),
+    questions_file: Path | None = typer.Option(None, "--questions", help="A file with one question per line."),
     out_file: Path = typer.Option(..., "--out", "-o", help="Results file; re-running the same command resumes it."),
-    fmt: Annotated[RecordFormat, typer.Option("--format", case_sensitive=False, help="Results file format.")] = RecordFormat.jsonl,
-    unit: Annotated[UnitKind, typer.Option("--unit", case_sensitive=False, help="What one prompt holds: a series, a study or a file.")] = UnitKind.series,
+    fmt: Annotated[RecordFormat, typer.Option(
+        "--format", case_sensitive=False, help="Results file format.")] = RecordFormat.jsonl,
+    unit: Annotated[UnitKind, typer.Option(
+        "--unit", case_sensitive=False, help="What one prompt holds: a series, a study or a file.")] = UnitKind.series,
     model: Model = None,
     gguf: Gguf = None,
     mmproj: Mmproj = None,
@@ -233,17 +266,24 @@ def batch(
     vision_backend: Backend = VisionBackend.auto,
     with_metadata: WithMetadata = False,
     include_phi: IncludePhi = False,
-    report: Optional[Path] = typer.Option(None, "--report", help="Also write one self-contained HTML file to review the run."),
-    classify_labels: Optional[list[str]] = typer.Option(None, "--classify", help="Add MedSigLIP probabilities for this label (repeatable)."),
-    siglip_model: Optional[Path] = typer.Option(None, "--siglip-model", help="Converted MedSigLIP for --classify \\[default: the newest]."),
-    classify_template: Optional[str] = typer.Option(None, "--classify-template", help='e.g. "chest x-ray showing {}".'),
-    server: Optional[str] = typer.Option(None, "--server", help="An OpenAI-compatible server (llama.cpp, vLLM) instead of the local model. "
+    report: Path | None = typer.Option(
+        None, "--report", help="Also write one self-contained HTML file to review the run."),
+    classify_labels: list[str] | None = typer.Option(
+        None, "--classify", help="Add MedSigLIP probabilities for this label (repeatable)."),
+    siglip_model: Path | None = typer.Option(
+        None, "--siglip-model", help="Converted MedSigLIP for --classify \\[default: the newest]."),
+    classify_template: str | None = typer.Option(None, "--classify-template", help='e.g. "chest x-ray showing {}".'),
+    server: str | None = typer.Option(
+        None, "--server", help="An OpenAI-compatible server (llama.cpp, vLLM) instead of the local model. "
                                           "API key, if needed, from $MEDGEMMA_API_KEY."),
-    server_model: Optional[str] = typer.Option(None, "--server-model", help="The model name on the server \\[default: its only one]."),
+    server_model: str | None = typer.Option(
+        None, "--server-model", help="The model name on the server \\[default: its only one]."),
     workers: int = typer.Option(1, "--workers", "-w", help="Concurrent requests with --server."),
-    image_size: int = typer.Option(896, "--image-size", help="With --server: the size images are resized to here (MedGemma: 896)."),
+    image_size: int = typer.Option(
+        896, "--image-size", help="With --server: the size images are resized to here (MedGemma: 896)."),
     timeout: float = typer.Option(600.0, "--timeout", help="With --server: seconds to wait for one answer."),
-    retry_failed: Annotated[bool, flag("--retry-failed", "Remove earlier error records from --out and try those units again.")] = False,
+    retry_failed: Annotated[bool, flag(
+        "--retry-failed", "Remove earlier error records from --out and try those units again.")] = False,
     quiet: Annotated[bool, flag("--quiet", "No progress bar; one log line per unit.")] = False,
 ) -> None:
     """Answer questions about every series (or study, or file) in a folder; results are written as they come.
@@ -275,14 +315,16 @@ def batch(
     opts = AskOptions(system=system, max_tokens=max_tokens, temperature=temperature, seed=seed, threads=threads,
                       gpu_layers=gpu_layers, ctx=ctx, with_metadata=with_metadata, max_slices=max_slices,
                       vision_backend=vision_backend.value, verbose=_DEBUG)
-    classifier = ClassifyOptions(classify_labels, siglip_model, classify_template, threads=threads) if classify_labels else None
+    classifier = (ClassifyOptions(classify_labels, siglip_model, classify_template, threads=threads)
+                  if classify_labels else None)
     remote = None
     if server is not None:
         from medgemma_cli.remote import is_loopback
 
         remote = ServerOptions(server, server_model, workers, image_size, timeout=timeout)
         if not is_loopback(server) and not server.lower().startswith("https://"):
-            err.print(f"[yellow]note:[/] images go to {shown(server)} unencrypted (http); use https beyond this machine")
+            err.print(f"[yellow]note:[/] images go to {shown(server)} unencrypted (http); "
+                      "use https beyond this machine")
     elif workers != 1:
         raise MedgemmaError("--workers applies to --server; the local model answers one unit at a time")
     bar = None if quiet else Bar(TextColumn("[bold]units"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -335,7 +377,7 @@ def batch(
 @app.command()
 @_guard
 def chat(
-    files: Optional[list[Path]] = typer.Argument(None, help="DICOM files or series folders, images, notes."),
+    files: list[Path] | None = typer.Argument(None, help="DICOM files or series folders, images, notes."),
     model: Model = None,
     gguf: Gguf = None,
     mmproj: Mmproj = None,
@@ -345,7 +387,9 @@ def chat(
     seed: Seed = 0,
     threads: Threads = None,
     gpu_layers: GpuLayers = None,
-    ctx: int = typer.Option(DEFAULT_CHAT_CTX, "--ctx", help="Context for the whole conversation; old turns are dropped (with a notice) beyond it."),
+    ctx: int = typer.Option(
+        DEFAULT_CHAT_CTX, "--ctx",
+        help="Context for the whole conversation; old turns are dropped (with a notice) beyond it."),
     max_slices: MaxSlices = MAX_SLICES,
     with_metadata: WithMetadata = False,
     vision_backend: Backend = VisionBackend.auto,
@@ -372,8 +416,8 @@ def chat(
         for w in session.inputs.warnings + warnings:
             err.print(f"[yellow]note:[/] {shown(w)}")
         t = session.prefill_timings
-        err.print(f"[dim]{model_files.name} · {len(session.inputs.images)} image(s) encoded in {t.image_encode_s:.1f} s "
-                  f"({session.engine.vision_backend}) · /save FILE, /quit[/]")
+        err.print(f"[dim]{model_files.name} · {len(session.inputs.images)} image(s) encoded in "
+                  f"{t.image_encode_s:.1f} s ({session.engine.vision_backend}) · /save FILE, /quit[/]")
         interactive = sys.stdin.isatty()
         while True:
             try:
@@ -417,10 +461,13 @@ def chat(
 def classify(
     files: list[Path] = typer.Argument(..., help="Images, DICOM files or folders."),
     labels: list[str] = typer.Option(..., "--labels", "-l", help="A candidate finding; repeat --labels for each."),
-    template: Optional[str] = typer.Option(None, "--template", help='Prompt template with {}, e.g. "chest x-ray showing {}".'),
-    softmax: Annotated[bool, flag("--softmax", "Softmax over the labels instead of an independent sigmoid per label.")] = False,
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Converted MedSigLIP folder \\[default: the newest in the store]."),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="ONNX Runtime threads."),
+    template: str | None = typer.Option(
+        None, "--template", help='Prompt template with {}, e.g. "chest x-ray showing {}".'),
+    softmax: Annotated[bool, flag(
+        "--softmax", "Softmax over the labels instead of an independent sigmoid per label.")] = False,
+    model: Path | None = typer.Option(
+        None, "--model", "-m", help="Converted MedSigLIP folder \\[default: the newest in the store]."),
+    threads: int | None = typer.Option(None, "--threads", "-t", help="ONNX Runtime threads."),
     as_json: Json = False,
 ) -> None:
     """Zero-shot labels with MedSigLIP: a probability per label for each image (sigmoid of cos·exp(scale)+bias).
@@ -451,11 +498,12 @@ def classify(
 @app.command()
 @_guard
 def embed(
-    files: Optional[list[Path]] = typer.Argument(None, help="Images, DICOM files or folders."),
+    files: list[Path] | None = typer.Argument(None, help="Images, DICOM files or folders."),
     out_file: Path = typer.Option(..., "--out", "-o", help="Output .npz (numpy) or .csv (pandas)."),
-    text: Optional[list[str]] = typer.Option(None, "--text", help="Embed these texts instead of images (repeatable)."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Converted MedSigLIP folder \\[default: the newest in the store]."),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="ONNX Runtime threads."),
+    text: list[str] | None = typer.Option(None, "--text", help="Embed these texts instead of images (repeatable)."),
+    model: Path | None = typer.Option(
+        None, "--model", "-m", help="Converted MedSigLIP folder \\[default: the newest in the store]."),
+    threads: int | None = typer.Option(None, "--threads", "-t", help="ONNX Runtime threads."),
 ) -> None:
     """L2-normalised MedSigLIP embeddings with their source paths, for numpy (.npz) or pandas (.csv).
 
@@ -476,7 +524,8 @@ def embed(
 @_guard
 def models(
     as_json: Json = False,
-    verify: Annotated[bool, flag("--verify", "Check every file's SHA-256 against its manifest (reads every byte).")] = False,
+    verify: Annotated[bool, flag(
+        "--verify", "Check every file's SHA-256 against its manifest (reads every byte).")] = False,
 ) -> None:
     """List the converted models in the store (MEDGEMMA_HOME, or the user data folder).
 
@@ -510,7 +559,8 @@ def models(
         warn_and_exit()
         return
     if not found:
-        out.print(f"No converted models in {shown(store.models_dir())} yet. Convert one with: medgemma convert CHECKPOINT_DIR")
+        out.print(f"No converted models in {shown(store.models_dir())} yet. "
+                  "Convert one with: medgemma convert CHECKPOINT_DIR")
         warn_and_exit()
         return
     from rich.table import Table
@@ -534,7 +584,8 @@ def models(
 @_guard
 def doctor(
     as_json: Json = False,
-    reprobe: Annotated[bool, flag("--reprobe", "Test llama.cpp's extra buffer types again (after a driver, BIOS or llama-cpp-python change).")] = False,
+    reprobe: Annotated[bool, flag("--reprobe",
+        "Test llama.cpp's extra buffer types again (after a driver, BIOS or llama-cpp-python change).")] = False,
 ) -> None:
     """What this machine will do, and why: CPU and its features, llama.cpp's build, the extra-buffer verdict,
     ONNX Runtime, threads, the model store.
@@ -581,8 +632,9 @@ def doctor(
               else f"not importable: {ort.get('error')}")
     t.add_row("threads", f"{r.threads} (one per physical core; --threads to change)")
     models = r.store["models"]
-    t.add_row("model store", f"{r.store['home']} · " + (", ".join(f"{m['name']} ({m['kind']}, {human_bytes(m['bytes'])})"
-                                                               for m in models) or "no models yet"))
+    t.add_row("model store", f"{r.store['home']} · "
+              + (", ".join(f"{m['name']} ({m['kind']}, {human_bytes(m['bytes'])})" for m in models)
+                 or "no models yet"))
     out.print(t)
     if not v["enabled"] and v["source"] != "environment":
         out.print("[yellow]llama.cpp runs without its extra buffer types here: slower prompts, but no crash. "
@@ -592,12 +644,18 @@ def doctor(
 @app.command()
 @_guard
 def bench(
-    shapes: list[str] = typer.Option(["4b"], "--shape", help="Synthetic model shapes to run end to end: 4b, 27b, tiny (repeatable); 'none' to skip."),
+    shapes: list[str] = typer.Option(
+        ["4b"], "--shape",
+        help="Synthetic model shapes to run end to end: 4b, 27b, tiny (repeatable); 'none' to skip."),
     preset: str = typer.Option(DEFAULT_PRESET, "--quant", help="Preset of the synthetic models."),
-    threads: Optional[list[int]] = typer.Option(None, "--threads", "-t", help="Thread counts to measure (repeatable) \\[default: 1 and the physical cores]."),
+    threads: list[int] | None = typer.Option(
+        None, "--threads", "-t", help="Thread counts to measure (repeatable) \\[default: 1 and the physical cores]."),
     prompt_tokens: int = typer.Option(64, "--prompt-tokens", help="Prompt length for prompt processing."),
     decode_tokens: int = typer.Option(16, "--decode-tokens", help="Tokens decoded one at a time."),
-    compare_extra_buffers: Annotated[bool, flag("--compare-extra-buffers", "Also run each model with llama.cpp's extra buffer types (AMX, repacked weights) off, where they are safe to have on.")] = False,
+    compare_extra_buffers: Annotated[bool, flag(
+        "--compare-extra-buffers",
+        "Also run each model with llama.cpp's extra buffer types (AMX, repacked weights) off, "
+        "where they are safe to have on.")] = False,
     as_json: Json = False,
 ) -> None:
     """Measure this machine: memory bandwidth, quantized matmuls through ggml, and MedGemma-shaped models end to end.
@@ -625,7 +683,8 @@ def bench(
                            on_step=lambda s: status.update(s), compare_extra_buffers=compare_extra_buffers)
     from rich.table import Table
 
-    t = Table(title=f"{report.cores} cores ({report.physical_cores} physical), {human_bytes(report.memory_bytes)} memory",
+    t = Table(title=f"{report.cores} cores ({report.physical_cores} physical), "
+                    f"{human_bytes(report.memory_bytes)} memory",
               title_justify="left")
     t.add_column("memory bandwidth")
     t.add_column("GB/s", justify="right")
@@ -677,7 +736,8 @@ def demo() -> None:
     out.print("[bold]Answer:[/] ", end="")
     result = run_demo(progress=RichProgress(), on_text=lambda s: out.print(s, end="", markup=False))
     out.print()
-    out.print(f"[dim]{result.completion_tokens} tokens generated · model: {result.model.path} · {result.seconds:.1f} s[/]")
+    out.print(f"[dim]{result.completion_tokens} tokens generated · model: {result.model.path} · "
+              f"{result.seconds:.1f} s[/]")
     for p in result.saved_inputs:
         out.print(f"[dim]what the model saw: {shown(p)}[/]")
     out.print(f"[yellow]{RANDOM_WEIGHTS_NOTICE}[/]")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -33,26 +33,26 @@ class VisionOnnx(str, Enum):
     none = "none"
 
 
-def flag(name: str, help: str) -> typer.models.OptionInfo:  # noqa: A002 - Typer's own parameter name
+def flag(name: str, help: str) -> typer.models.OptionInfo:  # `help`: Typer's own parameter name
     """A boolean switch, shown without a `<bool>` placeholder."""
     return typer.Option(name, help=help, metavar="")
 
 
 # the model
-Model = Annotated[Optional[Path], typer.Option(
+Model = Annotated[Path | None, typer.Option(
     "--model", "-m", help="Converted model folder or its name in the store \\[default: the newest].")]
-Gguf = Annotated[Optional[Path], typer.Option(
+Gguf = Annotated[Path | None, typer.Option(
     "--gguf", help="A text-model GGUF from elsewhere (with --mmproj for images).")]
-Mmproj = Annotated[Optional[Path], typer.Option("--mmproj", help="The vision projector GGUF that goes with --gguf.")]
-Threads = Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads \\[default: physical cores].")]
-GpuLayers = Annotated[Optional[int], typer.Option(
+Mmproj = Annotated[Path | None, typer.Option("--mmproj", help="The vision projector GGUF that goes with --gguf.")]
+Threads = Annotated[int | None, typer.Option("--threads", "-t", help="CPU threads \\[default: physical cores].")]
+GpuLayers = Annotated[int | None, typer.Option(
     "--gpu-layers", help="Layers offloaded to the GPU \\[default: all when the build supports it].")]
 Backend = Annotated[VisionBackend, typer.Option(
     "--vision-backend", case_sensitive=False,
     help="auto: ONNX Runtime on CPU-only runs when vision.onnx exists, else libmtmd.")]
 
 # the prompt and the answer
-System = Annotated[Optional[str], typer.Option(
+System = Annotated[str | None, typer.Option(
     "--system", help='System prompt, e.g. "You are an expert radiologist."')]
 MaxTokens = Annotated[int, typer.Option("--max-tokens", help="Longest answer (per question), in tokens.")]
 Temperature = Annotated[float, typer.Option("--temperature", help="0 = greedy (as the reference evaluations).")]

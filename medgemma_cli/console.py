@@ -4,8 +4,18 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (BarColumn, DownloadColumn, Progress as RichBar, SpinnerColumn, TaskProgressColumn,
-                           TextColumn, TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress as RichBar,
+    SpinnerColumn,
+    TaskID,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 from medgemma_cli.printable import printable
 
@@ -36,7 +46,7 @@ class RichProgress:
             DownloadColumn(), TransferSpeedColumn(), TextColumn("{task.fields[tensors]}"),
             TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
         )
-        self._task = None
+        self._task: TaskID | None = None
         self._tensors = 0
         self._total_tensors = 0
 

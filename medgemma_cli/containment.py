@@ -17,8 +17,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 TEST_CRASH_ENV = "MEDGEMMA_TEST_CRASH"  # comma-separated points: probe, stage:TEXT, unit:FILE-NAME
 STAGE_FILE_ENV = "MEDGEMMA_STAGE_FILE"  # set by the supervising parent for its child

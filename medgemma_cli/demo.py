@@ -9,12 +9,13 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from medgemma_cli import store
 from medgemma_cli.conversion import ConvertResult, convert
+from medgemma_cli.errors import MedgemmaError
 from medgemma_cli.progress import Progress
 from medgemma_cli.synthetic import make_checkpoint
 
@@ -73,7 +74,10 @@ def sample_inputs(folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     note = folder / "note.txt"
     note.write_text("72-year-old with cough and fever for three days. History of smoking.\n", encoding="utf-8")
-    return [Path(get_testdata_file("CT_small.dcm", download=False)), note]
+    ct = get_testdata_file("CT_small.dcm", download=False)
+    if not isinstance(ct, str):  # None: the file that ships with pydicom is not there
+        raise MedgemmaError("pydicom's own CT_small.dcm is missing; reinstall pydicom")
+    return [Path(ct), note]
 
 
 def run_demo(progress: Progress | None = None, on_text: Callable[[str], None] | None = None) -> DemoResult:

@@ -19,11 +19,12 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from medgemma_cli.atomic import replace_text
 from medgemma_cli.errors import InputError, MedgemmaError

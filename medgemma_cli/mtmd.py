@@ -5,16 +5,20 @@ from __future__ import annotations
 import ctypes
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from medgemma_cli.errors import InputError
 
+if TYPE_CHECKING:
+    from llama_cpp import Llama
+
 
 class MtmdVisionEncoder:
     """An mtmd context over an mmproj file, bound to a loaded text model (mtmd needs its vocab and width)."""
 
-    def __init__(self, llama: object, mmproj: Path | str, threads: int | None = None, use_gpu: bool = False,
+    def __init__(self, llama: Llama, mmproj: Path | str, threads: int | None = None, use_gpu: bool = False,
                  verbose: bool = False):
         from llama_cpp import mtmd_cpp
 
@@ -78,7 +82,7 @@ class MtmdVisionEncoder:
             self._m.mtmd_free(self._ctx)
             self._ctx = None
 
-    def __enter__(self) -> "MtmdVisionEncoder":
+    def __enter__(self) -> MtmdVisionEncoder:
         return self
 
     def __exit__(self, *exc: object) -> None:

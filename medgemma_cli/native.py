@@ -4,8 +4,8 @@ bindings both use them, and neither imports the other for them."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 
 @contextmanager

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 # Audit events of everything that makes or uses a socket or a name lookup (CPython's documented events).
 SOCKET_EVENTS = frozenset({
@@ -73,11 +74,11 @@ def no_uuid1() -> Iterator[None]:
     def random_uuid(node: int | None = None, clock_seq: int | None = None) -> uuid.UUID:
         return uuid.uuid4()
 
-    uuid.uuid1 = random_uuid  # type: ignore[assignment]
+    uuid.uuid1 = random_uuid
     try:
         yield
     finally:
-        uuid.uuid1 = original  # type: ignore[assignment]
+        uuid.uuid1 = original
 
 
 @contextmanager
@@ -100,8 +101,8 @@ def import_pydicom() -> Any:
     """pydicom with its pixel handlers, imported without an HTTP client (see `without_http_clients`)."""
     if "pydicom.pixels" not in sys.modules:
         with without_http_clients():
-            import pydicom.data  # noqa: F401 - imported here, so that nothing imports it later with requests
-            import pydicom.pixels  # noqa: F401
+            import pydicom.data  # imported here, so that nothing imports it later with requests
+            import pydicom.pixels
     import pydicom
 
     return pydicom

@@ -15,8 +15,8 @@ def metadata_line(metadata: list[dict[str, str]]) -> str:
     return "Image metadata: " + " | ".join(rows) if rows else ""
 
 
-def build_messages(question: str, inputs: Collected, system: str | None = None,
-                   with_metadata: bool = False, notes_text: list[tuple[str, str]] | None = None) -> list[dict[str, Any]]:
+def build_messages(question: str, inputs: Collected, system: str | None = None, with_metadata: bool = False,
+                   notes_text: list[tuple[str, str]] | None = None) -> list[dict[str, Any]]:
     content: list[dict[str, Any]] = []
     for name, text in notes_text if notes_text is not None else inputs.notes:
         content.append({"type": "text", "text": f"Clinical note ({name}):\n{text}"})

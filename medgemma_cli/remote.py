@@ -45,7 +45,8 @@ def _read_reply(r: Any, deadline: float, limit: int = MAX_REPLY_BYTES) -> bytes:
     declared = r.headers.get("Content-Length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise _TooLarge()
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size = 0
     while True:
         if time.monotonic() > deadline:
             raise _TooSlow()
@@ -85,9 +86,9 @@ def chat_messages(question: str, inputs: Collected, image_uris: list[str], syste
     if len(image_uris) != len(inputs.images):
         raise ValueError("one data URI per image")
     uris = iter(image_uris)
-    out = []
+    out: list[dict[str, Any]] = []
     for m in build_messages(question, inputs, system, with_metadata):
-        parts = []
+        parts: list[dict[str, Any]] = []
         for part in m["content"]:
             if part["type"] == "image":
                 parts.append({"type": "image_url", "image_url": {"url": next(uris)}})
@@ -141,7 +142,8 @@ class ChatServer:
                 with urllib.request.urlopen(req, timeout=self.timeout) as r:
                     return json.loads(_read_reply(r, deadline).decode("utf-8"))
             except _TooLarge:
-                raise ServerError(f"{self.base}{path}: a reply over {MAX_REPLY_BYTES >> 20} MB; not an answer") from None
+                raise ServerError(f"{self.base}{path}: a reply over {MAX_REPLY_BYTES >> 20} MB; not an answer"
+                                  ) from None
             except _TooSlow:  # trickling in: the same as no answer
                 raise ServerError(f"no whole answer from {self.base} within {self.timeout:g} s (--timeout)") from None
             except urllib.error.HTTPError as e:
@@ -158,7 +160,8 @@ class ChatServer:
                     continue
                 raise ServerError(f"cannot reach {self.base}: {reason}") from None
             except ValueError:  # not JSON, or not UTF-8
-                raise ServerError(f"{self.base}{path} did not answer with JSON (is this an OpenAI-compatible server?)") from None
+                raise ServerError(f"{self.base}{path} did not answer with JSON "
+                                  "(is this an OpenAI-compatible server?)") from None
         raise AssertionError("unreachable")
 
     def models(self) -> list[str]:

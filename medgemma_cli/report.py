@@ -84,7 +84,8 @@ def _classification_table(cls: dict[str, Any]) -> str:
         top = f"<td>{cls['max'][label]:.3f}</td>" if several else ""
         rows.append(f"<tr><td>{e(label)}</td><td>{mean:.3f}</td>{top}</tr>")
     note = f" over {cls['images']} images" if several else ""
-    return f'<table class="cls"><caption class="meta">zero-shot probabilities{note}</caption>{head}{"".join(rows)}</table>'
+    return (f'<table class="cls"><caption class="meta">zero-shot probabilities{note}</caption>'
+            f'{head}{"".join(rows)}</table>')
 
 
 def write_report(results: Path, report: Path, title: str = "MedGemma batch") -> Path:
@@ -98,8 +99,10 @@ def write_report(results: Path, report: Path, title: str = "MedGemma batch") -> 
     parts = [f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>
 <style>body{{font:14px system-ui,sans-serif;margin:2em;color:#222}} .unit{{border:1px solid #ccc;border-radius:6px;
 padding:1em;margin:1em 0}} .err{{border-color:#c33;background:#fff4f4}} .qa dt{{font-weight:600;margin-top:.6em}}
-.qa dd{{margin:0 0 0 1em;white-space:pre-wrap}} .cls td,.cls th{{padding:0 .8em 0 0;text-align:left}} .meta{{color:#666;font-size:12px}} img{{max-width:100%}}</style>
-</head><body><h1>{e(title)}</h1><p class="meta">{_n(len(units), "unit")} · {_n(len(records), "answer")} · {failed} failed ·
+.qa dd{{margin:0 0 0 1em;white-space:pre-wrap}} .cls td,.cls th{{padding:0 .8em 0 0;text-align:left}}
+.meta{{color:#666;font-size:12px}} img{{max-width:100%}}</style>
+</head><body><h1>{e(title)}</h1><p class="meta">{_n(len(units), "unit")} ·
+{_n(len(records), "answer")} · {failed} failed ·
 source: {e(results.name)}.</p>"""]
     for uid, rs in units.items():
         first = rs[0]

@@ -11,9 +11,10 @@ from __future__ import annotations
 import codecs
 import ctypes
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -178,7 +179,8 @@ class Engine:
         self.onnx_vision = None
         self.vision_backend = "mtmd" if self.mtmd is not None else "none"
         if vision_backend not in VISION_BACKENDS:
-            raise MedgemmaError(f"unknown vision backend {vision_backend!r}; choose one of {', '.join(VISION_BACKENDS)}")
+            raise MedgemmaError(f"unknown vision backend {vision_backend!r}; "
+                                f"choose one of {', '.join(VISION_BACKENDS)}")
         if self.mtmd is not None and vision_backend != "mtmd":
             # auto: ONNX Runtime int8 on CPU-only runs, libmtmd where the layers sit on a GPU (fast there)
             if vision_backend == "onnx" and files.vision_onnx is None:
@@ -225,7 +227,7 @@ class Engine:
     def render(self, messages: list[dict[str, Any]]) -> str:
         return self.template.render(messages=messages, bos_token=self.bos, add_generation_prompt=True)
 
-    def chunks(self, prompt: str, images: list[np.ndarray]) -> "Chunks":
+    def chunks(self, prompt: str, images: list[np.ndarray]) -> Chunks:
         """Split the rendered prompt at its images. Like the Hugging Face processor, each image is
         surrounded by a blank line; libmtmd adds <start_of_image> … <end_of_image> itself."""
         boi = "<start_of_image>"
@@ -243,7 +245,8 @@ class Engine:
         for rgb in images:
             rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
             keep.append(rgb)
-            bitmaps.append(m.mtmd_bitmap_init(rgb.shape[1], rgb.shape[0], rgb.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))))
+            bitmaps.append(m.mtmd_bitmap_init(rgb.shape[1], rgb.shape[0],
+                                              rgb.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))))
         arr = (m.mtmd_bitmap_p_ctypes * len(bitmaps))(*bitmaps)
         raw = m.mtmd_input_chunks_init()
         inp = m.mtmd_input_text()
@@ -281,10 +284,11 @@ class Engine:
     def decode_text(self, text: str, tokens: list[int] | None = None) -> None:
         self._decode_tokens(tokens if tokens is not None else self.tokenize(text), logits_last=True)
 
-    def prefill(self, chunks: "Chunks", timings: Timings, logits_last: bool = True) -> None:
+    def prefill(self, chunks: Chunks, timings: Timings, logits_last: bool = True) -> None:
         """Decode the prompt (text and image chunks) after what is already in the context."""
         if self.n_past + chunks.n_tokens > self.n_ctx:
-            raise MedgemmaError(f"the prompt needs {self.n_past + chunks.n_tokens} tokens but the context holds {self.n_ctx}")
+            raise MedgemmaError(f"the prompt needs {self.n_past + chunks.n_tokens} tokens "
+                                f"but the context holds {self.n_ctx}")
         t0 = time.perf_counter()
         if chunks.raw is None:
             self._decode_tokens(chunks.parts[0][1], logits_last=logits_last)
@@ -303,10 +307,12 @@ class Engine:
                     timings.image_encode_s += time.perf_counter() - t1
                     t1 = time.perf_counter()
                     ptr = embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+                    # a NULL callback: ctypes takes None for NULL, which typeshed's cast() leaves out
+                    no_callback = ctypes.cast(None, m.mtmd_helper_post_decode_callback)  # type: ignore[arg-type]
                     with stage("llama.cpp", "reading the prompt"), quiet_stderr(not self.verbose):
                         rc = m.mtmd_helper_decode_image_chunk(self.mtmd, self.ctx, c, ptr, self.n_past, 0, 512,
                                                               ctypes.byref(new_n_past),
-                                                              ctypes.cast(None, m.mtmd_helper_post_decode_callback), None)
+                                                              no_callback, None)
                     timings.image_decode_s += time.perf_counter() - t1
                     is_image = False  # encode time is already counted
                 else:
@@ -356,7 +362,8 @@ class Engine:
         rng = np.random.default_rng(seed)
         n_vocab = lib.llama_vocab_n_tokens(self.vocab)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        answer, thinking = [], []
+        answer: list[str] = []
+        thinking: list[str] = []
         in_thought = False
         t0 = time.perf_counter()
         started = started if started is not None else t0

@@ -9,8 +9,9 @@ state is token for token what answering from scratch gives.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from medgemma_cli.errors import MedgemmaError
 from medgemma_cli.inputs.collect import Collected

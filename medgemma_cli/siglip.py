@@ -45,7 +45,7 @@ class SiglipTextTokenizer:
     def __call__(self, texts: list[str]) -> np.ndarray:
         rows = []
         for t in texts:
-            ids = self.sp.encode(self.canonicalize(t))[: self.max_length - 1] + [self.eos]
+            ids = [*self.sp.encode(self.canonicalize(t))[: self.max_length - 1], self.eos]
             rows.append(ids + [self.pad] * (self.max_length - len(ids)))
         return np.array(rows, dtype=np.int64)
 
@@ -142,7 +142,8 @@ class Siglip:
 
         def session(name: str, preset: str) -> Any:
             providers = ["CPUExecutionProvider"]
-            if sys.platform == "darwin" and preset == "fp32" and "CoreMLExecutionProvider" in ort.get_available_providers():
+            if (sys.platform == "darwin" and preset == "fp32"
+                    and "CoreMLExecutionProvider" in ort.get_available_providers()):
                 providers.insert(0, "CoreMLExecutionProvider")  # standard ops only: fp32 graphs
             return ort.InferenceSession(str(files.folder / name), opts, providers=providers)
 
@@ -259,6 +260,7 @@ def embed(paths: list[Path], out: Path, *, model: Path | None = None, text: list
     if not text:
         items = _gather(paths)
     sig = Siglip(files, threads)
+    frames: list[int | None]
     if text:
         vectors, sources, frames = sig.embed_texts(text), list(text), [None] * len(text)
     else:
@@ -267,8 +269,8 @@ def embed(paths: list[Path], out: Path, *, model: Path | None = None, text: list
     out.parent.mkdir(parents=True, exist_ok=True)
     with replacing(out) as tmp:
         if suffix == ".npz":
-            with open(tmp, "wb") as f:
-                np.savez(f, embeddings=vectors, sources=np.array(sources),
+            with open(tmp, "wb") as fb:
+                np.savez(fb, embeddings=vectors, sources=np.array(sources),
                          frames=np.array([-1 if fr is None else fr for fr in frames]))
         else:
             import csv
@@ -278,4 +280,5 @@ def embed(paths: list[Path], out: Path, *, model: Path | None = None, text: list
                 w.writerow(["source", "frame"] + [f"e{i}" for i in range(vectors.shape[1])])
                 for s, fr, v in zip(sources, frames, vectors, strict=True):
                     w.writerow([s, "" if fr is None else fr] + [f"{x:.7g}" for x in v])
-    return {"path": str(out), "count": len(sources), "dimensions": int(vectors.shape[1]), "kind": "text" if text else "image"}
+    return {"path": str(out), "count": len(sources), "dimensions": int(vectors.shape[1]),
+            "kind": "text" if text else "image"}

@@ -163,7 +163,8 @@ def check_files(folder: Path, manifest: dict[str, Any], full: bool = False) -> l
         try:
             st = path.stat()
         except OSError:
-            raise InputError(path, "missing (listed in manifest.json): the model is incomplete; convert again") from None
+            raise InputError(path, "missing (listed in manifest.json): the model is incomplete; convert again"
+                             ) from None
         if st.st_size != size:
             raise InputError(path, f"{st.st_size} bytes where manifest.json says {size}: damaged or replaced; "
                                    "convert again")

@@ -50,7 +50,8 @@ class Collected:
 
 def expand(paths: list[Path]) -> tuple[list[Path], list[str]]:
     """Files named directly, plus every file under named folders (sorted; unreadable entries reported)."""
-    files, warnings = [], []
+    files: list[Path] = []
+    warnings: list[str] = []
     for p in paths:
         if p.is_dir():
             for f in sorted(p.rglob("*")):
@@ -131,7 +132,8 @@ def collect(paths: list[Path], image_size: int | None, max_slices: int = dicom.M
             out.warnings.extend(printable(n) for n in vol.notes)
             for i, (s, rgb) in enumerate(zip(vol.slices, rendered, strict=True), 1):
                 label = f"SLICE {i}" if vol.is_volume else None
-                out.images.append(PromptImage(resize_square(rgb, image_size), label, s.path, rgb if keep_full else None))
+                out.images.append(PromptImage(resize_square(rgb, image_size), label, s.path,
+                                              rgb if keep_full else None))
             out.volumes.append(vol)
             out.metadata.append(vol.metadata)
             how = {"CT": "CT, HU in 3 windows (R −1024..1024, G −135..215, B 0..80)",

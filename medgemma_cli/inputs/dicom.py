@@ -13,16 +13,20 @@ import io
 import math
 import os
 import struct
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from medgemma_cli.defaults import MAX_SLICES
 from medgemma_cli.errors import InputError
 from medgemma_cli.offline import import_pydicom
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
 
 CT_WINDOWS = ((-1024.0, 1024.0), (-135.0, 215.0), (0.0, 80.0))  # HU ranges packed into R, G, B
 SAFE_TAGS = ("Modality", "BodyPartExamined", "ViewPosition", "PatientAge", "PatientSex")
@@ -72,9 +76,9 @@ def read(path: Path, *, pixels: bool = True) -> Any:
     try:
         with _CappedReads(raw, os.fstat(raw.fileno()).st_size) as f:
             ds = pydicom.dcmread(f, stop_before_pixels=not pixels)
-            for element in _convert_all(ds.file_meta):
+            for element in _convert_all(ds.file_meta):  # noqa: B007 - named in the error if it fails
                 pass
-            for element in _convert_all(ds):
+            for element in _convert_all(ds):  # noqa: B007 - named in the error if it fails
                 pass
             if f.overrun is not None:
                 element = None
@@ -84,14 +88,15 @@ def read(path: Path, *, pixels: bool = True) -> Any:
     except InputError:
         raise
     except (MemoryError, RecursionError) as e:
-        raise InputError(path, f"not a readable DICOM file ({type(e).__name__}: nested or sized beyond reason)") from None
+        raise InputError(path, f"not a readable DICOM file ({type(e).__name__}: nested or sized beyond reason)"
+                         ) from None
     except Exception as e:  # noqa: BLE001 - whatever pydicom raises on this file's bytes is this file's problem
         where = f" in element {element}" if element is not None else ""
         raise InputError(path, f"not a readable DICOM file{where} ({type(e).__name__}: {e})") from None
     return ds
 
 
-def _convert_all(ds: Any) -> Iterator[Any]:
+def _convert_all(ds: Dataset) -> Iterator[Any]:
     """Yields each tag before converting its element (so a failure can name it), sequences included."""
     for tag in list(ds.keys()):
         yield tag
@@ -109,11 +114,12 @@ class HeaderValueError(ValueError):
 
 
 def _shown(value: Any) -> str:
-    text = "\\".join(str(v) for v in value) if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else str(value)
+    several = isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue"
+    text = "\\".join(str(v) for v in value) if several else str(value)
     return repr(text[:40])
 
 
-def numbers(item: Any, keyword: str, count: int | None = None) -> list[float] | None:
+def numbers(item: Dataset, keyword: str, count: int | None = None) -> list[float] | None:
     """A numeric header value as finite floats; None when absent or empty; HeaderValueError when unusable."""
     value = item.get(keyword)
     if value is None or value == "":
@@ -123,20 +129,20 @@ def numbers(item: Any, keyword: str, count: int | None = None) -> list[float] | 
         out = [float(v) for v in values]
     except (TypeError, ValueError, OverflowError):
         raise HeaderValueError(keyword, value) from None
-    if not out or count is not None and len(out) != count:
+    if not out or (count is not None and len(out) != count):
         raise HeaderValueError(keyword, value, f"has {len(out)} values, not {count}")
     if not all(math.isfinite(v) for v in out):
         raise HeaderValueError(keyword, value, "is not finite")
     return out
 
 
-def number(item: Any, keyword: str, default: float | None = None) -> float | None:
+def number(item: Dataset, keyword: str, default: float | None = None) -> float | None:
     """One numeric header value (the first, where DICOM allows several, as for windows)."""
     values = numbers(item, keyword)
     return default if values is None else values[0]
 
 
-def integer(item: Any, keyword: str) -> int | None:
+def integer(item: Dataset, keyword: str) -> int | None:
     value = number(item, keyword)
     if value is None:
         return None
@@ -160,7 +166,7 @@ def reading(path: Path) -> Iterator[None]:
                          f"cannot render ({type(e).__name__}: {e})") from None
 
 
-def safe_metadata(ds: Any) -> dict[str, str]:
+def safe_metadata(ds: Dataset) -> dict[str, str]:
     """Only non-identifying fields: modality, body part, view, age, sex. Never names, IDs or dates."""
     out = {}
     for tag in SAFE_TAGS:
@@ -170,12 +176,12 @@ def safe_metadata(ds: Any) -> dict[str, str]:
     return out
 
 
-def sr_text(ds: Any) -> str:
+def sr_text(ds: Dataset) -> str:
     """The text content of a Structured Report: concept names and values, identifying items left out.
     Every item is optional here: a report missing a code meaning or a unit still reads as far as it goes."""
     lines: list[str] = []
 
-    def first_of(item: Any, keyword: str) -> Any:
+    def first_of(item: Dataset, keyword: str) -> Any:
         seq = item.get(keyword)
         return seq[0] if seq else None
 
@@ -209,11 +215,11 @@ def sr_text(ds: Any) -> str:
     return "\n".join(lines)
 
 
-def is_sr(ds: Any) -> bool:
-    return ds.get("Modality") == "SR" or "ContentSequence" in ds and "PixelData" not in ds
+def is_sr(ds: Dataset) -> bool:
+    return ds.get("Modality") == "SR" or ("ContentSequence" in ds and "PixelData" not in ds)
 
 
-def decode_frame(ds: Any, path: Path, index: int) -> np.ndarray:
+def decode_frame(ds: Dataset, path: Path, index: int) -> np.ndarray:
     """One decoded frame, [rows, cols] or [rows, cols, 3] (colour already RGB, palettes applied).
 
     Frame by frame: only the frames sampled are decoded, and a 120-frame YBR ultrasound is not converted to RGB
@@ -229,18 +235,18 @@ def decode_frame(ds: Any, path: Path, index: int) -> np.ndarray:
     except Exception as e:  # noqa: BLE001 - decoders raise many types; the message is what the user needs
         syntax = getattr(ds.file_meta.get("TransferSyntaxUID"), "name", "unknown transfer syntax")
         raise InputError(path, f"cannot decode the pixel data ({syntax}): {type(e).__name__}: {e}") from None
-    if n == 1 and arr.ndim >= 3 and arr.shape[-1] != 3 or arr.ndim == 4:  # a single-frame object with a frame axis
+    if (n == 1 and arr.ndim >= 3 and arr.shape[-1] != 3) or arr.ndim == 4:  # a single-frame object with a frame axis
         arr = arr[0]
     if ds.get("PhotometricInterpretation") == "PALETTE COLOR":
         arr = apply_color_lut(arr, ds)
         if arr.dtype != np.uint8:  # 16-bit palette entries → 8 bits
             arr = (arr.astype(np.float64) / 65535.0 * 255.0).round().astype(np.uint8)
-    if not (arr.ndim == 2 or arr.ndim == 3 and arr.shape[-1] == 3):
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] == 3)):
         raise InputError(path, f"unexpected pixel array shape {arr.shape}")
     return arr
 
 
-def _decode_reduced(ds: Any, index: int, frames: int, factor: int) -> np.ndarray:
+def _decode_reduced(ds: Dataset, index: int, frames: int, factor: int) -> np.ndarray:
     """One JPEG or JPEG 2000 frame decoded by Pillow at 1/factor of its size (libjpeg's scaled DCT, OpenJPEG's
     resolution levels): a 16384² frame costs 1/64 of its memory. Colour comes back as RGB."""
     from pydicom.encaps import get_frame
@@ -259,7 +265,7 @@ def _decode_reduced(ds: Any, index: int, frames: int, factor: int) -> np.ndarray
         return np.asarray(im)
 
 
-def _frame_rescale(ds: Any, index: int) -> tuple[float, float] | None:
+def _frame_rescale(ds: Dataset, index: int) -> tuple[float, float] | None:
     """Rescale slope/intercept of one frame, including enhanced multi-frame functional groups."""
     per = ds.get("PerFrameFunctionalGroupsSequence")
     for groups, i in ((per, index), (ds.get("SharedFunctionalGroupsSequence"), 0)):
@@ -273,7 +279,7 @@ def _frame_rescale(ds: Any, index: int) -> tuple[float, float] | None:
     return None
 
 
-def modality_values(ds: Any, frame: np.ndarray, index: int) -> np.ndarray:
+def modality_values(ds: Dataset, frame: np.ndarray, index: int) -> np.ndarray:
     """Stored values → modality values (Hounsfield units for CT), all finite."""
     from pydicom.pixels import apply_modality_lut
 
@@ -334,7 +340,7 @@ def is_flat(rgb: np.ndarray) -> bool:
     return rgb.size == 0 or int(rgb.max()) == int(rgb.min())
 
 
-def render_2d(ds: Any, frame: np.ndarray, index: int = 0, notes: list[str] | None = None) -> np.ndarray:
+def render_2d(ds: Dataset, frame: np.ndarray, index: int = 0, notes: list[str] | None = None) -> np.ndarray:
     """One grey or colour frame of a projection image (CR, DX, MG, US, SC…) as RGB uint8.
 
     A stored window or VOI LUT that is unusable, or that shows the image as one flat value, gives way to the
@@ -388,7 +394,7 @@ class Slice:
     """One 2-D image taken from a DICOM object (a file, or one frame of a multi-frame file)."""
 
     path: Path
-    ds: Any
+    ds: Dataset
     frame: int
     position: float | None
     instance: int | None
@@ -411,7 +417,7 @@ class Volume:
         return self.total_slices > 1
 
 
-def _normal(item: Any) -> np.ndarray | None:
+def _normal(item: Dataset) -> np.ndarray | None:
     iop = numbers(item, "ImageOrientationPatient", count=6)
     if iop is None:
         return None
@@ -419,7 +425,7 @@ def _normal(item: Any) -> np.ndarray | None:
     return n if np.linalg.norm(n) > 0 else None
 
 
-def _position(ds: Any, frame: int) -> float | None:
+def _position(ds: Dataset, frame: int) -> float | None:
     """Where a frame lies along the slice normal; HeaderValueError when the geometry is there but unusable."""
     ipp = None
     per = ds.get("PerFrameFunctionalGroupsSequence")

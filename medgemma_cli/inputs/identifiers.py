@@ -10,8 +10,12 @@ of free text: a name or date the headers do not carry stays.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
 
 NAME_TAGS = ("PatientName", "ReferringPhysicianName", "PerformingPhysicianName", "NameOfPhysiciansReadingStudy",
              "OperatorsName", "PhysiciansOfRecord", "RequestingPhysician", "PatientMotherBirthName")
@@ -35,7 +39,7 @@ class Identifiers:
     # turn "white matter" into "[NAME] matter"
     name_words: set[str] = field(default_factory=set)
 
-    def add_dataset(self, ds: Any) -> None:
+    def add_dataset(self, ds: Dataset) -> None:
         for tag in NAME_TAGS:
             for value in _values(ds.get(tag)):
                 for form in name_forms(str(value)):

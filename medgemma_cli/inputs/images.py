@@ -21,7 +21,7 @@ def is_image(path: Path) -> bool:
             head = f.read(8)
     except OSError:
         return False
-    return head.startswith(b"\x89PNG\r\n\x1a\n") or head.startswith(b"\xff\xd8\xff")
+    return head.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"))
 
 
 def load_rgb(path: Path) -> np.ndarray:
@@ -56,7 +56,7 @@ def load_rgb(path: Path) -> np.ndarray:
 _pil_guard = threading.Lock()
 
 
-def open_unguarded(path: Path | BinaryIO):  # noqa: ANN202 - a PIL image
+def open_unguarded(path: Path | BinaryIO):  # -> a PIL image
     """Image.open without PIL's own pixel guard, which refuses at open what our check handles before decoding
     (a huge JPEG can still be read at 1/8 scale); the guard is put back at once."""
     from PIL import Image
@@ -75,7 +75,7 @@ def resize_square(rgb: np.ndarray, size: int) -> np.ndarray:
 
     if rgb.shape[0] == size and rgb.shape[1] == size:
         return rgb
-    return np.asarray(Image.fromarray(rgb, "RGB").resize((size, size), Image.BILINEAR))
+    return np.asarray(Image.fromarray(rgb, "RGB").resize((size, size), Image.Resampling.BILINEAR))
 
 
 def save_png(rgb: np.ndarray, path: Path) -> None:

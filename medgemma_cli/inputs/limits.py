@@ -9,9 +9,12 @@ from __future__ import annotations
 import os
 import struct
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medgemma_cli.errors import InputError
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
 
 LIMITS = {  # name: (environment variable, default)
     "image_pixels": ("MEDGEMMA_MAX_IMAGE_PIXELS", 64_000_000),  # per image or frame; a 3000×3000 CR is 9 M
@@ -45,7 +48,7 @@ def check_image_size(path: Path, width: int, height: int) -> None:
                                f"({raise_hint('image_pixels')})")
 
 
-def check_dicom_pixels(ds: Any, path: Path) -> int:
+def check_dicom_pixels(ds: Dataset, path: Path) -> int:
     """The header's frame count and sizes, checked against the limits and against the pixel data actually
     there (and, for JPEG and JPEG 2000, the first frame's own codestream header). Returns the frame count."""
     raw: Any = None
@@ -103,7 +106,7 @@ REDUCIBLE = {  # transfer syntax: the largest power-of-two reduction its decoder
 }
 
 
-def reduction(ds: Any) -> int:
+def reduction(ds: Dataset) -> int:
     """1, or the power of two by which a JPEG or JPEG 2000 frame larger than RENDER_PIXELS is decoded by the
     codec itself: the model sees 896², and a 16384² frame read at 1/4 costs 1/16 of the memory and time."""
     try:
@@ -114,7 +117,7 @@ def reduction(ds: Any) -> int:
     except (AttributeError, TypeError, ValueError):
         return 1
     most = REDUCIBLE.get(syntax, 1)
-    if most == 1 or rows * cols <= RENDER_PIXELS or not unsigned or most == 8 and not eight_bit:
+    if most == 1 or rows * cols <= RENDER_PIXELS or not unsigned or (most == 8 and not eight_bit):
         return 1
     factor = 2
     while (rows // factor) * (cols // factor) > RENDER_PIXELS and factor < most:

@@ -23,9 +23,10 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 AS_LIMIT_BYTES = 1 << 30  # beyond the worker's own address space: the goal is every input under 1 GB
 CASE_SECONDS = 20.0
@@ -143,8 +144,8 @@ ELEMENT_VALUES: dict[tuple[int, str], list[bytes]] = {
     (0x00280004, "CS"): [b"YBR_FULL", b"PALETTE COLOR ", b"FOO ", b"MONOCHROME1 ", b"RGB ", b""],
     (0x00281053, "DS"): _DS_BAD,  # RescaleSlope
     (0x00281052, "DS"): _DS_BAD,  # RescaleIntercept
-    (0x00281050, "DS"): _DS_BAD + [b"40\\400 "],  # WindowCenter
-    (0x00281051, "DS"): _DS_BAD + [b"40\\400 "],  # WindowWidth
+    (0x00281050, "DS"): [*_DS_BAD, b"40\\400 "],  # WindowCenter
+    (0x00281051, "DS"): [*_DS_BAD, b"40\\400 "],  # WindowWidth
     (0x00281056, "CS"): [b"SIGMOID ", b"FOO "],  # VOILUTFunction
     (0x00200032, "DS"): [b"1\\2 ", b"a\\b\\c ", b"NaN\\0\\0 ", b"1e308\\1e308\\1e308", b""],  # ImagePositionPatient
     (0x00200037, "DS"): [b"1\\0\\0\\0\\1 ", b"0\\0\\0\\0\\0\\0 ", b"a\\b\\c\\d\\e\\f ", b"NaN\\0\\0\\0\\1\\0 "],
@@ -181,6 +182,7 @@ def _elements(ds: Any) -> list[tuple[Any, Any]]:
 
 def mutate_dicom(files: list[tuple[str, bytes]], rng: random.Random) -> list[tuple[str, bytes]]:
     import pydicom
+    from pydicom.uid import UID
 
     out = list(files)
     i = rng.randrange(len(out))
@@ -218,12 +220,12 @@ def mutate_dicom(files: list[tuple[str, bytes]], rng: random.Random) -> list[tup
                     pd[rng.randrange(len(pd))] = rng.randrange(256)
             ds.PixelData = bytes(pd)
         else:
-            ds.file_meta.TransferSyntaxUID = rng.choice(["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.5",
-                                                         "1.2.840.10008.1.2.4.90", "1.2.3.4"])
+            ds.file_meta.TransferSyntaxUID = UID(rng.choice(["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.5",
+                                                             "1.2.840.10008.1.2.4.90", "1.2.3.4"]))
     b = io.BytesIO()
     try:
         ds.save_as(b, enforce_file_format=False)
-    except Exception:
+    except Exception:  # noqa: BLE001 - pydicom cannot write this mutation: mutate the bytes instead
         out[i] = (name, mutate_bytes(data, rng, keep=132))
         return out
     out[i] = (name, b.getvalue())
@@ -311,14 +313,15 @@ def _outcome(fn: Callable[[], Any], named: set[str]) -> dict[str, Any]:
     except InputError as e:
         shown = str(e)
         return {"status": "refused", "names_file": e.path is not None and e.path.name in named, "message": shown}
-    except BaseException as e:
+    except BaseException as e:  # noqa: BLE001 - whatever the readers raise is the finding
         import traceback
 
         tb = traceback.extract_tb(e.__traceback__)
         ours = [f for f in tb if "medgemma_cli" in f.filename]
         where = ours[-1] if ours else tb[-1] if tb else None
         site = f"{Path(where.filename).name}:{where.name}" if where else "?"
-        return {"status": "memory" if isinstance(e, MemoryError) else "crash", "signature": f"{type(e).__name__} in {site}", "message": str(e)[:300]}
+        return {"status": "memory" if isinstance(e, MemoryError) else "crash",
+                "signature": f"{type(e).__name__} in {site}", "message": str(e)[:300]}
     return {"status": "ok", **got}
 
 
@@ -343,9 +346,12 @@ def read_case(folder: Path) -> dict[str, Any]:
     warnings.simplefilter("ignore")
     files = sorted(p for p in folder.iterdir())
     named = {p.name for p in files}
-    result: dict[str, Any] = {"image_files": sum(1 for f in files if kind_of(f) == "image" or kind_of(f) == "dicom"
-                                                 and _PIXEL_DATA_TAG in f.read_bytes())}
-    result["ask"] = _outcome(lambda: _images_summary(collect(files, 896)), named)
+    result: dict[str, Any] = {"image_files": sum(1 for f in files if kind_of(f) == "image" or (kind_of(f) == "dicom"
+                                                 and _PIXEL_DATA_TAG in f.read_bytes()))}
+    def summary(of: list[Path]) -> Callable[[], dict[str, Any]]:
+        return lambda: _images_summary(collect(of, 896))
+
+    result["ask"] = _outcome(summary(files), named)
     units_seen: list[dict[str, Any]] = []
 
     def batch(unit: str) -> dict[str, Any]:
@@ -354,7 +360,7 @@ def read_case(folder: Path) -> dict[str, Any]:
             if u.error:
                 units_seen.append({"status": "refused", "names_file": True, "message": u.error})
             else:
-                units_seen.append(_outcome(lambda u=u: _images_summary(collect(u.files, 896)), named))
+                units_seen.append(_outcome(summary(u.files), named))
         return {"units": len(units_seen)}
 
     result["batch-series"] = _outcome(lambda: batch("series"), named)
@@ -393,7 +399,7 @@ def _run_child(folder: str, write_fd: int) -> None:
     signal.alarm(int(CASE_SECONDS) + 1)
     try:
         result = read_case(Path(folder))
-    except BaseException as e:
+    except BaseException as e:  # noqa: BLE001 - the child reports every death to the parent, then exits
         result = {"died": f"harness: {type(e).__name__}: {e}"}
     os.write(write_fd, json.dumps(result).encode())
     os._exit(0)
@@ -454,8 +460,9 @@ class Fuzzer:
 
     def __init__(self, workdir: Path):
         self.workdir = Path(workdir)
-        self.proc = subprocess.Popen([sys.executable, "-m", "medgemma_cli.testing.fuzz", "serve"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
+        self.proc = subprocess.Popen([sys.executable, "-m", "medgemma_cli.testing.fuzz", "serve"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True, bufsize=1,
                                      env={**os.environ, "PYTHONWARNINGS": "ignore"})
         self.n = 0
 
