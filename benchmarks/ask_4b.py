@@ -52,7 +52,8 @@ def main() -> None:
             print(json.dumps({"converted": out.name, "s": round(time.perf_counter() - t0, 1)}), flush=True)
         r = ask("Describe the findings.", [img], model=out,
                 options=AskOptions(max_tokens=args.decode_tokens, threads=args.threads))
-        print(json.dumps({"mmproj": mm, "ask_timings": r.timings, "tokens": r.tokens, "stopped": r.stopped}), flush=True)
+        print(json.dumps({"mmproj": mm, "ask_timings": r.timings, "tokens": r.tokens, "stopped": r.stopped}),
+              flush=True)
 
     model = args.work / "ask-4b-q4_k_m-mmproj-f16"
     files = resolve_model(model)
@@ -74,9 +75,10 @@ def main() -> None:
     bf16 = args.work / "ask-4b-bf16"
     if not (bf16 / "manifest.json").is_file():
         convert(src, bf16, preset="BF16", vision_onnx="none", overwrite=True)
-    ref = reference_gguf(bf16 / "text.gguf", "Q4_K_M", args.work / "ask-4b-q4_k_m-llama-cpp.gguf", threads=os.cpu_count())
-    print(json.dumps({"same_tensor_bytes": same_tensors(files.text, ref), "layouts": [layout(files.text), layout(ref)]}),
-          flush=True)
+    ref = reference_gguf(bf16 / "text.gguf", "Q4_K_M", args.work / "ask-4b-q4_k_m-llama-cpp.gguf",
+                         threads=os.cpu_count())
+    print(json.dumps({"same_tensor_bytes": same_tensors(files.text, ref),
+                      "layouts": [layout(files.text), layout(ref)]}), flush=True)
 
     def bare_decode(path: Path) -> float:
         llm = load_llama(path, n_ctx=1024, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
@@ -100,7 +102,8 @@ def main() -> None:
     bw = memory_bandwidth(args.threads)
     print(json.dumps({"decode_tokens_per_s_ours": round(ours, 2), "decode_tokens_per_s_bare_llama_cpp": round(bare, 2),
                       "decode_tokens_per_s_bare_on_llama_cpp_file": round(bare_ref, 2), "bare_runs": runs,
-                      "ours_vs_bare": round(ours / bare, 3), "ours_vs_bare_on_llama_cpp_file": round(ours / bare_ref, 3),
+                      "ours_vs_bare": round(ours / bare, 3),
+                      "ours_vs_bare_on_llama_cpp_file": round(ours / bare_ref, 3),
                       "our_file_vs_llama_cpp_file": round(bare / bare_ref, 3), "bandwidth_gbps": round(bw, 1),
                       "bandwidth_bound_tokens_per_s": round(bw * 1e9 / weights, 2),
                       "ours_vs_bound": round(ours / (bw * 1e9 / weights), 3)}), flush=True)

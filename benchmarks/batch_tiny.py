@@ -4,8 +4,8 @@ Local mode: wall time of the whole run (walk, grouping, rendering, records, thum
 the sum of the time spent inside the model (image encode, prefill, decode). The goal is an overhead of at
 most 10 %. The model runs in a worker process (so a llama.cpp crash costs one unit): what that process costs
 beyond the model (its start and imports, pickling units and answers through pipes) is reported apart
-(goal: at most 2 % of model time). Server mode: the same folder sent to llama-cpp-python's server on 127.0.0.1 with 1, 2 and 4
-workers (units/s).
+(goal: at most 2 % of model time). Server mode: the same folder sent to llama-cpp-python's server on 127.0.0.1
+with 1, 2 and 4 workers (units/s).
 
     python benchmarks/batch_tiny.py --work DIR [--units 200] [--skip-server]
 

@@ -63,7 +63,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True, help="scratch folder")
     ap.add_argument("--shape", default="4b")
     ap.add_argument("--presets", nargs="+", default=["BF16", "Q8_0", "Q4_K_M"])
-    ap.add_argument("--two-pass", action="store_true", help="also time BF16 + llama_model_quantize for each K-quant preset")
+    ap.add_argument("--two-pass", action="store_true",
+                    help="also time BF16 + llama_model_quantize for each K-quant preset")
     ap.add_argument("--keep", action="store_true", help="keep the converted outputs")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -27,15 +27,16 @@ from medgemma_cli.testing import fuzz as fuzzing
 
 def _cpu() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
 
 
-def _dicom_bytes(ds) -> bytes:  # noqa: ANN001 - a pydicom Dataset
+def _dicom_bytes(ds) -> bytes:  # ds: a pydicom Dataset
     b = io.BytesIO()
     ds.save_as(b, enforce_file_format=False)
     return b.getvalue()

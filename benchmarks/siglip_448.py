@@ -51,8 +51,9 @@ def main() -> None:
         torch_s = (time.perf_counter() - t0) / args.images
     ref = np.concatenate([getattr(r, "pooler_output", r).numpy() for r in ref])
     del model
-    print(json.dumps({"machine_cores": os.cpu_count(), "threads": args.threads, "torch_fp32_s_per_image": round(torch_s, 2),
-                      "torch_images_per_s": round(1 / torch_s, 3)}), flush=True)
+    print(json.dumps({"machine_cores": os.cpu_count(), "threads": args.threads,
+                      "torch_fp32_s_per_image": round(torch_s, 2), "torch_images_per_s": round(1 / torch_s, 3)}),
+          flush=True)
     for preset in ("fp32", "int8", "q4"):
         out = args.work / f"medsiglip-448-{preset}"
         if not (out / "manifest.json").is_file():
@@ -68,9 +69,11 @@ def main() -> None:
         s = (time.perf_counter() - t0) / args.images
         cos = (got * ref).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(ref, axis=-1)
         print(json.dumps({"preset": preset, "s_per_image": round(s, 2), "images_per_s": round(1 / s, 3),
-                          "speedup_vs_torch_fp32": round(torch_s / s, 2), "min_cosine_vs_torch": round(float(cos.min()), 6),
+                          "speedup_vs_torch_fp32": round(torch_s / s, 2),
+                          "min_cosine_vs_torch": round(float(cos.min()), 6),
                           "convert_s": round(conv_s, 1) if conv_s else None,
-                          "vision_onnx_bytes": sum(p.stat().st_size for p in out.glob("siglip-vision.onnx*"))}), flush=True)
+                          "vision_onnx_bytes": sum(p.stat().st_size for p in out.glob("siglip-vision.onnx*"))}),
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,8 @@ def main() -> None:
         from PIL import Image
 
         yy, xx = np.mgrid[0:880, 0:1024]
-        Image.fromarray(np.stack([(xx // 4) % 256, (yy // 4) % 256, ((xx + yy) // 8) % 256], -1).astype(np.uint8)).save(img)
+        pattern = np.stack([(xx // 4) % 256, (yy // 4) % 256, ((xx + yy) // 8) % 256], -1).astype(np.uint8)
+        Image.fromarray(pattern).save(img)
     print(json.dumps({"machine_cores": os.cpu_count(), "threads": args.threads}), flush=True)
     runs = [("onnx int8", model, "onnx"), ("mtmd F16", model, "mtmd"),
             ("mtmd Q8_0", args.work / "ask-4b-q4_k_m-mmproj-q8_0", "mtmd")]

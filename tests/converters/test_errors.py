@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -83,7 +84,8 @@ def test_shape_mismatch(ckpt, tmp_path):
     def shrink(t):
         t["language_model.model.layers.2.mlp.up_proj.weight"] = ("F32", np.zeros((256, 256), np.float32))
     _rewrite_weights(ckpt, shrink)
-    with pytest.raises(InputError, match=r"layers\.2\.mlp\.up_proj\.weight' has shape \[256, 256\], config\.json implies \[512, 256\]"):
+    with pytest.raises(InputError, match=r"layers\.2\.mlp\.up_proj\.weight' has shape \[256, 256\], "
+                                         r"config\.json implies \[512, 256\]"):
         convert(ckpt, tmp_path / "out")
 
 
@@ -101,20 +103,22 @@ def test_whole_vision_tower_missing_is_an_error(ckpt, tmp_path):
 
 
 def test_unexpected_tensor(ckpt, tmp_path):
-    _rewrite_weights(ckpt, lambda t: t.update({"language_model.model.layers.0.mlp.extra.weight": ("F32", np.ones(4, np.float32))}))
+    _rewrite_weights(ckpt, lambda t: t.update(
+        {"language_model.model.layers.0.mlp.extra.weight": ("F32", np.ones(4, np.float32))}))
     with pytest.raises(InputError, match=r"unexpected tensor 'language_model\.model\.layers\.0\.mlp\.extra\.weight'"):
         convert(ckpt, tmp_path / "out")
 
 
 def test_unsupported_architecture(ckpt, tmp_path):
     _edit_config(ckpt, lambda c: c.update(architectures=["LlamaForCausalLM"], model_type="llama"))
-    with pytest.raises(UnsupportedModelError, match=r"LlamaForCausalLM is not supported; medgemma converts Gemma3ForConditionalGeneration"):
+    with pytest.raises(UnsupportedModelError,
+                       match=r"LlamaForCausalLM is not supported; medgemma converts Gemma3ForConditionalGeneration"):
         convert(ckpt, tmp_path / "out")
 
 
 def test_attention_scale_llama_cpp_would_ignore(ckpt, tmp_path):
     _edit_config(ckpt, lambda c: c["text_config"].update(query_pre_attn_scalar=100))
-    with pytest.raises(UnsupportedModelError, match="query_pre_attn_scalar is 100 but llama.cpp uses 64"):
+    with pytest.raises(UnsupportedModelError, match=re.escape("query_pre_attn_scalar is 100 but llama.cpp uses 64")):
         convert(ckpt, tmp_path / "out")
 
 
@@ -163,7 +167,8 @@ def test_failure_after_text_file_keeps_existing_folder_clean(ckpt, tmp_path, mon
     out = tmp_path / "existing"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    monkeypatch.setattr(gguf_convert, "verify_mmproj", lambda *a: (_ for _ in ()).throw(OutputError(out / "mmproj.gguf", "boom")))
+    monkeypatch.setattr(gguf_convert, "verify_mmproj",
+                        lambda *a: (_ for _ in ()).throw(OutputError(out / "mmproj.gguf", "boom")))
     with pytest.raises(OutputError, match="boom"):
         convert(ckpt, out, preset="F16")
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

@@ -4,6 +4,7 @@ so a tensor's file offset is its address within a page: one off a cache line spl
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import gguf
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
+
 from medgemma_cli.kernels.ggml import read_gguf_info
 from medgemma_cli.kernels.llama_quantize import llama_quantize
 from medgemma_cli.kernels.policy import MMPROJ_TYPES, PRESETS
@@ -106,6 +108,6 @@ def test_llama_quantize_refuses_what_it_would_corrupt(tmp_path):
     from medgemma_cli.errors import InputError
 
     _write(tmp_path / "odd.gguf", {"a": np.ones(8, np.float32), "b": np.ones((2, 32), np.float32)})
-    with pytest.raises(InputError, match="general.alignment = 64"):
+    with pytest.raises(InputError, match=re.escape("general.alignment = 64")):
         llama_quantize(tmp_path / "odd.gguf", tmp_path / "out.gguf", gguf.LlamaFileType.MOSTLY_Q8_0)
     assert not (tmp_path / "out.gguf").exists()

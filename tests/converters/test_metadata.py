@@ -29,7 +29,8 @@ def test_tokenizer_is_complete(text_fields, tiny_ckpt):
     for name in ("<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<bos>", "<eos>", "<pad>"):
         assert types[tokens.index(name)] == TokenType.CONTROL, name
     assert (text_fields["tokenizer.ggml.bos_token_id"], text_fields["tokenizer.ggml.eos_token_id"],
-            text_fields["tokenizer.ggml.padding_token_id"], text_fields["tokenizer.ggml.unknown_token_id"]) == (2, 1, 0, 3)
+            text_fields["tokenizer.ggml.padding_token_id"],
+            text_fields["tokenizer.ggml.unknown_token_id"]) == (2, 1, 0, 3)
     assert text_fields["tokenizer.ggml.add_bos_token"] is True
     assert text_fields["tokenizer.ggml.add_space_prefix"] is False
     assert text_fields["tokenizer.chat_template"] == (tiny_ckpt / "chat_template.jinja").read_text()

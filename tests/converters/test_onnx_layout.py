@@ -30,8 +30,9 @@ def test_external_weights_written_back_to_back_are_realigned(tmp_path):
     """onnx's saver writes external weights back to back: a 300-float tensor puts the next one 48 bytes into
     a cache line. The converter's final step moves them onto cache lines, and the graph computes the same."""
     import onnxruntime as ort
-    from medgemma_cli.converters.siglip_convert import _realign_external_data
     from onnx import TensorProto, helper, numpy_helper
+
+    from medgemma_cli.converters.siglip_convert import _realign_external_data
 
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal(300, dtype=np.float32) for _ in range(2))
@@ -59,7 +60,6 @@ def test_siglip_external_weights_start_on_cache_lines(siglip_ckpt, tmp_path, mon
     """onnx's and ONNX Runtime's savers write external weights back to back; ours are realigned, and the
     graphs compute what the same graphs with their weights inside do."""
     from medgemma_cli.converters import siglip_convert
-
     from medgemma_cli.siglip import Siglip, resolve_siglip
 
     inline, external = tmp_path / "inline", tmp_path / "external"

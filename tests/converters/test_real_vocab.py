@@ -100,7 +100,8 @@ def _sentencepiece_model(vocab: LlamaVocab) -> bytes:
     ts.pad_piece, ts.eos_piece, ts.bos_piece, ts.unk_piece = "<pad>", "<eos>", "<bos>", "<unk>"
     ns = proto.normalizer_spec
     ns.name, ns.add_dummy_prefix, ns.remove_extra_whitespaces, ns.escape_whitespaces = "identity", False, False, True
-    for i, (text, score, kind) in enumerate(zip(vocab.tokens, vocab.scores.tolist(), vocab.types.tolist())):
+    rows = zip(vocab.tokens, vocab.scores.tolist(), vocab.types.tolist(), strict=True)
+    for i, (text, score, kind) in enumerate(rows):
         p = proto.pieces.add()
         if kind == 1:
             p.piece, p.score, p.type = text, score, piece_type.NORMAL
@@ -126,7 +127,8 @@ def gemma3_tokenizer_tf4(gemma3_vocab: LlamaVocab, tmp_path_factory: pytest.Temp
     (folder / "tokenizer.model").write_bytes(_sentencepiece_model(gemma3_vocab))
     decoder = {str(i): {"content": text.replace(" ", "\u2581"), "lstrip": False, "normalized": False, "rstrip": False,
                         "single_word": False, "special": kind == 3}
-               for i, (text, kind) in enumerate(zip(gemma3_vocab.tokens, gemma3_vocab.types.tolist())) if kind in (3, 4)}
+               for i, (text, kind) in enumerate(zip(gemma3_vocab.tokens, gemma3_vocab.types.tolist(), strict=True))
+               if kind in (3, 4)}
     specials = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
     cfg = {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False,
            "clean_up_tokenization_spaces": False, "spaces_between_special_tokens": False, "model_max_length": 32768,

@@ -8,8 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from medgemma_cli.converters.safetensors_io import (SafetensorsFile, float32_to_bf16_bits, read_header, save,
-                                                    to_float32)
+from medgemma_cli.converters.safetensors_io import SafetensorsFile, float32_to_bf16_bits, read_header, save, to_float32
 from medgemma_cli.errors import InputError
 
 

@@ -106,14 +106,15 @@ def test_preprocessing_recipe_against_torch_interpolate():
     ref = (ref - 0.5) / 0.5
     assert got.shape == (3, 32, 32) and np.abs(got - ref[None]).max() < 1e-5
     rgba = rng.integers(0, 255, (32, 32, 4), dtype=np.uint8)
-    assert np.allclose(preprocess(rgba, 32, [0.5] * 3, [0.5] * 3), (rgba[..., :3].transpose(2, 0, 1) / 255 - 0.5) / 0.5, atol=1e-6)
+    assert np.allclose(preprocess(rgba, 32, [0.5] * 3, [0.5] * 3), (rgba[..., :3].transpose(2, 0, 1) / 255 - 0.5) / 0.5,
+                       atol=1e-6)
 
 
 def test_external_data_for_large_graphs(siglip_ckpt, tmp_path, monkeypatch):
+    import uuid
+
     from medgemma_cli.converters import siglip_convert
     from medgemma_cli.siglip import Siglip, resolve_siglip
-
-    import uuid
 
     def no_mac_lookups(*args, **kwargs):
         raise AssertionError("uuid.uuid1 asks uuidd over a socket and reads the MAC address")

@@ -98,8 +98,10 @@ def test_quantization_report(checkpoint, tmp_path):
     ckpt, _, _ = checkpoint
     m = convert(ckpt, tmp_path / "q", preset="Q4_K_M").manifest
     classes = m["quantization"]["classes"]
-    assert classes["attn_norm"]["rel_rms"] == 0 and classes["attn_norm"]["types"] == {"F32": len(classes) and classes["attn_norm"]["types"]["F32"]}
+    assert classes["attn_norm"]["rel_rms"] == 0
+    assert classes["attn_norm"]["types"] == {"F32": len(classes) and classes["attn_norm"]["types"]["F32"]}
     assert 0.01 < classes["ffn_up"]["rel_rms"] < 0.15  # Q4_K on random weights
-    assert classes["token_embd"]["types"] == {"Q6_K": 1} and classes["token_embd"]["rel_rms"] < classes["ffn_up"]["rel_rms"]
+    assert classes["token_embd"]["types"] == {"Q6_K": 1}
+    assert classes["token_embd"]["rel_rms"] < classes["ffn_up"]["rel_rms"]
     assert set(classes["attn_v"]["types"]) == {"Q4_K", "Q6_K"}
     assert len(m["quantization"]["tensors"]) == m["files"]["text.gguf"]["tensors"]

@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType as Q
 
 from medgemma_cli.kernels import ggml
 from medgemma_cli.kernels.llama_quantize import llama_quantize
-from medgemma_cli.kernels.policy import PRESETS, more_bits, mmproj_tensor_type, text_tensor_type
+from medgemma_cli.kernels.policy import PRESETS, mmproj_tensor_type, more_bits, text_tensor_type
 
 
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_K, Q.Q5_K, Q.Q6_K])
@@ -92,7 +92,8 @@ def test_untested_ggml_is_refused_clearly(monkeypatch):
 
     check_version(TESTED_LLAMA_CPP_PYTHON)  # the tested one passes
     monkeypatch.delenv("MEDGEMMA_ALLOW_UNTESTED_GGML", raising=False)
-    with pytest.raises(GgmlLibraryError, match=r"llama-cpp-python 0\.9\.0 is installed.*pip install llama-cpp-python=="):
+    with pytest.raises(GgmlLibraryError,
+                       match=r"llama-cpp-python 0\.9\.0 is installed.*pip install llama-cpp-python=="):
         check_version("0.9.0")
     monkeypatch.setenv("MEDGEMMA_ALLOW_UNTESTED_GGML", "1")
     check_version("0.9.0")  # the user's explicit choice

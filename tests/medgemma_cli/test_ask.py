@@ -175,7 +175,8 @@ def test_cli_error_is_one_line(model, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "medgemma_cli", "ask", "Q?", str(tmp_path / "nope.dcm"), "--model",
                            str(model)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert [ln for ln in proc.stderr.splitlines() if ln.strip()] == [f"error: {tmp_path / 'nope.dcm'}: no such file or folder"]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines == [f"error: {tmp_path / 'nope.dcm'}: no such file or folder"]
 
 
 def _minimal_pdf(text: str) -> bytes:
@@ -217,7 +218,7 @@ def test_models_from_elsewhere_and_from_the_store(model, tmp_path, monkeypatch):
     monkeypatch.setenv("MEDGEMMA_HOME", str(home))
     r = ask("Describe.", [CT], options=AskOptions(max_tokens=4))  # no --model: the store's newest
     assert r.model["name"] == "tiny-q8"
-    with pytest.raises(MedgemmaError, match="images need a vision projector|no vision projector"):
+    with pytest.raises(MedgemmaError, match=r"images need a vision projector|no vision projector"):
         ask("Describe.", [CT], gguf=model / "text.gguf", options=AskOptions(max_tokens=4))
 
 
@@ -249,7 +250,7 @@ def test_thinking_trace_is_stripped_unless_asked(model, monkeypatch):
         monkeypatch.setattr(engine, "_lib", Scripted())
         monkeypatch.setattr(engine, "_decode_tokens", lambda tokens, logits_last: None)
         shown: list[str] = []
-        answer, thinking, n, stopped = engine.generate(10, on_text=shown.append)
+        answer, thinking, _n, stopped = engine.generate(10, on_text=shown.append)
         assert answer.strip() == "cough" and thinking.strip() == "fever" and stopped == "eos"
         assert "fever" not in "".join(shown)
         logits = iter(script)

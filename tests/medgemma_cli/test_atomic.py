@@ -17,17 +17,15 @@ def test_files_appear_only_on_success(tmp_path):
 
 def test_failure_removes_temporaries_and_created_folders(tmp_path):
     out = tmp_path / "a" / "b"
-    with pytest.raises(RuntimeError):
-        with AtomicFolder(out, ["x"]) as f:
-            f.temp("x").write_text("partial")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), AtomicFolder(out, ["x"]) as f:
+        f.temp("x").write_text("partial")
+        raise RuntimeError("boom")
     assert not (tmp_path / "a").exists()
 
 
 def test_interrupt_also_cleans_up(tmp_path):
     (tmp_path / "keep.txt").write_text("k")
-    with pytest.raises(KeyboardInterrupt):
-        with AtomicFolder(tmp_path, ["x"]) as f:
-            f.temp("x").write_text("partial")
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), AtomicFolder(tmp_path, ["x"]) as f:
+        f.temp("x").write_text("partial")
+        raise KeyboardInterrupt
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]

@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -17,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pictures import picture
 from PIL import Image
 from pydicom.data import get_testdata_file
 
 from medgemma_cli.answering import AskOptions
 from medgemma_cli.batch import make_units, pseudonym, run_batch, unit_id_key, walk
+from pictures import picture
 
 pytestmark = pytest.mark.slow
 
@@ -147,7 +148,7 @@ def test_no_phi_unless_asked(tmp_path, convert_tiny):
     text = out.read_text() + r.stdout + r.stderr
     assert "Roe" not in text and "424242" not in text and "20240102" not in text
     out2 = tmp_path / "r2.jsonl"
-    r = subprocess.run(cmd[:8] + [str(out2)] + cmd[9:] + ["--include-phi"], capture_output=True, text=True, env=env,
+    r = subprocess.run([*cmd[:8], str(out2), *cmd[9:], "--include-phi"], capture_output=True, text=True, env=env,
                        cwd=tmp_path, timeout=300)
     assert r.returncode == 0 and "Roe^Richard" in out2.read_text()
 
@@ -329,7 +330,7 @@ def llama_server(tmp_path_factory):
     model = convert(ckpt, root / "model", preset="F16", vision_onnx="none").path
     port = _free_port()
     log_path = root / "server.log"
-    log = open(log_path, "wb")
+    log = open(log_path, "wb")  # noqa: SIM115 - the server writes to it until the fixture ends
     proc = subprocess.Popen([sys.executable, "-c", SERVE_WITH_VERDICT, "--model", str(model / "text.gguf"),
                              "--clip_model_path", str(model / "mmproj.gguf"), "--chat_format", "mtmd",
                              "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--verbose", "true"],
@@ -344,7 +345,8 @@ def llama_server(tmp_path_factory):
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError("the llama-cpp-python server did not start:\n" + log_path.read_text()[-3000:])
+                raise RuntimeError("the llama-cpp-python server did not start:\n"
+                                   + log_path.read_text()[-3000:]) from None
             time.sleep(0.3)
     yield {"url": url, "model": served, "log": log_path}
     proc.terminate()
@@ -439,9 +441,10 @@ def test_server_cli_sends_no_phi(tmp_path, llama_server):
     env = {**os.environ, "MEDGEMMA_HOME": str(tmp_path / "home")}
     out = tmp_path / "r.jsonl"
     before = llama_server["log"].stat().st_size
-    cmd = [sys.executable, "-m", "medgemma_cli", "batch", str(root), "-q", "Findings?", "-q", "Size?", "--out", str(out),
-           "--server", llama_server["url"], "--workers", "2", "--image-size", "32", "--max-tokens", "4",
-           "--include-phi", "--with-metadata", "--report", str(tmp_path / "review.html"), "--quiet"]
+    cmd = [sys.executable, "-m", "medgemma_cli", "batch", str(root), "-q", "Findings?", "-q", "Size?",
+           "--out", str(out), "--server", llama_server["url"], "--workers", "2", "--image-size", "32",
+           "--max-tokens", "4", "--include-phi", "--with-metadata",
+           "--report", str(tmp_path / "review.html"), "--quiet"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "Roe^Richard" in out.read_text()  # kept in the records, as asked
@@ -537,7 +540,8 @@ def test_two_runs_on_one_results_file_refuse(tmp_path, convert_tiny):
             RecordFile(out, "jsonl")
     finally:
         holder.close()
-    assert run_batch(root, ["A?"], out, model=convert_tiny("Q8_0"), options=AskOptions(max_tokens=4)).records_written == 1
+    result = run_batch(root, ["A?"], out, model=convert_tiny("Q8_0"), options=AskOptions(max_tokens=4))
+    assert result.records_written == 1
 
 
 def test_our_outputs_inside_the_folder_are_not_inputs(tmp_path, convert_tiny):
@@ -571,7 +575,7 @@ def test_a_lost_unit_key_is_said_not_replaced(tmp_path, convert_tiny):
     assert oct(key.stat().st_mode & 0o777) == "0o600"
     saved = key.read_bytes()
     key.unlink()
-    with pytest.raises(InputError, match="unit-key: missing, but r.csv already holds records"):
+    with pytest.raises(InputError, match=re.escape("unit-key: missing, but r.csv already holds records")):
         run_batch(root, ["A?"], out, fmt="csv", model=convert_tiny("Q8_0"), options=AskOptions(max_tokens=3))
     key.write_text("not a key")
     with pytest.raises(InputError, match="not a unit-id key"):

@@ -10,8 +10,16 @@ import sys
 import gguf
 import pytest
 
-from medgemma_cli.bench import (end_to_end, memory_bandwidth, model_bytes, physical_cores, recommend, synthetic_gguf,
-                                text_plan, BenchReport)
+from medgemma_cli.bench import (
+    BenchReport,
+    end_to_end,
+    memory_bandwidth,
+    model_bytes,
+    physical_cores,
+    recommend,
+    synthetic_gguf,
+    text_plan,
+)
 
 
 def test_synthetic_gguf_follows_the_policy_and_loads(tmp_path):
@@ -40,7 +48,8 @@ def test_recommendation_reflects_memory():
     small = BenchReport(2, 2, 8 << 30, {2: 20.0})
     big = BenchReport(2, 2, 64 << 30, {2: 20.0})
     assert not recommend(small)["fits"]["27b Q4_K_M"] and recommend(big)["fits"]["27b Q4_K_M"]
-    assert recommend(big)["decode_bound_tokens_per_s"]["4b Q4_K_M"] == pytest.approx(20e9 / model_bytes("4b", "Q4_K_M"), rel=0.01)
+    assert recommend(big)["decode_bound_tokens_per_s"]["4b Q4_K_M"] == pytest.approx(
+        20e9 / model_bytes("4b", "Q4_K_M"), rel=0.01)
 
 
 @pytest.mark.slow

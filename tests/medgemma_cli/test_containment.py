@@ -12,13 +12,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from pictures import picture
 from PIL import Image
 from pydicom.data import get_testdata_file
 
 from medgemma_cli import containment
+from pictures import picture
 
 pytestmark = pytest.mark.slow
 

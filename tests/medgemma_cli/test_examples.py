@@ -20,10 +20,10 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from pictures import picture
 from pydicom.data import get_testdata_file
 
 from medgemma_cli.cli import app
+from pictures import picture
 
 pytestmark = pytest.mark.slow
 

@@ -9,13 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from pictures import picture
 from PIL import Image
 from pydicom.data import get_testdata_file
 
 from medgemma_cli import offline
+from pictures import picture
 
 pytestmark = pytest.mark.slow
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -53,7 +54,7 @@ def test_a_wrong_size_or_a_missing_file_is_refused(model):
 
 def test_a_folder_without_its_manifest_is_not_a_model(model):
     (model / "manifest.json").unlink()  # as a kill between the final renames would leave it
-    with pytest.raises(InputError, match="not a complete model: no manifest.json"):
+    with pytest.raises(InputError, match=re.escape("not a complete model: no manifest.json")):
         resolve_model(model)
     (model / "manifest.json").write_text("[]")
     with pytest.raises(InputError, match="not a medgemma-cli manifest"):
@@ -75,11 +76,11 @@ def test_the_old_manifest_goes_first_and_the_new_comes_last(tmp_path, monkeypatc
             raise KeyboardInterrupt  # dies after the first file is in place
         real(src, dst)
 
-    with pytest.raises(KeyboardInterrupt):
-        with AtomicFolder(out, ["manifest.json", "text.gguf", "mmproj.gguf"], overwrite=True) as folder:
-            for name in ("manifest.json", "text.gguf", "mmproj.gguf"):
-                folder.temp(name).write_text("new")
-            monkeypatch.setattr(os, "replace", replace)
+    with (pytest.raises(KeyboardInterrupt),
+          AtomicFolder(out, ["manifest.json", "text.gguf", "mmproj.gguf"], overwrite=True) as folder):
+        for name in ("manifest.json", "text.gguf", "mmproj.gguf"):
+            folder.temp(name).write_text("new")
+        monkeypatch.setattr(os, "replace", replace)
     assert calls[-1] != "manifest.json" and not (out / "manifest.json").exists()
 
 

@@ -91,7 +91,7 @@ def test_voi_lut_sequence():
 ])
 def test_lossless_transfer_syntaxes_render_identically(compressed, reference):
     a, b = render(compressed), render(reference)
-    assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_jpeg_lossless_decodes():
@@ -135,7 +135,8 @@ def _series(tmp_path: Path, n: int) -> list[Path]:
     """A CT series built from CT_small: each slice offset along the normal, constant HU per slice (but a corner),
     written under shuffled names with shuffled instance numbers."""
     base = pydicom.dcmread(data("CT_small.dcm"))
-    normal = np.cross(np.array(base.ImageOrientationPatient[:3], float), np.array(base.ImageOrientationPatient[3:], float))
+    normal = np.cross(np.array(base.ImageOrientationPatient[:3], float),
+                      np.array(base.ImageOrientationPatient[3:], float))
     order = list(range(n))
     random.Random(1).shuffle(order)
     paths = []
@@ -175,7 +176,7 @@ def test_long_series_is_sampled_evenly(tmp_path):
 
 def test_structured_report_text_without_person_names():
     c = collect([data("test-SR.dcm")], 32)
-    ((name, text),) = c.notes
+    ((_name, text),) = c.notes
     ds = pydicom.dcmread(data("test-SR.dcm"))
     assert text and not c.images
     texts = [str(item.TextValue) for item in ds.ContentSequence if item.get("ValueType") == "TEXT"]

@@ -17,12 +17,12 @@ from pydicom.data import get_testdata_file
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 
-from medgemma_cli.testing import fuzz as fuzzing
 from medgemma_cli.batch import make_units, walk
 from medgemma_cli.errors import InputError
 from medgemma_cli.inputs.collect import collect
 from medgemma_cli.inputs.notes import decode_text, read_note
 from medgemma_cli.printable import printable
+from medgemma_cli.testing import fuzz as fuzzing
 
 
 def data(name: str) -> Path:
@@ -246,7 +246,7 @@ def test_a_legacy_encoding_is_guessed_and_said(tmp_path):
 
 
 def test_invalid_utf8_is_decoded_lossily_and_said():
-    note = decode_text("Hb 13.2 g/dL, fièvre".encode("utf-8") + b"\xff\xfe\xfa")
+    note = decode_text("Hb 13.2 g/dL, fièvre".encode() + b"\xff\xfe\xfa")
     assert note is not None and any("a guess" in w for w in note.warnings)
     assert "Hb 13.2 g/dL" in note.text
 

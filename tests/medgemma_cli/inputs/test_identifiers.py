@@ -119,7 +119,8 @@ def _all_text(folder: Path) -> str:
 @pytest.mark.slow
 def test_no_identifier_in_what_ask_chat_and_batch_write(study, convert_tiny, tmp_path):
     model = str(convert_tiny("Q8_0"))
-    files = [str(study / "ct0.dcm"), str(study / "ct1.dcm"), str(study / "report.dcm"), str(study / "Doe_Jane_note.txt")]
+    files = [str(study / "ct0.dcm"), str(study / "ct1.dcm"), str(study / "report.dcm"),
+             str(study / "Doe_Jane_note.txt")]
     work = tmp_path / "work"
     work.mkdir()
 
