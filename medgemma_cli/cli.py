@@ -101,7 +101,7 @@ def _root(
 @_guard
 def convert(
     src: Path = typer.Argument(
-        ..., help="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.model)."),
+        ..., help="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.model or tokenizer.json)."),
     out_dir: Path | None = typer.Option(None, "--out", "-o", help="Output folder \\[default: the model store]."),
     quant: str | None = typer.Option(
         None, "--quant",
