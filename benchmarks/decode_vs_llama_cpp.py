@@ -2,9 +2,10 @@
 
 One synthetic bf16 checkpoint of a MedGemma text shape; ours is `convert --preset <preset>` (one pass), the
 reference is llama.cpp's quantizer run over our BF16 conversion, laid out by gguf-py (see
-llama_cpp_reference.py). Both are checked to hold the same tensors, byte for byte, then timed in fresh
-processes, interleaved, with llama.cpp's extra buffer types off (weights read in place from the mapped file,
-where the layout shows) and on (repacked copies, where this machine's verdict allows them).
+llama_cpp_reference.py). Both are checked to hold the same tensors, byte for byte, then timed in turns in
+one fresh process per setting (prompt with each, then each decoded token with each, so load from other
+work on a shared machine hits both alike), with llama.cpp's extra buffer types off (weights read in place
+from the mapped file, where the layout shows) and on (repacked copies, where this machine's verdict allows them).
 
     python benchmarks/decode_vs_llama_cpp.py --work DIR                # 4B shape; ~25 GB of disk in DIR
     python benchmarks/decode_vs_llama_cpp.py --work DIR --layers 12    # 4B widths, fewer layers

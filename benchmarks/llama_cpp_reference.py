@@ -10,6 +10,7 @@ to end on a cache line (issue 17).
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -90,63 +91,109 @@ def same_tensors(a: Path, b: Path) -> bool:
         for k in ta)
 
 
-def timed_run(path: Path, extra_buffers: bool, threads: int, prompt_tokens: int, decode_tokens: int) -> dict[str, Any]:
-    """Load, read a prompt, decode one token at a time, in a fresh process (nothing cached between runs but
-    the page cache); the same token ids for every file."""
+def _others_busy() -> tuple[float, float] | None:
+    """(CPU seconds all processes have used, CPU seconds this one has), from /proc/stat: None elsewhere."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+    t = os.times()
+    return busy / os.sysconf("SC_CLK_TCK"), t.user + t.system
+
+
+def paired_runs(files: dict[str, Path], extra_buffers: bool, rounds: int, threads: int, prompt_tokens: int,
+                decode_tokens: int) -> list[dict[str, Any]]:
+    """All files loaded in one fresh process and timed in turns: each round reads the prompt with each model,
+    then decodes one token with each model in turn, so load from other work hits every file alike.
+
+    On a shared machine that is not enough (ggml's threads wait for each other, so one descheduled thread
+    stalls them all): a round in which other processes used more than 5 % of the CPUs is marked contended,
+    and rounds go on (up to four times as many) until `rounds` quiet ones are in. Round 0 warms the page
+    cache and is not returned; the order of the files alternates by round."""
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import llama_cpp_reference as r; "
-            f"r._child({str(path)!r}, {extra_buffers}, {threads}, {prompt_tokens}, {decode_tokens})")
+            f"r._child({ {k: str(v) for k, v in files.items()}!r}, {extra_buffers}, {rounds}, {threads}, "
+            f"{prompt_tokens}, {decode_tokens})")
     res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
     if res.returncode != 0:
-        raise RuntimeError(f"timed run on {path.name} failed: {res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"timed runs failed: {res.stderr[-2000:]}")
+    return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
 
 
-def _child(path: str, extra_buffers: bool, threads: int, prompt_tokens: int, decode_tokens: int) -> None:
+def _child(files: dict[str, str], extra_buffers: bool, rounds: int, threads: int, prompt_tokens: int,
+           decode_tokens: int) -> None:
     from llama_cpp import _logger
 
     from medgemma_cli.llama_loader import buffer_types_used, load_llama
 
     _logger.set_verbose(False)
-    t0 = time.perf_counter()
-    with buffer_types_used() as buffers:
-        llm = load_llama(path, use_extra_buffers=extra_buffers, n_ctx=prompt_tokens + decode_tokens + 16,
-                         n_batch=prompt_tokens, n_threads=threads, n_threads_batch=threads, verbose=False)
-    load = time.perf_counter() - t0
+    models, loads, buffers = {}, {}, {}
+    for name, path in files.items():
+        t0 = time.perf_counter()
+        with buffer_types_used() as seen:
+            models[name] = load_llama(path, use_extra_buffers=extra_buffers, n_ctx=prompt_tokens + decode_tokens + 16,
+                                      n_batch=prompt_tokens, n_threads=threads, n_threads_batch=threads,
+                                      verbose=False)
+        loads[name], buffers[name] = time.perf_counter() - t0, sorted(set(seen))
     rng = np.random.default_rng(1)
     prompt = [2, *rng.integers(10, 900, prompt_tokens - 1).tolist()]
-    t0 = time.perf_counter()
-    llm.eval(prompt)
-    pp = prompt_tokens / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    for tok in rng.integers(10, 900, decode_tokens).tolist():
-        llm.eval([tok])
-    tg = decode_tokens / (time.perf_counter() - t0)
-    llm.close()
-    print(json.dumps({"load_s": round(load, 3), "prompt_tok_s": round(pp, 2), "decode_tok_s": round(tg, 3),
-                      "buffers": sorted(set(buffers))}))
+    tokens = rng.integers(10, 900, decode_tokens).tolist()
+    names, cpus = list(models), os.cpu_count() or 1
+    quiet = 0
+    for rnd in range(4 * rounds + 1):
+        order = names if rnd % 2 == 0 else names[::-1]
+        pp, tg = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
+        before, w0 = _others_busy(), time.perf_counter()
+        for name in order:
+            models[name].reset()
+            t0 = time.perf_counter()
+            models[name].eval(prompt)
+            pp[name] = time.perf_counter() - t0
+        for tok in tokens:
+            for name in order:
+                t0 = time.perf_counter()
+                models[name].eval([tok])
+                tg[name] += time.perf_counter() - t0
+        after, wall = _others_busy(), time.perf_counter() - w0
+        others = None
+        if before and after:
+            others = round(max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / (wall * cpus), 3)
+        if rnd == 0:
+            continue
+        calm = others is None or others <= 0.05
+        quiet += calm
+        for name in names:
+            print(json.dumps({"round": rnd, "file": name, "extra_buffers": extra_buffers, "others_cpu": others,
+                              "quiet": calm, "load_s": round(loads[name], 3),
+                              "prompt_tok_s": round(prompt_tokens / pp[name], 2),
+                              "decode_tok_s": round(decode_tokens / tg[name], 3), "buffers": buffers[name]}),
+                  flush=True)
+        if quiet >= rounds:
+            break
+    for m in models.values():
+        m.close()
 
 
 def compare(files: dict[str, Path], reference: str, extra_buffers: list[bool], repeats: int, threads: int,
             prompt_tokens: int, decode_tokens: int) -> dict[str, Any]:
-    """Interleaved runs (every file once per round, so drift on a shared machine hits all alike); medians,
-    and each file's ratio to the reference per measure (median of the per-round ratios)."""
-    rows: dict[tuple[str, bool], list[dict[str, Any]]] = {(n, e): [] for n in files for e in extra_buffers}
-    for rep in range(repeats + 1):  # round 0 warms the page cache and is not counted
-        for extra in extra_buffers:
-            for name, path in files.items():
-                r = timed_run(path, extra, threads, prompt_tokens, decode_tokens)
-                print(json.dumps({"round": rep, "file": name, "extra_buffers": extra, **r}), flush=True)
-                if rep:
-                    rows[(name, extra)].append(r)
+    """`repeats` quiet paired rounds per setting of the extra buffer types (all rounds where none was quiet,
+    said so); medians, and each file's ratio to the reference per measure (median of per-round ratios)."""
     summary: dict[str, Any] = {}
-    for (name, extra), runs in rows.items():
-        key = f"{name}, extra buffers {'on' if extra else 'off'}"
-        s = {m: round(statistics.median(r[m] for r in runs), 3) for m in ("load_s", "prompt_tok_s", "decode_tok_s")}
-        s["buffers"] = runs[0]["buffers"]
-        if name != reference:
-            ref = rows[(reference, extra)]
-            for m in ("prompt_tok_s", "decode_tok_s"):
-                ratios = [a[m] / b[m] for a, b in zip(runs, ref, strict=False)]  # pairs of one repeat each
-                s[f"{m}_ratio_to_{reference}"] = round(statistics.median(ratios), 3)
-        summary[key] = s
+    for extra in extra_buffers:
+        runs = paired_runs(files, extra, repeats, threads, prompt_tokens, decode_tokens)
+        for r in runs:
+            print(json.dumps(r), flush=True)
+        used = [r for r in runs if r["quiet"]] or runs
+        by_file = {name: [r for r in used if r["file"] == name] for name in files}
+        for name, mine in by_file.items():
+            s = {m: round(statistics.median(r[m] for r in mine), 3) for m in ("prompt_tok_s", "decode_tok_s")}
+            s.update(load_s=mine[0]["load_s"], buffers=mine[0]["buffers"], rounds=len(mine),
+                     contended_rounds_left_out=sum(not r["quiet"] for r in runs if r["file"] == name),
+                     only_contended_rounds=not any(r["quiet"] for r in runs))
+            if name != reference:
+                for m in ("prompt_tok_s", "decode_tok_s"):
+                    ratios = [a[m] / b[m] for a, b in zip(mine, by_file[reference], strict=True)]
+                    s[f"{m}_ratio_to_{reference}"] = round(statistics.median(ratios), 3)
+                    s[f"{m}_ratio_range"] = [round(min(ratios), 3), round(max(ratios), 3)]
+            summary[f"{name}, extra buffers {'on' if extra else 'off'}"] = s
     return summary
