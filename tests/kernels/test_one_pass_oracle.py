@@ -17,13 +17,11 @@ from medgemma_cli.kernels.imatrix import read_imatrix
 from medgemma_cli.kernels.llama_quantize import llama_quantize
 from medgemma_cli.kernels.policy import PRESETS
 from medgemma_cli.synthetic import make_checkpoint
+from oracle import assert_same_as_llama_quantize, gguf_tensors
 
 pytestmark = pytest.mark.slow
 
 
-def tensors(path: Path) -> dict[str, tuple[str, bytes]]:
-    return {t.name: (gguf.GGMLQuantizationType(t.tensor_type).name, np.asarray(t.data).tobytes())
-            for t in gguf.GGUFReader(path).tensors}
 
 
 @pytest.fixture(scope="module", params=[(6, "float32"), (34, "bfloat16"), (62, "float32")],
@@ -40,13 +38,7 @@ def checkpoint(request, tmp_path_factory):
 @pytest.mark.parametrize("preset", ["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0"])
 def test_one_pass_equals_llama_quantize(checkpoint, preset, tmp_path):
     ckpt, lossless, _ = checkpoint
-    ours = convert(ckpt, tmp_path / "ours", preset=preset).path / "text.gguf"
-    ref = tmp_path / "ref.gguf"
-    llama_quantize(lossless, ref, PRESETS[preset].file_type, threads=2)
-    a, b = tensors(ours), tensors(ref)
-    assert {k: v[0] for k, v in a.items()} == {k: v[0] for k, v in b.items()}  # same types, tensor by tensor
-    differing = [k for k in a if a[k][1] != b[k][1]]
-    assert not differing, differing[:5]
+    assert_same_as_llama_quantize(ckpt, lossless, preset, tmp_path)
 
 
 def _write_legacy_imatrix(path: Path, values: dict[str, np.ndarray], ncall: int) -> None:
@@ -88,9 +80,9 @@ def test_imatrix_is_read_and_used_like_llama_quantize(checkpoint, tmp_path, fmt)
     assert ours.manifest["imatrix"]["tensors"] == len(names)
     ref = tmp_path / "ref.gguf"
     llama_quantize(lossless, ref, PRESETS["Q4_K_M"].file_type, threads=2, imatrix=loaded)
-    a, b = tensors(ours.path / "text.gguf"), tensors(ref)
+    a, b = gguf_tensors(ours.path / "text.gguf"), gguf_tensors(ref)
     assert a == b
-    plain = tensors(convert(ckpt, tmp_path / "plain", preset="Q4_K_M").path / "text.gguf")
+    plain = gguf_tensors(convert(ckpt, tmp_path / "plain", preset="Q4_K_M").path / "text.gguf")
     assert plain["blk.0.attn_q.weight"] != a["blk.0.attn_q.weight"]  # the imatrix did change the result
 
 

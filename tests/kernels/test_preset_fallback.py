@@ -10,13 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import gguf
-import numpy as np
 import pytest
 
 from medgemma_cli.conversion import convert
-from medgemma_cli.kernels.llama_quantize import llama_quantize
 from medgemma_cli.kernels.policy import PRESETS
 from medgemma_cli.synthetic import SHAPES, Shape, make_checkpoint
+from oracle import assert_same_as_llama_quantize, gguf_tensors
 
 Q = gguf.GGMLQuantizationType
 
@@ -27,8 +26,6 @@ W640 = Shape("w640", text={"vocab_size": 1024, "hidden_size": 640, "intermediate
              vision=SHAPES["tiny"].vision, image_tokens=4, sp_pieces=1000)
 
 
-def tensors(path: Path) -> dict[str, tuple[str, bytes]]:
-    return {t.name: (Q(t.tensor_type).name, np.asarray(t.data).tobytes()) for t in gguf.GGUFReader(path).tensors}
 
 
 @pytest.fixture(scope="module")
@@ -44,18 +41,12 @@ def wide640(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_every_preset_falls_back_like_llama_quantize(wide640, preset, tmp_path):
     ckpt, lossless = wide640
-    ours = convert(ckpt, tmp_path / "ours", preset=preset).path / "text.gguf"
-    ref = tmp_path / "ref.gguf"
-    llama_quantize(lossless, ref, PRESETS[preset].file_type, threads=2)
-    a, b = tensors(ours), tensors(ref)
-    assert {k: v[0] for k, v in a.items()} == {k: v[0] for k, v in b.items()}  # same types, tensor by tensor
-    differing = [k for k in a if a[k][1] != b[k][1]]
-    assert not differing, differing[:5]
+    assert_same_as_llama_quantize(ckpt, lossless, preset, tmp_path)
 
 
 def test_q4_0_embedding_falls_back_to_q8_0(wide640, tmp_path):
     """The case of the issue, spelled out: Q4_0 keeps its own type where rows allow, Q8_0 for the embedding."""
     ckpt, _ = wide640
-    types = {k: v[0] for k, v in tensors(convert(ckpt, tmp_path / "q", preset="Q4_0").path / "text.gguf").items()}
+    types = {k: v[0] for k, v in gguf_tensors(convert(ckpt, tmp_path / "q", preset="Q4_0").path / "text.gguf").items()}
     assert types["token_embd.weight"] == "Q8_0"
     assert types["blk.0.ffn_up.weight"] == types["blk.0.attn_q.weight"] == "Q4_0"
