@@ -139,7 +139,7 @@ def make_units(folder: Path, files: list[Path], unit: str = "series") -> list[Un
         try:
             ds = dicom.read(f, pixels=False) if is_dicom else None
         except InputError as e:
-            units[_hash(rel)] = Unit(_hash(rel), "file" if unit == "file" else unit, [f], error=e.problem)
+            units[_hash(rel)] = Unit(_hash(rel), unit, [f], error=e.problem)
             continue
         modality = str(ds.get("Modality", "") or "") if ds is not None else ""
         if unit == "file":

@@ -6,17 +6,15 @@ from __future__ import annotations
 import os
 import re
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-_CONTROL_AND_NEWLINES = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # newlines too: what is shown is one line
 
 
-def printable(text: object, *, keep_newlines: bool = False) -> str:
+def printable(text: object) -> str:
     """`text` with undecodable bytes (surrogate escapes from os.fsdecode) as `\\xNN` and control characters
-    (ESC, BEL, CR…) as `\\xNN`/`\\n`; printable Unicode is left alone."""
+    (ESC, BEL, CR, newlines…) as `\\xNN`/`\\n`; printable Unicode is left alone."""
     s = str(text)
     if any("\udc80" <= c <= "\udcff" for c in s):  # a name that was not UTF-8 on disk
         s = os.fsencode(s).decode("utf-8", "backslashreplace")
     elif any("\ud800" <= c <= "\udfff" for c in s):
         s = s.encode("utf-8", "backslashreplace").decode("utf-8")
-    pattern = _CONTROL if keep_newlines else _CONTROL_AND_NEWLINES
-    return pattern.sub(lambda m: repr(m.group())[1:-1], s)
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], s)

@@ -113,10 +113,15 @@ class HeaderValueError(ValueError):
         super().__init__(f"{keyword} {_shown(value)} {why}")
 
 
+def _values(value: Any) -> list[Any]:
+    """A header value as the list of its values (pydicom gives a MultiValue for several, the value for one)."""
+    from pydicom.multival import MultiValue
+
+    return list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+
+
 def _shown(value: Any) -> str:
-    several = isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue"
-    text = "\\".join(str(v) for v in value) if several else str(value)
-    return repr(text[:40])
+    return repr("\\".join(str(v) for v in _values(value))[:40])
 
 
 def numbers(item: Dataset, keyword: str, count: int | None = None) -> list[float] | None:
@@ -124,9 +129,8 @@ def numbers(item: Dataset, keyword: str, count: int | None = None) -> list[float
     value = item.get(keyword)
     if value is None or value == "":
         return None
-    values = list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
     try:
-        out = [float(v) for v in values]
+        out = [float(v) for v in _values(value)]
     except (TypeError, ValueError, OverflowError):
         raise HeaderValueError(keyword, value) from None
     if not out or (count is not None and len(out) != count):
@@ -219,16 +223,16 @@ def is_sr(ds: Dataset) -> bool:
     return ds.get("Modality") == "SR" or ("ContentSequence" in ds and "PixelData" not in ds)
 
 
-def decode_frame(ds: Dataset, path: Path, index: int) -> np.ndarray:
-    """One decoded frame, [rows, cols] or [rows, cols, 3] (colour already RGB, palettes applied).
+def decode_frame(ds: Dataset, path: Path, index: int, n: int) -> np.ndarray:
+    """Frame `index` of `n`, decoded: [rows, cols] or [rows, cols, 3] (colour already RGB, palettes applied).
+    Called on objects `assemble` has checked (limits.check_dicom_pixels), which gave `n`.
 
     Frame by frame: only the frames sampled are decoded, and a 120-frame YBR ultrasound is not converted to RGB
     in float64 all at once (0.9 GB for a 6 MB file)."""
     from pydicom.pixels import apply_color_lut, pixel_array
 
-    from medgemma_cli.inputs.limits import check_dicom_pixels, reduction
+    from medgemma_cli.inputs.limits import reduction
 
-    n = check_dicom_pixels(ds, path)  # before decoding: sizes, frame count, the codestream's own header
     factor = reduction(ds)
     try:
         arr = _decode_reduced(ds, index, n, factor) if factor > 1 else pixel_array(ds, index=index if n > 1 else None)
@@ -398,6 +402,7 @@ class Slice:
     frame: int
     position: float | None
     instance: int | None
+    frames: int = 1  # in the object: its NumberOfFrames, checked
 
 
 @dataclass
@@ -486,10 +491,10 @@ def assemble(datasets: list[tuple[Path, Any]], max_slices: int = MAX_SLICES) -> 
             uid = f"{uid}/{ds.get('SOPInstanceUID', '') or path}"  # a multi-frame object is its own volume
         try:
             instance = integer(ds, "InstanceNumber")
-            slices = [Slice(path, ds, f, _position(ds, f), instance) for f in range(n)]
+            slices = [Slice(path, ds, f, _position(ds, f), instance, n) for f in range(n)]
         except HeaderValueError as e:
             if n > 1:  # the frames of one object: its own order is the frame order
-                slices = [Slice(path, ds, f, None, None) for f in range(n)]
+                slices = [Slice(path, ds, f, None, None, n) for f in range(n)]
             else:
                 slices = [Slice(path, ds, 0, None, None)]
                 faults.setdefault(uid, []).append((path, str(e)))
@@ -529,15 +534,12 @@ def render_volume(vol: Volume) -> list[np.ndarray]:
 
     A slice that cannot be rendered, or renders blank, is an error for a lone image; in a series it is left
     out (`vol.slices` shrinks) and `vol.notes` says which and why, as long as one slice is left."""
-    def frame_of(s: Slice) -> np.ndarray:
-        return decode_frame(s.ds, s.path, s.frame)
-
     mr_values: dict[int, np.ndarray] = {}  # MR grey slices: scaled together once all are read
 
     def one(s: Slice) -> np.ndarray | None:
         notes: list[str] = []
         with reading(s.path):
-            f = shrink(frame_of(s))
+            f = shrink(decode_frame(s.ds, s.path, s.frame, s.frames))
             if vol.modality == "MR" and f.ndim == 2:
                 x = modality_values(s.ds, f, s.frame)
                 if float(x.max()) == float(x.min()):
