@@ -86,12 +86,7 @@ def bombs(workdir: Path) -> list[tuple[str, list[tuple[str, bytes]] | Path]]:
            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
     out.append((f"16-bit PNG, 16384², {len(png) >> 10} KB", [("bomb.png", png)]))
 
-    text_ops = b"BT /F1 12 Tf 72 720 Td (" + b"A" * 200 + b") Tj ET\n"
-    stream = zlib.compress(text_ops * 600_000, 9)  # ~150 MB of text operators
-    pdf = fuzzing.minimal_pdf("x").replace(b"<< /Length", b"<< /Filter /FlateDecode /Length", 1)
-    head, _, tail = pdf.partition(b"stream\n")
-    body_end = tail.index(b"\nendstream")
-    pdf = head.replace(b"/Length %d" % body_end, b"/Length %d" % len(stream)) + b"stream\n" + stream + tail[body_end:]
+    pdf = fuzzing.pdf_inflate_bomb(150)
     out.append((f"PDF note, {len(pdf) >> 10} KB, a compressed content stream of ~150 MB", [("bomb.pdf", pdf)]))
 
     for mb in (50, 500):
@@ -136,7 +131,7 @@ def run_campaign(fz: fuzzing.Fuzzer, per_kind: int, seed: int) -> None:
     signatures: collections.Counter[str] = collections.Counter()
     total = collections.Counter()
     groups = [(k, list(fuzzing.cases(k, per_kind, seed))) for k in fuzzing.KINDS]
-    files = [p for p in _shipped() if p.is_file()]
+    files = fuzzing.shipped_dicom_files()
     groups.append(("pydicom's own files", [fuzzing.Case("file", 0, [(p.name, p.read_bytes())]) for p in files]))
     for kind, cases in groups:
         c = collections.Counter()
@@ -160,19 +155,6 @@ def run_campaign(fz: fuzzing.Fuzzer, per_kind: int, seed: int) -> None:
         print("\nFault signatures:")
         for sig, n in signatures.most_common():
             print(f"- {n} × {sig}")
-
-
-def _shipped() -> list[Path]:
-    import pydicom
-
-    roots = [Path(pydicom.__file__).parent / "data" / "test_files"]
-    try:
-        import data_store
-
-        roots.append(Path(data_store.__file__).parent / "data")
-    except ImportError:
-        pass
-    return [p for r in roots for p in sorted(r.rglob("*")) if p.suffix != ".py"]
 
 
 def main() -> None:

@@ -126,6 +126,31 @@ def minimal_pdf(text: str) -> bytes:
     return bytes(out)
 
 
+def pdf_inflate_bomb(megabytes: int = 150) -> bytes:
+    """A valid PDF of ~0.5 MB whose one content stream (FlateDecode) inflates to `megabytes` of text operators."""
+    import zlib
+
+    line = b"BT /F1 12 Tf 72 720 Td (" + b"A" * 200 + b") Tj ET\n"
+    stream = zlib.compress(line * (megabytes * 4000), 9)
+    pdf = minimal_pdf("x").replace(b"<< /Length", b"<< /Filter /FlateDecode /Length", 1)
+    head, _, tail = pdf.partition(b"stream\n")
+    end = tail.index(b"\nendstream")
+    return head.replace(b"/Length %d" % end, b"/Length %d" % len(stream)) + b"stream\n" + stream + tail[end:]
+
+
+def shipped_dicom_files() -> list[Path]:
+    """Every file pydicom ships with its tests, and pydicom-data's (a test extra) when installed: on disk, never
+    downloaded. Many are deliberately malformed."""
+    roots = [_pydicom_test_files()]
+    try:
+        import data_store  # pydicom-data
+
+        roots.append(Path(data_store.__file__).parent / "data")
+    except ImportError:
+        pass
+    return [p for root in roots for p in sorted(root.rglob("*")) if p.is_file() and p.suffix != ".py"]
+
+
 # ---------------------------------------------------------------- mutators
 
 _DS_BAD = [b"NaN ", b"inf ", b"-inf", b"1e308 ", b"0 ", b"-5 ", b"abc ", b"", b"1\\2 ", b"1e-300"]

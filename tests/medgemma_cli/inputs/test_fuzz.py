@@ -5,9 +5,6 @@ no answer with zero images when images were given."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pydicom
 import pytest
 
 from medgemma_cli.testing import fuzz as fuzzing
@@ -37,19 +34,8 @@ def test_mutants_fail_cleanly(fuzzer, kind):
     assert not failures, _report(failures)
 
 
-def _shipped_dicom_files() -> list[Path]:
-    roots = [Path(pydicom.__file__).parent / "data" / "test_files"]
-    try:
-        import data_store  # pydicom-data, a test extra: its files are on disk, nothing is downloaded
-
-        roots.append(Path(data_store.__file__).parent / "data")
-    except ImportError:
-        pass
-    return [p for root in roots for p in sorted(root.rglob("*")) if p.is_file() and p.suffix != ".py"]
-
-
 def test_every_file_pydicom_ships_reads_or_fails_cleanly(fuzzer):
-    files = _shipped_dicom_files()
+    files = fuzzing.shipped_dicom_files()
     assert len(files) > 150
     failures = []
     for path in files:

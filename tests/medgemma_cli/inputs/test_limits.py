@@ -173,11 +173,7 @@ def test_a_large_dicom_jpeg_is_decoded_at_reduced_resolution(tmp_path, monkeypat
 def test_a_pdf_whose_content_inflates_to_150_mb_is_bounded(tmp_path):
     from medgemma_cli.testing import fuzz as fuzzing
 
-    stream = zlib.compress((b"BT /F1 12 Tf 72 720 Td (" + b"A" * 200 + b") Tj ET\n") * 600_000, 9)
-    pdf = fuzzing.minimal_pdf("x").replace(b"<< /Length", b"<< /Filter /FlateDecode /Length", 1)
-    head, _, tail = pdf.partition(b"stream\n")
-    end = tail.index(b"\nendstream")
-    pdf = head.replace(b"/Length %d" % end, b"/Length %d" % len(stream)) + b"stream\n" + stream + tail[end:]
+    pdf = fuzzing.pdf_inflate_bomb(150)
     (tmp_path / "bomb.pdf").write_bytes(pdf)
     r = _collect_bounded(tmp_path / "bomb.pdf", limit_gb=1.0)
     assert r.returncode == 0 and "bomb.pdf" in r.stdout, r.stdout + r.stderr[-2000:]
