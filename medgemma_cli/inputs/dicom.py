@@ -24,6 +24,7 @@ import numpy as np
 from medgemma_cli.defaults import MAX_SLICES
 from medgemma_cli.errors import InputError
 from medgemma_cli.offline import import_pydicom
+from medgemma_cli.printable import printable
 
 if TYPE_CHECKING:
     from pydicom import Dataset
@@ -300,14 +301,27 @@ def modality_values(ds: Dataset, frame: np.ndarray, index: int) -> np.ndarray:
     return x
 
 
-def window(x: np.ndarray, center: float, width: float) -> np.ndarray:
-    """DICOM linear VOI windowing (PS3.3 C.11.2.1.2.1) straight to 0–255."""
+def window(x: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """DICOM VOI windowing straight to 0–255, by the header's VOILUTFunction (PS3.3 C.11.2.1.2–3): LINEAR (the
+    default), LINEAR_EXACT, or SIGMOID — which keeps some contrast outside the window, where LINEAR clips."""
+    if function == "SIGMOID":
+        if width <= 0:
+            raise ValueError("window width not above 0")
+        return 255.0 / (1.0 + np.exp(np.clip(-4.0 * (x - center) / width, -700.0, 700.0)))
+    if function == "LINEAR_EXACT":
+        if width <= 0:
+            raise ValueError("window width not above 0")
+        y = ((x - center) / width + 0.5) * 255.0
+        return np.where(x <= center - width / 2, 0.0, np.where(x > center + width / 2, 255.0, y))
     if width < 1:
         raise ValueError("window width below 1")
     lo = center - 0.5 - (width - 1) / 2
     hi = center - 0.5 + (width - 1) / 2
     y = ((x - (center - 0.5)) / (width - 1) + 0.5) * 255.0
     return np.where(x <= lo, 0.0, np.where(x > hi, 255.0, y))
+
+
+VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
 
 
 def to_uint8(y: np.ndarray) -> np.ndarray:
@@ -367,8 +381,14 @@ def render_2d(ds: Dataset, frame: np.ndarray, index: int = 0, notes: list[str] |
         elif "WindowCenter" in ds and "WindowWidth" in ds:
             why = "its window"
             center, width = number(ds, "WindowCenter"), number(ds, "WindowWidth")
+            function = str(ds.get("VOILUTFunction", "") or "LINEAR").strip().upper()
+            if function not in VOI_FUNCTIONS:
+                if notes is not None:
+                    notes.append(f"VOILUTFunction {printable(function)!r} is not a DICOM one; its window is applied "
+                                 "as LINEAR")
+                function = "LINEAR"
             if center is not None and width is not None:
-                y = window(x, center, width)
+                y = window(x, center, width, function)
     except (ValueError, TypeError, IndexError, AttributeError, KeyError) as e:
         if notes is not None:
             notes.append(f"{why} is unusable ({e}); the full range of values is shown")

@@ -74,6 +74,29 @@ def test_monochrome1_chest_cr_windowed_and_inverted():
     assert (got[..., 0] == got[..., 2]).all()
 
 
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+def test_the_window_follows_voi_lut_function(tmp_path, function):
+    """SIGMOID keeps contrast beyond the window where LINEAR clips it; pydicom's windowing is the reference."""
+    ds = pydicom.dcmread(data("RG1_UNCR.dcm"))
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    for keyword in ("VOILUTSequence", "WindowCenterWidthExplanation"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = 1200, 600, function
+    ds.save_as(tmp_path / "cr.dcm")
+    arr = apply_modality_lut(ds.pixel_array, ds)
+    expected = u8(apply_voi_lut(arr, ds, index=0).astype(np.float64) / (2**ds.BitsStored - 1) * 255)
+    got = dicom.render_2d(ds, ds.pixel_array)[..., 0]
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+    inside = (arr > 900) & (arr < 1500)
+    beyond = arr > 1600
+    assert inside.any() and beyond.any()
+    if function == "SIGMOID":  # values past the window still differ from one another
+        assert len(np.unique(got[beyond])) > 1
+    else:
+        assert (got[beyond] == 255).all()
+
+
 def test_voi_lut_sequence():
     ds = pydicom.dcmread(data("vlut_04.dcm"))
     lut = apply_voi_lut(ds.pixel_array, ds).astype(np.float64)
