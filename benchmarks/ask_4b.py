@@ -33,8 +33,9 @@ def main() -> None:
     from medgemma_cli.bench import memory_bandwidth
     from medgemma_cli.conversion import convert
     from medgemma_cli.inputs.collect import collect
+    from medgemma_cli.llama.engine import Engine, Timings
+    from medgemma_cli.llama.model_files import resolve_model
     from medgemma_cli.prompt import build_messages
-    from medgemma_cli.runtime import Engine, Timings, resolve_model
     from medgemma_cli.synthetic import make_checkpoint
 
     src = args.work / "synthetic-4b-bf16"
@@ -63,14 +64,14 @@ def main() -> None:
     chunks = engine.chunks(engine.render(build_messages("Describe the findings of a chest X-ray.", inputs)), [])
     t = Timings()
     engine.prefill(chunks, t)
-    _, _, n, _ = engine.generate(args.decode_tokens, timings=t, stop_at_eos=False)
+    n = engine.generate(args.decode_tokens, timings=t, stop_at_eos=False).tokens
     ours = n / t.decode_s
     prompt = [tok for _, p in chunks.parts for tok in p]
     engine.close()
     # a bare llama-cpp-python loop on the same GGUF, and on llama.cpp's own file of the same weights
     from llama_cpp_reference import layout, reference_gguf, same_tensors
 
-    from medgemma_cli.llama_loader import load_llama
+    from medgemma_cli.llama.loader import load_llama
 
     bf16 = args.work / "ask-4b-bf16"
     if not (bf16 / "manifest.json").is_file():

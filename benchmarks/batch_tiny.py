@@ -84,13 +84,15 @@ def local(folder: Path, model: Path, out: Path, threads: int, max_tokens: int) -
 
 def bare(folder: Path, model: Path, threads: int, max_tokens: int) -> dict:
     """The model alone: every unit's inputs rendered beforehand, then only encode, prefill and decode are timed."""
-    from medgemma_cli.batch import make_units, walk
+    from medgemma_cli.batch.units import make_units
     from medgemma_cli.inputs.collect import collect
-    from medgemma_cli.runtime import Engine, resolve_model
-    from medgemma_cli.session import PrefixSession
+    from medgemma_cli.inputs.walk import IMAGE_INPUTS, walk
+    from medgemma_cli.llama.engine import Engine
+    from medgemma_cli.llama.model_files import resolve_model
+    from medgemma_cli.llama.session import PrefixSession
 
     files = resolve_model(model)
-    units = make_units(folder, walk(folder).files, "series")
+    units = make_units(folder, walk(folder, IMAGE_INPUTS).files, "series")
     inputs = [collect(u.files, files.vision["image_size"]) for u in units]
     engine = Engine(files, n_ctx=8192, threads=threads, vision_backend="mtmd")
     t0 = time.perf_counter()
@@ -111,7 +113,7 @@ def server(folder: Path, model: Path, out_dir: Path, max_tokens: int, workers: l
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    serve = ("from medgemma_cli.llama_loader import apply_to_process; apply_to_process(); import runpy; "
+    serve = ("from medgemma_cli.llama.loader import apply_to_process; apply_to_process(); import runpy; "
              "runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)")
     proc = subprocess.Popen([sys.executable, "-c", serve, "--model", str(model / "text.gguf"),
                              "--clip_model_path", str(model / "mmproj.gguf"), "--chat_format", "mtmd",

@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--build-only", action="store_true", help="make the files (cached in --work), time nothing")
     args = ap.parse_args()
     from medgemma_cli.conversion import convert
-    from medgemma_cli.llama_loader import verdict
+    from medgemma_cli.llama.loader import verdict
     from medgemma_cli.synthetic import make_checkpoint
 
     name = f"synthetic-{args.shape}" + (f"-{args.layers}l" if args.layers else "") + "-bf16-text"

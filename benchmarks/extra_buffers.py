@@ -28,7 +28,7 @@ def main() -> None:
     os.environ.setdefault("MEDGEMMA_HOME", str(args.work / "home"))
 
     from medgemma_cli.bench import end_to_end, synthetic_gguf
-    from medgemma_cli.llama_loader import verdict
+    from medgemma_cli.llama.loader import verdict
     from medgemma_cli.machine import cpu_model, physical_cores
 
     v = verdict()

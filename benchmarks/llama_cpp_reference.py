@@ -124,7 +124,7 @@ def _child(files: dict[str, str], extra_buffers: bool, rounds: int, threads: int
            decode_tokens: int) -> None:
     from llama_cpp import _logger
 
-    from medgemma_cli.llama_loader import buffer_types_used, load_llama
+    from medgemma_cli.llama.loader import buffer_types_used, load_llama
 
     _logger.set_verbose(False)
     models, loads, buffers = {}, {}, {}

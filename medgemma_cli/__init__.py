@@ -44,7 +44,7 @@ def __getattr__(name: str):  # lazy, so `medgemma --help` does not load numpy, g
         "classify": "medgemma_cli.siglip", "embed": "medgemma_cli.siglip", "run_bench": "medgemma_cli.bench",
         "run_batch": "medgemma_cli.batch",
         "ServerOptions": "medgemma_cli.batch", "ClassifyOptions": "medgemma_cli.batch",
-        "write_report": "medgemma_cli.report", "run_doctor": "medgemma_cli.doctor",
+        "write_report": "medgemma_cli.batch.report", "run_doctor": "medgemma_cli.doctor",
     }
     if name in lazy:
         import importlib

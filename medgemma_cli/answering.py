@@ -13,10 +13,11 @@ from medgemma_cli.errors import MedgemmaError
 from medgemma_cli.inputs import dicom
 from medgemma_cli.inputs.collect import Collected, collect
 from medgemma_cli.inputs.images import save_png
+from medgemma_cli.llama.engine import Engine, Timings
+from medgemma_cli.llama.model_files import ModelFiles, resolve_model
+from medgemma_cli.llama.session import PrefixSession, Turn
 from medgemma_cli.native import quiet_stderr
 from medgemma_cli.prompt import build_messages, truncate_notes
-from medgemma_cli.runtime import Engine, ModelFiles, Timings, resolve_model
-from medgemma_cli.session import PrefixSession, Turn
 
 NOTE_BYTES_PER_TOKEN = 8  # above what any text costs a Gemma token (CJK: ~3 bytes a character, ~1.5 a token)
 
@@ -57,11 +58,38 @@ class AskResult:
         return asdict(self)
 
 
+@dataclass
+class ContextFit:
+    """The notes as they will be sent (truncated visibly if they had to be) and the context that holds them."""
+    notes: list[tuple[str, str]]
+    n_ctx: int
+    warnings: list[str]
+
+
+@dataclass
+class _Prepared:
+    model: ModelFiles
+    inputs: Collected
+    fit: ContextFit
+
+
+@dataclass
+class Conversation:
+    """A model loaded and the inputs encoded once (`open_session`): ask with `session`, then `close()`."""
+    session: PrefixSession
+    model: ModelFiles
+    warnings: list[str]  # from planning the context (the inputs' own are in session.inputs.warnings)
+    saved_inputs: list[str] = field(default_factory=list)
+
+    def close(self) -> None:
+        self.session.engine.close()
+
+
 class _Counter:
     """Exact token counts before the model is loaded, with the model's own vocabulary (loads in a blink)."""
 
     def __init__(self, files: ModelFiles):
-        from medgemma_cli.llama_loader import load_llama
+        from medgemma_cli.llama.loader import load_llama
 
         with quiet_stderr():
             self.llm = load_llama(files.text, vocab_only=True, verbose=False)
@@ -73,7 +101,7 @@ class _Counter:
 
 
 def plan_context(question: str, inputs: Collected, files: ModelFiles, opts: AskOptions,
-                 counter: _Counter, image_tokens: int) -> tuple[list[tuple[str, str]], int, list[str]]:
+                 counter: _Counter, image_tokens: int) -> ContextFit:
     """Notes and a context size that fit: notes are truncated visibly if they must be."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -110,12 +138,11 @@ def plan_context(question: str, inputs: Collected, files: ModelFiles, opts: AskO
                             f"{opts.max_tokens} to answer) but the context holds {limit}; send fewer images "
                             "(--max-slices), lower --max-tokens or raise --ctx")
     n_ctx = min(limit, max(256, -(-needed // 256) * 256))
-    return notes, n_ctx, warnings
+    return ContextFit(notes, n_ctx, warnings)
 
 
 def _prepare(question: str, files: list[Path] | None, model: Path | None, gguf: Path | None, mmproj: Path | None,
-             opts: AskOptions,
-             extra_tokens: int = 0) -> tuple[ModelFiles, Collected, list[tuple[str, str]], int, list[str]]:
+             opts: AskOptions, extra_tokens: int = 0) -> _Prepared:
     if not question.strip():
         raise MedgemmaError("the question is empty")
     model_files = resolve_model(model, gguf, mmproj)
@@ -133,23 +160,24 @@ def _prepare(question: str, files: list[Path] | None, model: Path | None, gguf: 
     text_tokens = counter.count(question + "".join(t for _, t in inputs.notes)) + 64 + extra_tokens
     room = limit - opts.max_tokens - text_tokens
     if inputs.images and len(inputs.images) * per_image > room and inputs.volumes:
-        fit = max(1, room // per_image)
+        slices_that_fit = max(1, room // per_image)
         before = len(inputs.images)
-        inputs = collect([Path(f) for f in files or []], image_size, min(opts.max_slices, fit),
+        inputs = collect([Path(f) for f in files or []], image_size, min(opts.max_slices, slices_that_fit),
                          scrub_identifiers=not opts.include_phi, note_bytes=note_bytes)
         inputs.warnings.append(f"too many images for a context of {limit} tokens: {len(inputs.images)} of "
                                f"{before} slices sent, sampled evenly")
     opts_for_plan = AskOptions(**{**opts.__dict__, "max_tokens": opts.max_tokens + extra_tokens})
-    notes, n_ctx, warnings = plan_context(question, inputs, model_files, opts_for_plan, counter, image_tokens)
+    fit = plan_context(question, inputs, model_files, opts_for_plan, counter, image_tokens)
     if extra_tokens:
-        n_ctx = limit  # a conversation gets the whole context it was given
+        fit.n_ctx = limit  # a conversation gets the whole context it was given
     if opts.save_input is not None:
         opts.save_input.mkdir(parents=True, exist_ok=True)
-    return model_files, inputs, notes, n_ctx, warnings
+    return _Prepared(model_files, inputs, fit)
 
 
-def _result(model_files: ModelFiles, engine: Engine, inputs: Collected, warnings: list[str], turn: Turn,
-            prefill: Timings, opts: AskOptions, saved: list[str], t_start: float) -> AskResult:
+def _result(conversation: Conversation, turn: Turn, prefill: Timings, opts: AskOptions, t_start: float
+            ) -> AskResult:
+    model_files, engine, inputs = conversation.model, conversation.session.engine, conversation.session.inputs
     t = turn.timings
     return AskResult(
         answer=turn.answer,
@@ -160,7 +188,7 @@ def _result(model_files: ModelFiles, engine: Engine, inputs: Collected, warnings
         inputs=[{"path": str(r.path), "sha256": r.sha256, "kind": r.kind, "rendering": r.detail}
                 for r in inputs.records],
         images_sent=len(inputs.images),
-        warnings=inputs.warnings + warnings,
+        warnings=inputs.warnings + conversation.warnings,
         tokens={"prompt": turn.prompt_tokens, "completion": turn.completion_tokens},
         timings={"load_s": round(engine.load_s, 3), "image_encode_s": round(prefill.image_encode_s, 3),
                  "prefill_s": round(prefill.prefill_s + t.prefill_s, 3),
@@ -170,7 +198,7 @@ def _result(model_files: ModelFiles, engine: Engine, inputs: Collected, warnings
                                          if t.decode_s and turn.completion_tokens else 0.0),
                  "total_s": round(time.perf_counter() - t_start, 3)},
         stopped=turn.stopped,
-        saved_inputs=saved,
+        saved_inputs=conversation.saved_inputs,
         identifiers_removed=inputs.identifiers_removed,
     )
 
@@ -187,21 +215,20 @@ def _save_inputs(inputs: Collected, folder: Path | None) -> list[str]:
 
 def open_session(question_hint: str, files: list[Path] | None, *, model: Path | None = None, gguf: Path | None = None,
                  mmproj: Path | None = None, options: AskOptions | None = None, extra_tokens: int = 0
-                 ) -> tuple[PrefixSession, ModelFiles, list[str], list[str]]:
+                 ) -> Conversation:
     """Load the model and encode the inputs once; answer questions with the returned session."""
     opts = options or AskOptions()
-    model_files, inputs, notes, n_ctx, warnings = _prepare(question_hint, files, model, gguf, mmproj, opts,
-                                                           extra_tokens)
-    saved = _save_inputs(inputs, opts.save_input)
-    engine = Engine(model_files, n_ctx=n_ctx, threads=opts.threads, gpu_layers=opts.gpu_layers, verbose=opts.verbose,
-                    vision_backend=opts.vision_backend)
-    session = PrefixSession(engine, inputs, opts.system, opts.with_metadata, notes)
+    plan = _prepare(question_hint, files, model, gguf, mmproj, opts, extra_tokens)
+    saved = _save_inputs(plan.inputs, opts.save_input)
+    engine = Engine(plan.model, n_ctx=plan.fit.n_ctx, threads=opts.threads, gpu_layers=opts.gpu_layers,
+                    verbose=opts.verbose, vision_backend=opts.vision_backend)
+    session = PrefixSession(engine, plan.inputs, opts.system, opts.with_metadata, plan.fit.notes)
     try:
         session.start()
     except BaseException:
         engine.close()
         raise
-    return session, model_files, warnings, saved
+    return Conversation(session, plan.model, plan.fit.warnings, saved)
 
 
 def ask(question: str, files: list[Path] | None = None, *, model: Path | None = None, gguf: Path | None = None,
@@ -221,8 +248,8 @@ def ask_many(questions: list[str], files: list[Path] | None = None, *, model: Pa
         raise MedgemmaError("no question given")
     t_start = time.perf_counter()
     longest = max(questions, key=len)
-    session, model_files, warnings, saved = open_session(longest, files, model=model, gguf=gguf, mmproj=mmproj,
-                                                         options=opts)
+    conversation = open_session(longest, files, model=model, gguf=gguf, mmproj=mmproj, options=opts)
+    session = conversation.session
     results: list[AskResult] = []
     try:
         for q in questions:
@@ -230,8 +257,8 @@ def ask_many(questions: list[str], files: list[Path] | None = None, *, model: Pa
                 raise MedgemmaError("the question is empty")
             turn = session.ask(q, opts.max_tokens, opts.temperature, opts.seed, opts.show_thinking, on_text)
             first = not results
-            results.append(_result(model_files, session.engine, session.inputs, warnings, turn,
-                                   session.prefill_timings if first else Timings(), opts, saved, t_start))
+            results.append(_result(conversation, turn, session.prefill_timings if first else Timings(), opts,
+                                   t_start))
     finally:
-        session.engine.close()
+        conversation.close()
     return results

@@ -25,7 +25,7 @@ from medgemma_cli.converters.gguf_stream import begin_gguf, misaligned_tensors, 
 from medgemma_cli.kernels import ggml
 from medgemma_cli.kernels.matmul import MatmulFigure, matmul_throughput
 from medgemma_cli.kernels.policy import PRESETS, nbytes, text_tensor_type
-from medgemma_cli.llama_loader import load_llama
+from medgemma_cli.llama.loader import load_llama
 from medgemma_cli.machine import physical_cores, total_memory_bytes
 
 
@@ -152,7 +152,7 @@ def end_to_end(path: Path, shape: str, preset: str, threads: int, prompt_tokens:
     buffer types as this machine's verdict says (or as `extra_buffers` says)."""
     from llama_cpp import _logger
 
-    from medgemma_cli.llama_loader import buffer_types_used, verdict
+    from medgemma_cli.llama.loader import buffer_types_used, verdict
 
     _logger.set_verbose(False)
     extra = verdict().enabled if extra_buffers is None else extra_buffers
@@ -212,7 +212,7 @@ def run_bench(shapes: list[str] | None = None, preset: str = "Q4_K_M", threads: 
               on_step: Callable[[str], None] | None = None, compare_extra_buffers: bool = False) -> BenchReport:
     """`compare_extra_buffers`: run each model with llama.cpp's extra buffer types off as well (where the
     verdict allows them on; they are never tried where the probe found them unsafe)."""
-    from medgemma_cli.llama_loader import verdict
+    from medgemma_cli.llama.loader import verdict
 
     step = on_step or (lambda s: None)
     phys = physical_cores()

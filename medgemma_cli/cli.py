@@ -319,7 +319,7 @@ def batch(
                   if classify_labels else None)
     remote = None
     if server is not None:
-        from medgemma_cli.remote import is_loopback
+        from medgemma_cli.batch.remote import is_loopback
 
         remote = ServerOptions(server, server_model, workers, image_size, timeout=timeout)
         if not is_loopback(server) and not server.lower().startswith("https://"):
@@ -359,7 +359,7 @@ def batch(
         t.caption = f"{s.retried} earlier error record(s) removed and tried again"
     out.print(t)
     if report is not None:
-        from medgemma_cli.report import write_report
+        from medgemma_cli.batch.report import write_report
 
         write_report(out_file, report)
         out.print(f"report: {shown(report)}")
@@ -410,13 +410,14 @@ def chat(
                       gpu_layers=gpu_layers, ctx=ctx, with_metadata=with_metadata, verbose=_DEBUG,
                       max_slices=max_slices, vision_backend=vision_backend.value, include_phi=include_phi)
     with err.status("reading the inputs and encoding the images…"):
-        session, model_files, warnings, _ = open_session("?", files or [], model=model, gguf=gguf, mmproj=mmproj,
-                                                         options=opts, extra_tokens=max(0, ctx // 2))
+        conversation = open_session("?", files or [], model=model, gguf=gguf, mmproj=mmproj, options=opts,
+                                    extra_tokens=max(0, ctx // 2))
+    session = conversation.session
     try:
-        for w in session.inputs.warnings + warnings:
+        for w in session.inputs.warnings + conversation.warnings:
             err.print(f"[yellow]note:[/] {shown(w)}")
         t = session.prefill_timings
-        err.print(f"[dim]{model_files.name} · {len(session.inputs.images)} image(s) encoded in "
+        err.print(f"[dim]{conversation.model.name} · {len(session.inputs.images)} image(s) encoded in "
                   f"{t.image_encode_s:.1f} s ({session.engine.vision_backend}) · /save FILE, /quit[/]")
         interactive = sys.stdin.isatty()
         while True:
@@ -453,7 +454,7 @@ def chat(
             err.print(f"[dim]first token {tt.first_token_s:.1f} s · {turn.completion_tokens} tokens · "
                       f"images encoded {session.engine.images_encoded} time(s) in total[/]")
     finally:
-        session.engine.close()
+        conversation.close()
 
 
 @app.command()

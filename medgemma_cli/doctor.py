@@ -8,7 +8,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from medgemma_cli import llama_loader, machine, store
+from medgemma_cli import machine, store
+from medgemma_cli.llama import loader as llama_loader
 
 
 @dataclass

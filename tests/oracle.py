@@ -11,7 +11,7 @@ def llama_logits(gguf_path: Path, ids: list[int]) -> np.ndarray:
     """Logits at every position from llama.cpp, one batch."""
     from llama_cpp import _logger
 
-    from medgemma_cli.llama_loader import load_llama
+    from medgemma_cli.llama.loader import load_llama
 
     _logger.set_verbose(False)
     llm = load_llama(gguf_path, n_ctx=512, n_batch=512, logits_all=True, verbose=False, n_threads=2)

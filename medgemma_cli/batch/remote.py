@@ -13,15 +13,21 @@ import io
 import ipaddress
 import json
 import os
+import queue
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from medgemma_cli.batch.prepare import Prepared, classification, prefetch
+from medgemma_cli.batch.records import Recorder
+from medgemma_cli.batch.units import Unit
 from medgemma_cli.errors import MedgemmaError
 from medgemma_cli.inputs.collect import Collected
 from medgemma_cli.prompt import build_messages
@@ -216,3 +222,78 @@ def _server_message(e: urllib.error.HTTPError) -> str:
     except json.JSONDecodeError:
         text = raw
     return " ".join(text.split())[:300] or str(e.reason)
+
+
+def answer_by_server(client: ChatServer, workers: int, todo: list[Unit], prepare: Callable[[Unit], Prepared], opts: Any,
+                      writer: Recorder, zero_shot: Any, on_progress: Callable[[int, int, str], None] | None) -> float:
+    """Up to `workers` requests in flight; records are appended here, in the order answers arrive.
+
+    The request threads are daemons (not a ThreadPoolExecutor, whose workers are joined at exit): Ctrl-C ends
+    the run at once instead of waiting for answers that would no longer be written."""
+    @dataclass
+    class State:
+        prepared: Prepared
+        remaining: int
+        classification: dict[str, Any] | None = None
+        failed: bool = False
+
+    jobs: queue.Queue = queue.Queue()
+    results: queue.Queue = queue.Queue()
+
+    def work() -> None:
+        while (job := jobs.get()) is not None:
+            state, q, messages = job
+            try:
+                results.put((state, q, client.chat(messages, opts.max_tokens, opts.temperature, opts.seed)))
+            except Exception as e:  # noqa: BLE001 - handed to the main thread, which decides
+                results.put((state, q, e))
+
+    for i in range(workers):
+        threading.Thread(target=work, name=f"medgemma-batch-request-{i}", daemon=True).start()
+    in_flight = finished_units = 0
+    request_seconds = 0.0
+
+    def settle(limit: int) -> None:
+        nonlocal in_flight, finished_units, request_seconds
+        while in_flight > limit:
+            state, q, reply = results.get()
+            in_flight -= 1
+            u = state.prepared.unit
+            if isinstance(reply, ServerError):
+                state.failed = True
+                writer.error(u, q, str(reply))
+            elif isinstance(reply, BaseException):
+                raise reply
+            else:
+                request_seconds += reply.seconds
+                writer.answer(u, q, len(state.prepared.inputs.images), reply.answer,
+                              {"total_s": round(reply.seconds, 3)},
+                              {"prompt": reply.prompt_tokens, "completion": reply.completion_tokens},
+                              state.classification, state.prepared.inputs)
+            state.remaining -= 1
+            if state.remaining == 0:
+                finished_units += 1
+                writer.failed += state.failed
+
+    try:
+        for p in prefetch(todo, prepare, depth=workers):
+            u = p.unit
+            if on_progress:
+                on_progress(finished_units, len(todo), u.id)
+            if p.error is not None or p.inputs is None:
+                writer.fail_unit(u, p.error or "nothing could be read")
+                finished_units += 1
+                continue
+            qs = writer.pending(u)
+            state = State(p, len(qs))
+            for q in qs:
+                jobs.put((state, q, chat_messages(q, p.inputs, p.image_uris, opts.system, opts.with_metadata)))
+                in_flight += 1
+            if zero_shot is not None and p.inputs.images:  # runs here while the server works
+                state.classification = classification(zero_shot, p.inputs)
+            settle(limit=2 * workers)  # a bounded queue: the folder is not read into memory ahead of the server
+        settle(limit=0)
+    finally:
+        for _ in range(workers):
+            jobs.put(None)
+    return request_seconds

@@ -25,7 +25,7 @@ from typing import Any
 from medgemma_cli import containment
 from medgemma_cli.errors import MedgemmaError
 from medgemma_cli.inputs.collect import Collected, PromptImage
-from medgemma_cli.runtime import ModelFiles
+from medgemma_cli.llama.model_files import ModelFiles
 
 PIPE_SIZE_TEST_ENV = "MEDGEMMA_TEST_PIPE_SIZE"  # tests only: small pipes, so that a protocol deadlock shows
 
@@ -115,7 +115,7 @@ class ModelWorker:
                 fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, int(os.environ[PIPE_SIZE_TEST_ENV]))
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "medgemma_cli.batch_worker", str(to_child_r), str(from_child_w),
+                [sys.executable, "-m", "medgemma_cli.batch.worker", str(to_child_r), str(from_child_w),
                  self._stage_path, str(os.getpid())], pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=None if self.config.verbose else subprocess.DEVNULL,
                 env={k: v for k, v in os.environ.items() if k != containment.STAGE_FILE_ENV})
@@ -230,8 +230,8 @@ def _write_jobs(conn: Connection, outbox: queue.Queue) -> None:
 def _serve(recv: Connection, send: Connection) -> None:
     from pathlib import Path
 
-    from medgemma_cli.runtime import Engine
-    from medgemma_cli.session import PrefixSession
+    from medgemma_cli.llama.engine import Engine
+    from medgemma_cli.llama.session import PrefixSession
 
     config: EngineConfig = recv.recv()
     t0 = time.perf_counter()

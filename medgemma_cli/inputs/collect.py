@@ -12,8 +12,9 @@ import numpy as np
 from medgemma_cli.checksums import sha256_file
 from medgemma_cli.errors import InputError
 from medgemma_cli.inputs import dicom, identifiers
-from medgemma_cli.inputs.images import is_image, load_rgb, resize_square
-from medgemma_cli.inputs.notes import NOTE_SUFFIXES, read_note
+from medgemma_cli.inputs.images import load_rgb, resize_square
+from medgemma_cli.inputs.notes import read_note
+from medgemma_cli.inputs.walk import MODEL_INPUTS, kind_of, walk
 from medgemma_cli.printable import printable
 
 
@@ -49,14 +50,15 @@ class Collected:
 
 
 def expand(paths: list[Path]) -> tuple[list[Path], list[str]]:
-    """Files named directly, plus every file under named folders (sorted; unreadable entries reported)."""
+    """Files named directly, plus the inputs under named folders (the walk `batch` uses; what it leaves out is
+    said in the warnings)."""
     files: list[Path] = []
     warnings: list[str] = []
     for p in paths:
         if p.is_dir():
-            for f in sorted(p.rglob("*")):
-                if f.is_file() and not f.name.startswith(".") and f.name != "DICOMDIR":
-                    files.append(f)
+            found = walk(p, MODEL_INPUTS)
+            files.extend(found.files)
+            warnings.extend(f"skipped {name}: {why}" for name, why in found.skipped)
         elif p.is_file():
             files.append(p)
         elif p.exists():
@@ -64,16 +66,6 @@ def expand(paths: list[Path]) -> tuple[list[Path], list[str]]:
         else:
             raise InputError(p, "no such file or folder")
     return files, warnings
-
-
-def kind_of(path: Path) -> str | None:
-    if dicom.is_dicom(path):
-        return "dicom"
-    if is_image(path):
-        return "image"
-    if path.suffix.lower() in NOTE_SUFFIXES:
-        return "note"
-    return None
 
 
 def collect(paths: list[Path], image_size: int | None, max_slices: int = dicom.MAX_SLICES,

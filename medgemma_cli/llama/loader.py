@@ -162,7 +162,7 @@ def run_probe(key: str | None = None, timeout: float = PROBE_TIMEOUT_S) -> Verdi
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="medgemma-probe-") as work:
         try:
-            r = subprocess.run([sys.executable, "-m", "medgemma_cli.llama_probe", work], capture_output=True,
+            r = subprocess.run([sys.executable, "-m", "medgemma_cli.llama.probe", work], capture_output=True,
                                text=True, timeout=timeout, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             return Verdict(False, "probe", f"the probe did not finish within {timeout:.0f} s", key,

@@ -1,4 +1,4 @@
-"""The extra-buffer probe, run as a child process: `python -m medgemma_cli.llama_probe WORK_DIR`.
+"""The extra-buffer probe, run as a child process: `python -m medgemma_cli.llama.probe WORK_DIR`.
 
 It writes a small model whose matmuls take the paths that crash where they crash (Q8_0 and Q4_K weights,
 rows and columns multiples of 256), evaluates a multi-token batch and a few single tokens with llama.cpp's
@@ -76,7 +76,7 @@ def run(path: Path, extra: bool) -> tuple[np.ndarray, list[str]]:
     """Logits at every position of a multi-token batch and of three single-token steps after it, and the weight
     buffers llama.cpp used."""
     from medgemma_cli.containment import crash_if_testing
-    from medgemma_cli.llama_loader import buffer_types_used, load_llama
+    from medgemma_cli.llama.loader import buffer_types_used, load_llama
 
     threads = min(4, os.cpu_count() or 1)
     with buffer_types_used() as buffers:

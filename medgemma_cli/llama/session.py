@@ -15,8 +15,8 @@ from typing import Any
 
 from medgemma_cli.errors import MedgemmaError
 from medgemma_cli.inputs.collect import Collected
+from medgemma_cli.llama.engine import Engine, Timings
 from medgemma_cli.prompt import build_messages
-from medgemma_cli.runtime import Engine, Timings
 
 _QUESTION = "\x00QUESTION\x00"
 TURN_END, USER_TURN, MODEL_TURN = "<end_of_turn>\n", "<start_of_turn>user\n", "<start_of_turn>model\n"
@@ -120,9 +120,9 @@ class PrefixSession:
         started = time.perf_counter()
         self.engine.decode_text(text, tokens=tokens)
         timings.prefill_s = time.perf_counter() - started
-        answer, thinking, n, stopped = self.engine.generate(max_tokens, temperature, seed, show_thinking, on_text,
-                                                            timings, started)
-        turn = Turn(question, answer.strip(), thinking.strip(), self.prefix_tokens + len(tokens), n, stopped, timings)
+        out = self.engine.generate(max_tokens, temperature, seed, show_thinking, on_text, timings, started)
+        turn = Turn(question, out.text.strip(), out.thinking.strip(), self.prefix_tokens + len(tokens), out.tokens,
+                    out.stopped, timings)
         if keep:
             self.history.append(turn)
         return turn

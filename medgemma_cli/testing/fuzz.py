@@ -365,8 +365,9 @@ def read_case(folder: Path) -> dict[str, Any]:
     one case's files."""
     import warnings
 
-    from medgemma_cli.batch import make_units, walk
-    from medgemma_cli.inputs.collect import collect, kind_of
+    from medgemma_cli.batch.units import make_units
+    from medgemma_cli.inputs.collect import collect
+    from medgemma_cli.inputs.walk import IMAGE_INPUTS, kind_of, walk
 
     warnings.simplefilter("ignore")
     files = sorted(p for p in folder.iterdir())
@@ -380,7 +381,7 @@ def read_case(folder: Path) -> dict[str, Any]:
     units_seen: list[dict[str, Any]] = []
 
     def batch(unit: str) -> dict[str, Any]:
-        w = walk(folder)
+        w = walk(folder, IMAGE_INPUTS)
         for u in make_units(folder, w.files, unit):
             if u.error:
                 units_seen.append({"status": "refused", "names_file": True, "message": u.error})

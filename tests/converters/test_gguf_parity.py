@@ -22,7 +22,7 @@ def reference_logits(hf_tiny, chat_prompt) -> np.ndarray:
 
 
 def test_llama_cpp_tokenizes_the_chat_prompt_like_transformers(convert_tiny, chat_prompt):
-    from medgemma_cli.llama_loader import load_llama
+    from medgemma_cli.llama.loader import load_llama
 
     text, ids = chat_prompt
     llm = load_llama(convert_tiny("F32") / "text.gguf", vocab_only=True, verbose=False)

@@ -21,8 +21,8 @@ def _hf_image_features(model, rgb: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("mmproj", ["F32", "F16"])
 def test_image_embeddings_match_transformers(convert_tiny, hf_tiny, mmproj):
-    from medgemma_cli.llama_loader import load_llama
-    from medgemma_cli.mtmd import MtmdVisionEncoder
+    from medgemma_cli.llama.loader import load_llama
+    from medgemma_cli.llama.mtmd import MtmdContext
 
     folder = convert_tiny("F32", mmproj)
     llm = load_llama(folder / "text.gguf", n_ctx=128, verbose=False)
@@ -32,9 +32,9 @@ def test_image_embeddings_match_transformers(convert_tiny, hf_tiny, mmproj):
     yy, xx = np.mgrid[0:size, 0:size]
     smooth = np.stack([xx * 255 // size, yy * 255 // size, (xx + yy) * 127 // size], -1).astype(np.uint8)
     noisy = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-    with MtmdVisionEncoder(llm, folder / "mmproj.gguf", threads=2) as enc:
+    with MtmdContext(llm, folder / "mmproj.gguf", threads=2) as enc:
         for rgb in (smooth, noisy):
-            got = enc.encode(rgb)
+            got = enc.encode_image(rgb)
             ref = _hf_image_features(hf_tiny, rgb)
             assert got.shape == ref.shape == (4, 256)
             cos = float((got * ref).sum() / np.linalg.norm(got) / np.linalg.norm(ref))

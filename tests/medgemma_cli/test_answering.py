@@ -19,42 +19,10 @@ from medgemma_cli.errors import InputError, MedgemmaError
 from medgemma_cli.inputs.collect import collect
 from medgemma_cli.inputs.images import resize_square
 from medgemma_cli.prompt import build_messages
-from medgemma_cli.runtime import Engine, resolve_model
 
 pytestmark = pytest.mark.slow
 CT = Path(get_testdata_file("CT_small.dcm", download=False))
 EMRI = Path(get_testdata_file("emri_small.dcm", download=False))
-NOTE_TEXT = "72-year-old smoker with three days of fever and productive cough."
-
-
-@pytest.fixture(scope="module")
-def model(convert_tiny) -> Path:
-    return convert_tiny("Q8_0")
-
-
-@pytest.fixture
-def note(tmp_path) -> Path:
-    p = tmp_path / "note.txt"
-    p.write_text(NOTE_TEXT + "\n")
-    return p
-
-
-def test_prompt_holds_images_slice_labels_and_note(model, note):
-    files = resolve_model(model)
-    inputs = collect([EMRI, note], 32)
-    engine = Engine(files, n_ctx=1024)
-    try:
-        chunks = engine.chunks(engine.render(build_messages("Any lesion?", inputs)), [i.rgb for i in inputs.images])
-        images = [p for kind, p in chunks.parts if kind == "image"]
-        assert images == [4] * 10  # one chunk of 4 embeddings per slice (tiny model)
-        text = "".join(engine.llm.detokenize(p, special=True).decode() for kind, p in chunks.parts if kind == "text")
-        for n in range(1, 11):
-            assert f"SLICE {n}" in text
-        assert NOTE_TEXT in text and text.index(NOTE_TEXT) < text.index("SLICE 1") < text.index("Any lesion?")
-        assert text.count("<start_of_image>") == text.count("<end_of_image>") == 10  # added by libmtmd
-        chunks.free()
-    finally:
-        engine.close()
 
 
 def test_ask_dicom_and_note(model, note, tmp_path):
@@ -85,7 +53,8 @@ def test_json_from_the_command_line(model, note, tmp_path):
     r = json.loads(proc.stdout)
     assert set(r) >= {"answer", "model", "inputs", "images_sent", "tokens", "timings", "warnings", "stopped"}
     assert r["timings"]["first_token_s"] > 0 and r["timings"]["image_encode_s"] > 0
-    assert "add_text" not in proc.stderr and NOTE_TEXT not in proc.stderr  # libmtmd's prompt log stays silent
+    # libmtmd's prompt log stays silent
+    assert "add_text" not in proc.stderr and note.read_text().strip() not in proc.stderr
 
 
 def test_metadata_only_safe_fields(model, tmp_path):
@@ -100,35 +69,6 @@ def test_metadata_only_safe_fields(model, tmp_path):
     assert "Doe" not in text and "998877" not in text and "1950" not in text
     r = ask("Q?", [p], model=model, options=AskOptions(max_tokens=4, with_metadata=True))
     assert "Doe" not in json.dumps(r.as_dict()) and "998877" not in json.dumps(r.as_dict())
-
-
-def test_image_embedding_matches_the_reference_processor_for_a_non_square_image(model, hf_tiny, tiny_ckpt, tmp_path):
-    """Our rendering + square resize + libmtmd equals transformers' processor + get_image_features."""
-    import torch
-    from PIL import Image
-    from transformers import AutoImageProcessor
-
-    from medgemma_cli.inputs.images import load_rgb
-    from medgemma_cli.llama_loader import load_llama
-    from medgemma_cli.mtmd import MtmdVisionEncoder
-
-    yy, xx = np.mgrid[0:40, 0:72]
-    src = np.stack([(xx * 3) % 256, (yy * 6) % 256, ((xx + yy) * 2) % 256], -1).astype(np.uint8)
-    path = tmp_path / "wide.png"
-    Image.fromarray(src).save(path)
-    ours_rgb = resize_square(load_rgb(path), 32)
-    llm = load_llama(model / "text.gguf", n_ctx=64, verbose=False)
-    with MtmdVisionEncoder(llm, model / "mmproj.gguf", threads=2) as enc:
-        got = enc.encode(ours_rgb)
-    proc = AutoImageProcessor.from_pretrained(tiny_ckpt)
-    px = proc(images=Image.open(path), return_tensors="pt")["pixel_values"]
-    assert tuple(px.shape) == (1, 3, 32, 32)
-    with torch.no_grad():
-        ref = hf_tiny.get_image_features(pixel_values=px)
-    ref = getattr(ref, "pooler_output", ref)
-    ref = (ref[0] if isinstance(ref, (list, tuple)) else ref).reshape(got.shape).numpy()
-    cos = float((got * ref).sum() / np.linalg.norm(got) / np.linalg.norm(ref))
-    assert cos >= 0.99999, cos
 
 
 def test_too_many_slices_for_the_context_are_resampled(model):
@@ -220,42 +160,3 @@ def test_models_from_elsewhere_and_from_the_store(model, tmp_path, monkeypatch):
     assert r.model["name"] == "tiny-q8"
     with pytest.raises(MedgemmaError, match=r"images need a vision projector|no vision projector"):
         ask("Describe.", [CT], gguf=model / "text.gguf", options=AskOptions(max_tokens=4))
-
-
-def test_thinking_trace_is_stripped_unless_asked(model, monkeypatch):
-    """Drive generate() with scripted logits: <unused94> thought <unused95> answer <end_of_turn>."""
-    files = resolve_model(model)
-    engine = Engine(files, n_ctx=128)
-    try:
-        n_vocab = engine._lib.llama_vocab_n_tokens(engine.vocab)
-        script = [engine.think_ids[0], engine.token_id("fever"), engine.think_ids[1], engine.token_id("cough"),
-                  engine.token_id("<end_of_turn>")]
-        assert None not in script
-        logits = iter(script)
-        real = engine._lib
-
-        class Scripted:
-            def __getattr__(self, name):
-                return getattr(real, name)
-
-            @staticmethod
-            def llama_get_logits_ith(ctx, i):
-                import ctypes
-
-                arr = np.zeros(n_vocab, np.float32)
-                arr[next(logits)] = 1.0
-                Scripted._keep = arr
-                return arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-
-        monkeypatch.setattr(engine, "_lib", Scripted())
-        monkeypatch.setattr(engine, "_decode_tokens", lambda tokens, logits_last: None)
-        shown: list[str] = []
-        answer, thinking, _n, stopped = engine.generate(10, on_text=shown.append)
-        assert answer.strip() == "cough" and thinking.strip() == "fever" and stopped == "eos"
-        assert "fever" not in "".join(shown)
-        logits = iter(script)
-        shown.clear()
-        engine.generate(10, show_thinking=True, on_text=shown.append)
-        assert "fever" in "".join(shown)
-    finally:
-        engine.close()

@@ -128,8 +128,8 @@ def test_only_batch_with_a_server_is_online():
 @pytest.mark.uses_network  # the check is switched on by hand below, around one call
 def test_the_suite_fails_a_test_whose_code_makes_a_socket():
     """The session-wide audit hook (tests/conftest.py) sees a socket made by our code and says where."""
+    from medgemma_cli.batch.remote import ChatServer
     from medgemma_cli.errors import MedgemmaError
-    from medgemma_cli.remote import ChatServer
 
     suite = next(m for m in list(sys.modules.values())
                  if getattr(m, "__file__", "") and Path(m.__file__).name == "conftest.py" and hasattr(m, "_socket_use"))

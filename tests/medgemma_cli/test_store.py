@@ -16,7 +16,7 @@ import pytest
 from medgemma_cli import store
 from medgemma_cli.atomic import AtomicFolder
 from medgemma_cli.errors import InputError
-from medgemma_cli.runtime import resolve_model
+from medgemma_cli.llama.model_files import resolve_model
 
 
 @pytest.fixture

@@ -1,19 +1,29 @@
 """The OpenAI-compatible client against small real HTTP servers that misbehave in the ways servers do.
 
-(Answers from a real model server are tested in test_batch.py with llama-cpp-python's server.)"""
+Then `batch --server` end to end against llama-cpp-python's real OpenAI-compatible server."""
 
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
+from PIL import Image
 
+from folders import ct_series
+from medgemma_cli.answering import AskOptions
+from medgemma_cli.batch import ClassifyOptions, ServerOptions, run_batch
+from medgemma_cli.batch.remote import ChatServer, ServerError
 from medgemma_cli.errors import MedgemmaError
-from medgemma_cli.remote import ChatServer, ServerError
+from pictures import picture
+from ports import free_port
 
 pytestmark = pytest.mark.uses_network  # servers started here on 127.0.0.1
 
@@ -143,7 +153,7 @@ def test_a_trickling_reply_ends_at_the_timeout():
 
 
 def test_an_endless_reply_stops_at_the_size_cap():
-    from medgemma_cli import remote
+    from medgemma_cli.batch import remote
 
     sent = []
 
@@ -170,3 +180,117 @@ def test_an_endless_reply_stops_at_the_size_cap():
     finally:
         stop.set()
         srv.close()
+
+
+def _server(llama_server, workers: int = 1):
+
+    return ServerOptions(llama_server["url"] + "/v1", workers=workers, image_size=32, image_tokens=4)
+
+
+@pytest.mark.uses_network
+def test_server_batch(messy, llama_server, tmp_path):
+    """The same units and records as locally, answered by the server; more workers change nothing but speed."""
+    questions = ["Is there a pleural effusion?", "Any findings?"]
+    out1 = tmp_path / "w1.jsonl"
+    s = run_batch(messy, questions, out1, server=_server(llama_server), options=AskOptions(max_tokens=8))
+    records = [json.loads(ln) for ln in out1.read_text().splitlines()]
+    assert len(records) == 12 and s.failed == 1 and s.model == llama_server["model"]
+    good = [r for r in records if r["error"] is None]
+    assert len(good) == 10
+    for r in good:
+        assert isinstance(r["answer"], str) and r["model"] == llama_server["model"]
+        # the images reached the model: 4 embeddings each, plus the text
+        assert r["tokens"]["prompt"] >= 4 * r["images_sent"] + 10
+    by_files = {tuple(r["files"]): r for r in good if r["question"] == questions[0]}
+    assert by_files[("cine/multi.dcm",)]["images_sent"] == 10
+    assert next(r for k, r in by_files.items() if len(k) == 6)["images_sent"] == 6
+    broken = [r for r in records if r["error"]]
+    assert {tuple(r["files"]) for r in broken} == {("broken.dcm",)}
+
+    out3 = tmp_path / "w3.jsonl"
+    s3 = run_batch(messy, questions, out3, server=_server(llama_server, workers=3), options=AskOptions(max_tokens=8))
+    assert s3.records_written == 12
+    # (each results file has its own unit-id key, so units are matched by their files)
+    answers = {(tuple(r["files"]), r["question"]): r["answer"] for r in map(json.loads, out1.read_text().splitlines())}
+    answers3 = {(tuple(r["files"]), r["question"]): r["answer"]
+                for r in map(json.loads, out3.read_text().splitlines())}
+    assert answers3 == answers
+    assert len({a for (u, q), a in answers.items() if q == questions[0] and a is not None}) >= 2  # images matter
+    again = run_batch(messy, questions, out3, server=_server(llama_server, workers=3), options=AskOptions(max_tokens=8))
+    assert again.records_written == 0 and again.done_before == 12
+
+
+@pytest.mark.uses_network
+def test_server_with_classify(messy, llama_server, siglip_fp32, tmp_path):
+    """MedSigLIP runs here while the server answers; its probabilities reach every record of the unit."""
+
+    out = tmp_path / "r.jsonl"
+    run_batch(messy, ["Findings?", "Size?"], out, server=_server(llama_server, workers=2),
+              options=AskOptions(max_tokens=4), classify=ClassifyOptions(["effusion", "normal"], siglip_fp32))
+    records = [json.loads(ln) for ln in out.read_text().splitlines()]
+    good = [r for r in records if r["error"] is None]
+    assert len(good) == 10 and all(r["classify"]["images"] == r["images_sent"] for r in good)
+    by_unit: dict[str, list] = {}
+    for r in good:
+        by_unit.setdefault(r["unit"], []).append(r["classify"])
+    assert all(len(v) == 2 and v[0] == v[1] for v in by_unit.values())  # one scoring per unit, on both records
+
+
+@pytest.mark.uses_network
+def test_server_refusal_becomes_error_records(tmp_path, llama_server):
+    """A request the server refuses (here: longer than its context) is an error record; the rest go on."""
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(3):
+        Image.fromarray(picture(20, 20, 40 * i)).save(root / f"i{i}.png")
+    out = tmp_path / "r.jsonl"
+    too_long = "Describe " * 2500 + "?"
+    s = run_batch(root, ["Findings?", too_long], out, server=_server(llama_server, workers=2),
+                  options=AskOptions(max_tokens=4))
+    records = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert len(records) == 6 and s.failed == 3
+    errors = [r for r in records if r["error"]]
+    assert len(errors) == 3 and all(r["question"] == too_long for r in errors)
+    assert all("500" in r["error"] and "n_ctx" in r["error"] for r in errors), errors[0]["error"]
+
+
+@pytest.mark.uses_network
+def test_server_cli_sends_no_phi(tmp_path, llama_server):
+    """Through the CLI with 2 workers and a report: the server never sees patient names, IDs or dates (its
+    verbose log prints every prompt), even when the records keep them on request."""
+    root = tmp_path / "phi"
+    root.mkdir()
+    ct_series(root, 3, "1.2.826.0.1.3680043.99.8", phi=True)
+    env = {**os.environ, "MEDGEMMA_HOME": str(tmp_path / "home")}
+    out = tmp_path / "r.jsonl"
+    before = llama_server["log"].stat().st_size
+    cmd = [sys.executable, "-m", "medgemma_cli", "batch", str(root), "-q", "Findings?", "-q", "Size?",
+           "--out", str(out), "--server", llama_server["url"], "--workers", "2", "--image-size", "32",
+           "--max-tokens", "4", "--include-phi", "--with-metadata",
+           "--report", str(tmp_path / "review.html"), "--quiet"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Roe^Richard" in out.read_text()  # kept in the records, as asked
+    with open(llama_server["log"], "rb") as f:
+        f.seek(before)
+        seen = f.read().decode("utf-8", "replace")
+    assert "Findings?" in seen and "Size?" in seen  # the log does show the prompts
+    assert "Roe" not in seen and "424242" not in seen and "20240102" not in seen
+    assert (tmp_path / "review.html").is_file()
+
+
+@pytest.mark.uses_network
+def test_server_unreachable_is_one_line(tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "a.png")
+    out = tmp_path / "r.jsonl"
+    r = subprocess.run([sys.executable, "-m", "medgemma_cli", "batch", str(root), "-q", "x", "--out", str(out),
+                        "--server", f"http://127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "MEDGEMMA_HOME": str(tmp_path / "home")})
+    assert r.returncode == 1 and "cannot reach" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
+    r = subprocess.run([sys.executable, "-m", "medgemma_cli", "batch", str(root), "-q", "x", "--out", str(out),
+                        "--workers", "2"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "MEDGEMMA_HOME": str(tmp_path / "home")})
+    assert r.returncode != 0 and "--server" in r.stderr and not out.exists()

@@ -17,10 +17,11 @@ from pydicom.data import get_testdata_file
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 
-from medgemma_cli.batch import make_units, walk
+from medgemma_cli.batch.units import make_units
 from medgemma_cli.errors import InputError
 from medgemma_cli.inputs.collect import collect
 from medgemma_cli.inputs.notes import decode_text, read_note
+from medgemma_cli.inputs.walk import IMAGE_INPUTS, walk
 from medgemma_cli.printable import printable
 from medgemma_cli.testing import fuzz as fuzzing
 
@@ -142,7 +143,7 @@ def test_header_failures_while_grouping_never_end_the_batch(tmp_path):
     paths = _series(tmp_path / "ct", 3)
     _with_raw("CT_small.dcm", tmp_path / "ct" / "frames.dcm", NumberOfFrames=b"1A")
     paths[0].write_bytes(paths[0].read_bytes()[:300])  # the header cut short
-    w = walk(tmp_path / "ct")
+    w = walk(tmp_path / "ct", IMAGE_INPUTS)
     for unit in ("series", "study", "file"):
         units = make_units(tmp_path / "ct", w.files, unit)
         assert sorted(f.name for u in units for f in u.files) == ["frames.dcm", "s0.dcm", "s1.dcm", "s2.dcm"]
@@ -160,7 +161,7 @@ def test_a_file_unit_is_one_file_even_when_copies_share_an_instance_uid(tmp_path
     folder.mkdir()
     shutil.copy(data("CT_small.dcm"), folder / "a.dcm")
     shutil.copy(data("CT_small.dcm"), folder / "b.dcm")
-    units = make_units(folder, walk(folder).files, "file")
+    units = make_units(folder, walk(folder, IMAGE_INPUTS).files, "file")
     assert sorted(len(u.files) for u in units) == [1, 1] and len({u.id for u in units}) == 2
 
 
@@ -169,7 +170,7 @@ def test_a_file_name_that_is_not_utf8_is_read_and_shown_escaped(tmp_path):
     folder.mkdir()
     odd = Path(os.fsdecode(bytes(folder) + b"/caf\xe9 \x1b[31m[red].dcm"))
     shutil.copy(data("CT_small.dcm"), odd)
-    units = make_units(folder, walk(folder).files, "series")
+    units = make_units(folder, walk(folder, IMAGE_INPUTS).files, "series")
     assert len(units) == 1 and units[0].files == [odd]
     assert len(collect([odd], 32).images) == 1
     shown = printable(odd.name)

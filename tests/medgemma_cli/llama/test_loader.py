@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from medgemma_cli import llama_loader
 from medgemma_cli.errors import MedgemmaError
-from medgemma_cli.llama_loader import buffer_types_used, load_llama, verdict
+from medgemma_cli.llama import loader as llama_loader
+from medgemma_cli.llama.loader import buffer_types_used, load_llama, verdict
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def fresh(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def probe_model(tmp_path_factory) -> Path:
     """The probe's own model: Q8_0 and Q4_K weights, which llama.cpp repacks or puts in AMX tiles where it can."""
-    from medgemma_cli.llama_probe import write_model
+    from medgemma_cli.llama.probe import write_model
 
     path = tmp_path_factory.mktemp("probe") / "probe.gguf"
     write_model(path)
@@ -116,7 +116,7 @@ def test_a_hanging_probe_counts_as_unsafe(fresh, monkeypatch, tmp_path):
 
 def test_a_server_process_follows_the_verdict(fresh, probe_model):
     """llama-cpp-python's server loads models itself; apply_to_process() makes those loads follow the verdict."""
-    code = ("import sys; from medgemma_cli.llama_loader import apply_to_process, buffer_types_used; "
+    code = ("import sys; from medgemma_cli.llama.loader import apply_to_process, buffer_types_used; "
             "v = apply_to_process(); import llama_cpp\n"
             "with buffer_types_used() as seen:\n"
             f"    llama_cpp.Llama({str(probe_model)!r}, n_ctx=64, verbose=False)\n"

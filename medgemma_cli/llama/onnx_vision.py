@@ -1,0 +1,28 @@
+"""MedGemma's vision tower on ONNX Runtime (`vision.onnx`, written by `convert --vision-onnx`): on CPUs it
+encodes an image several times faster than libmtmd; its embeddings go into the context through libmtmd."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+class OnnxVision:
+    """MedGemma's vision tower + projector on ONNX Runtime: RGB images → the embeddings mtmd would produce."""
+
+    def __init__(self, path: Path, threads: int, mean: float = 0.5, std: float = 0.5):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.mean, self.std = mean, std
+
+    def encode(self, rgb: np.ndarray) -> np.ndarray:
+        """One H×W×3 uint8 image at the model's input size → [image tokens, text width] float32."""
+        x = (rgb.astype(np.float32) / 255.0 - self.mean) / self.std
+        px = np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+        return np.ascontiguousarray(self.session.run(None, {"pixel_values": px})[0][0], dtype=np.float32)
