@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medgemma_cli.batch.prepare import Prepared, classification, prefetch
 from medgemma_cli.batch.records import Recorder
@@ -14,6 +14,10 @@ from medgemma_cli.batch.units import Unit
 from medgemma_cli.batch.worker import Answered, ModelWorker, UnitError, WorkerCrashed, job_for
 from medgemma_cli.containment import test_crash_requested
 from medgemma_cli.errors import MedgemmaError
+
+if TYPE_CHECKING:
+    from medgemma_cli.answering import AskOptions
+    from medgemma_cli.siglip import ZeroShot
 
 CRASH_TRIES = 2  # a unit whose answering crashed the model this often is an error until --retry-failed
 CRASHED_UNITS_IN_A_ROW = 3  # then the fault is not in the units: stop rather than reload the model for each
@@ -34,8 +38,8 @@ class _InFlight:
     attempts: int = 1
 
 
-def answer_locally(worker: ModelWorker, todo: list[Unit], prepare: Callable[[Unit], Prepared], opts: Any,
-                    writer: Recorder, zero_shot: Any, on_progress: Callable[[int, int, str], None] | None
+def answer_locally(worker: ModelWorker, todo: list[Unit], prepare: Callable[[Unit], Prepared], opts: AskOptions,
+                    writer: Recorder, zero_shot: ZeroShot | None, on_progress: Callable[[int, int, str], None] | None
                     ) -> LocalTimes:
     """The model (loaded once, again after a crash) answers in a worker process; each unit is encoded once and
     answers all its questions. The next unit is queued in the worker before the current one is finished.

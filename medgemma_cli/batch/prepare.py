@@ -6,10 +6,13 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medgemma_cli.batch.units import Unit
 from medgemma_cli.inputs.collect import Collected
+
+if TYPE_CHECKING:
+    from medgemma_cli.siglip import ZeroShot
 
 
 @dataclass
@@ -40,7 +43,7 @@ def prefetch(units: list[Unit], prepare: Callable[[Unit], Prepared], depth: int 
         stop.set()
 
 
-def classification(zero_shot: Any, inputs: Collected) -> dict[str, Any]:
+def classification(zero_shot: ZeroShot, inputs: Collected) -> dict[str, Any]:
     """Over the slices the model saw, before resizing (MedSigLIP pads to a square rather than stretching):
     the mean and the max, so a series reads as 'how much, and where most'."""
     images = [img.full if img.full is not None else img.rgb for img in inputs.images]

@@ -21,7 +21,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,6 +31,10 @@ from medgemma_cli.batch.units import Unit
 from medgemma_cli.errors import MedgemmaError
 from medgemma_cli.inputs.collect import Collected
 from medgemma_cli.prompt import build_messages
+
+if TYPE_CHECKING:
+    from medgemma_cli.answering import AskOptions
+    from medgemma_cli.siglip import ZeroShot
 
 API_KEY_ENV = "MEDGEMMA_API_KEY"
 RETRY_STATUS = (429, 502, 503, 504)
@@ -224,8 +228,9 @@ def _server_message(e: urllib.error.HTTPError) -> str:
     return " ".join(text.split())[:300] or str(e.reason)
 
 
-def answer_by_server(client: ChatServer, workers: int, todo: list[Unit], prepare: Callable[[Unit], Prepared], opts: Any,
-                      writer: Recorder, zero_shot: Any, on_progress: Callable[[int, int, str], None] | None) -> float:
+def answer_by_server(client: ChatServer, workers: int, todo: list[Unit], prepare: Callable[[Unit], Prepared],
+                     opts: AskOptions, writer: Recorder, zero_shot: ZeroShot | None,
+                     on_progress: Callable[[int, int, str], None] | None) -> float:
     """Up to `workers` requests in flight; records are appended here, in the order answers arrive.
 
     The request threads are daemons (not a ThreadPoolExecutor, whose workers are joined at exit): Ctrl-C ends

@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from medgemma_cli.answering import AskOptions
 from medgemma_cli.batch.local import answer_locally
 from medgemma_cli.batch.prepare import Prepared
 from medgemma_cli.batch.records import Recorder, RecordFile, lock_path, run_key
@@ -73,15 +73,13 @@ def own_outputs(results: Path) -> set[Path]:
 
 def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "jsonl", unit: str = "series",
               model: Path | None = None, gguf: Path | None = None, mmproj: Path | None = None,
-              options: Any = None, include_phi: bool = False, classify: ClassifyOptions | None = None,
+              options: AskOptions | None = None, include_phi: bool = False, classify: ClassifyOptions | None = None,
               server: ServerOptions | None = None, retry_failed: bool = False,
               on_progress: Callable[[int, int, str], None] | None = None) -> BatchSummary:
     """Answer every question about every unit under `folder`, appending records to `out` as they finish.
 
     `retry_failed` first removes earlier error records (a server that was down, a file since fixed), so those
     units are tried again and each (unit, question) still has exactly one record."""
-    from medgemma_cli.answering import AskOptions
-
     t_start = time.perf_counter()
     questions = list(dict.fromkeys(q.strip() for q in questions if q.strip()))
     if not questions:

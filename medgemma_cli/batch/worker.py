@@ -20,12 +20,15 @@ import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medgemma_cli import containment
 from medgemma_cli.errors import MedgemmaError
 from medgemma_cli.inputs.collect import Collected, PromptImage
 from medgemma_cli.llama.model_files import ModelFiles
+
+if TYPE_CHECKING:
+    from medgemma_cli.answering import AskOptions
 
 PIPE_SIZE_TEST_ENV = "MEDGEMMA_TEST_PIPE_SIZE"  # tests only: small pipes, so that a protocol deadlock shows
 
@@ -82,7 +85,7 @@ class WorkerCrashed(MedgemmaError):
     """The worker died by a signal (or vanished) while answering."""
 
 
-def job_for(inputs: Collected, questions: list[str], opts: Any, crash_for_test: bool = False) -> Job:
+def job_for(inputs: Collected, questions: list[str], opts: AskOptions, crash_for_test: bool = False) -> Job:
     return Job([(img.rgb, img.label) for img in inputs.images], list(inputs.notes), list(inputs.metadata),
                list(questions), opts.system, opts.with_metadata, opts.max_tokens, opts.temperature, opts.seed,
                crash_for_test)
