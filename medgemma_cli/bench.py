@@ -19,6 +19,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 
 from medgemma_cli import store
+from medgemma_cli.atomic import replacing
 from medgemma_cli.containment import stage
 from medgemma_cli.converters import gemma3
 from medgemma_cli.converters.gguf_stream import begin_gguf, misaligned_tensors, output_file
@@ -96,34 +97,32 @@ def synthetic_gguf(shape: str, preset: str = "Q4_K_M", folder: Path | None = Non
             tiles[(q, row)] = np.ascontiguousarray(encode(x, q)).view(np.uint8).reshape(64, -1)
         return tiles[(q, row)]
 
-    tmp = folder / f".{path.name}.partial-{os.getpid()}"
     try:
-        def metadata(w: gguf.GGUFWriter) -> None:
-            gemma3.write_text_metadata(w, spec, f"random MedGemma {shape}")
-            w.add_file_type(int(PRESETS[preset].file_type))
-            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            write_vocabulary(w, vocab)
+        with replacing(path) as tmp:
+            def metadata(w: gguf.GGUFWriter) -> None:
+                gemma3.write_text_metadata(w, spec, f"random MedGemma {shape}")
+                w.add_file_type(int(PRESETS[preset].file_type))
+                w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+                write_vocabulary(w, vocab)
 
-        w = begin_gguf(tmp, "gemma3", metadata, [(name, shp, q, nbytes(q, shp)) for name, shp, q in plan])
-        f = output_file(w)
-        for _name, shp, q in plan:
+            w = begin_gguf(tmp, "gemma3", metadata, [(name, shp, q, nbytes(q, shp)) for name, shp, q in plan])
+            f = output_file(w)
+            for _name, shp, q in plan:
+                f.write(b"\0" * (-f.tell() % w.data_alignment))
+                if len(shp) == 1:
+                    f.write((np.ones(shp, np.float32) + rng.standard_normal(shp, dtype=np.float32) * 0.1).tobytes())
+                    continue
+                t = tile(q, shp[-1])
+                rows = int(np.prod(shp[:-1]))
+                block = np.tile(t, (max(1, 4096 // t.shape[0]), 1))
+                done = 0
+                while done < rows:
+                    n = min(block.shape[0], rows - done)
+                    f.write(block[:n].data.cast("B"))
+                    done += n
             f.write(b"\0" * (-f.tell() % w.data_alignment))
-            if len(shp) == 1:
-                f.write((np.ones(shp, np.float32) + rng.standard_normal(shp, dtype=np.float32) * 0.1).tobytes())
-                continue
-            t = tile(q, shp[-1])
-            rows = int(np.prod(shp[:-1]))
-            block = np.tile(t, (max(1, 4096 // t.shape[0]), 1))
-            done = 0
-            while done < rows:
-                n = min(block.shape[0], rows - done)
-                f.write(block[:n].data.cast("B"))
-                done += n
-        f.write(b"\0" * (-f.tell() % w.data_alignment))
-        w.close()
-        os.replace(tmp, path)
+            w.close()
     finally:
-        tmp.unlink(missing_ok=True)
         for p in tok_dir.iterdir():
             p.unlink()
         tok_dir.rmdir()
