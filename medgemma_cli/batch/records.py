@@ -19,7 +19,8 @@ from medgemma_cli.printable import printable
 
 CSV_FIELDS = ["unit", "unit_kind", "files", "modality", "images_sent", "question", "answer", "error", "model",
               "run_key", "first_token_s", "total_s", "prompt_tokens", "completion_tokens", "classify",
-              "identifiers_removed", "warnings", "phi"]
+              "identifiers_removed", "warnings", "phi", "retryable"]
+OLD_CSV_FIELDS = CSV_FIELDS[:-1]  # before "retryable": read, and rewritten with the column
 
 
 def run_key(model_sha: str, question: str) -> str:
@@ -40,7 +41,8 @@ class RecordFile:
         self.path, self.fmt = Path(path), fmt
         self.done: set[tuple[str, str]] = set()
         self.errors = 0  # error records in the file (earlier runs' included)
-        self.dropped_errors = 0
+        self.dropped_errors = 0  # final error records removed by retry_failed
+        self.retrying = 0  # retryable error records of earlier runs, removed to be tried again
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = _lock_results(self.path)
         try:
@@ -71,32 +73,40 @@ class RecordFile:
                 f.truncate(keep)
             data = data[:keep]
         text = data.decode("utf-8", "replace")
+        rows: list[tuple[str, str, bool, bool]] = []  # unit, run key, error, retryable error
+        kept: list[str] = []
+        old_header = False
         if self.fmt == "jsonl":
-            rows, kept = [], []
             for line in text.splitlines(keepends=True):
                 try:
                     r = json.loads(line)
-                    rows.append((r["unit"], r["run_key"], bool(r.get("error"))))
+                    err = bool(r.get("error"))
+                    rows.append((r["unit"], r["run_key"], err, err and r.get("retryable") is True))
                     kept.append(line)
-                except (json.JSONDecodeError, KeyError, TypeError):
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                     continue
             header = ""
         else:
             reader = csv.DictReader(io.StringIO(text, newline=""))
-            if reader.fieldnames and reader.fieldnames != CSV_FIELDS:
+            if reader.fieldnames and reader.fieldnames not in (CSV_FIELDS, OLD_CSV_FIELDS):
                 raise InputError(self.path, "a CSV with other columns (another tool or version); choose a new --out")
-            rows, kept = [], []
+            old_header = reader.fieldnames == OLD_CSV_FIELDS
             for r in reader:
                 if r.get("unit") and r.get("run_key"):
-                    rows.append((r["unit"], r["run_key"], bool(r.get("error"))))
+                    err = bool(r.get("error"))
+                    rows.append((r["unit"], r["run_key"], err, err and r.get("retryable") == "True"))
                     kept.append(self._csv_line([r.get(k, "") for k in CSV_FIELDS]))
             header = self._csv_line(CSV_FIELDS)
-        if retry_failed and any(err for _, _, err in rows):
-            self._rewrite(header + "".join(line for line, (_, _, err) in zip(kept, rows, strict=True) if not err))
-            self.dropped_errors = sum(err for _, _, err in rows)
-            rows = [r for r in rows if not r[2]]
-        self.done = {(unit, key) for unit, key, _ in rows}
-        self.errors = sum(err for _, _, err in rows)
+        # a retryable error (server down, 5xx, timeout) is never final: its record goes and the request is made
+        # again; --retry-failed removes the final ones too. Each (unit, question) keeps exactly one record.
+        drop = [retry or (err and retry_failed) for _, _, err, retry in rows]
+        if any(drop) or old_header:
+            self._rewrite(header + "".join(line for line, d in zip(kept, drop, strict=True) if not d))
+            self.retrying = sum(r[3] for r in rows)
+            self.dropped_errors = sum(d for d in drop) - self.retrying
+            rows = [r for r, d in zip(rows, drop, strict=True) if not d]
+        self.done = {(unit, key) for unit, key, _, _ in rows}
+        self.errors = sum(err for _, _, err, _ in rows)
 
     def _rewrite(self, text: str) -> None:
         """Replace the file in one step (written aside, synced, renamed): a kill leaves the old or the new."""
@@ -164,7 +174,7 @@ class Recorder:
 
     def __init__(self, records: RecordFile, folder: Path, keys: dict[str, str], model: str, include_phi: bool):
         self.records, self.folder, self.keys, self.model, self.include_phi = records, folder, keys, model, include_phi
-        self.written = self.failed = 0
+        self.written = self.failed = self.retryable = 0
 
     def pending(self, u: Unit) -> list[str]:
         return [q for q, k in self.keys.items() if (u.id, k) not in self.records.done]
@@ -183,10 +193,14 @@ class Recorder:
                              **({"classify": classification} if classification else {})})
         self.written += 1
 
-    def error(self, u: Unit, q: str, error: str) -> None:
+    def error(self, u: Unit, q: str, error: str, retryable: bool = False) -> None:
+        """`retryable`: the request was fine and the server failed (unreachable, 5xx, no answer in time); the
+        next run replaces this record by trying again, without --retry-failed."""
         self.records.append({**self.base(u), "images_sent": 0, "question": q, "answer": None, "error": error,
+                             **({"retryable": True} if retryable else {}),
                              "run_key": self.keys[q], "timings": None})
         self.written += 1
+        self.retryable += retryable
 
     def fail_unit(self, u: Unit, error: str) -> None:
         self.failed += 1
