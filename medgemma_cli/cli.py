@@ -355,8 +355,12 @@ def batch(
         t.add_column(col, justify="right")
     t.add_row(str(s.units), str(s.records_written), str(s.done_before), str(s.failed), str(len(s.skipped)),
               f"{s.seconds:.1f} s")
+    captions = []
     if s.retried:
-        t.caption = f"{s.retried} earlier error record(s) removed and tried again"
+        captions.append(f"{s.retried} earlier error record(s) removed and tried again")
+    if s.retrying:
+        captions.append(f"{s.retrying} earlier request(s) the server failed (unreachable, 5xx, timeout) tried again")
+    t.caption = "; ".join(captions) or None
     out.print(t)
     if report is not None:
         from medgemma_cli.batch.report import write_report
@@ -367,6 +371,9 @@ def batch(
         err.print(f"[dim]skipped {shown(path)}: {shown(why)}[/]")
     if len(s.skipped) > 20:
         err.print(f"[dim]… and {len(s.skipped) - 20} more skipped[/]")
+    if s.to_retry:
+        err.print(f"[yellow]note:[/] the server failed {s.to_retry} request(s) (unreachable, 5xx, timeout); running "
+                  "the same command again tries them again")
     if s.failed or s.errors_in_file:
         if not s.failed:
             err.print(f"[yellow]note:[/] {shown(out_file)} holds {s.errors_in_file} error record(s) from earlier runs "

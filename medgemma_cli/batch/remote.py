@@ -14,11 +14,12 @@ import ipaddress
 import json
 import os
 import queue
+import select
+import socket
+import ssl
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ import numpy as np
 from medgemma_cli.batch.prepare import Prepared, classification, prefetch
 from medgemma_cli.batch.records import Recorder
 from medgemma_cli.batch.units import Unit
+from medgemma_cli.chat_template import compile_template, render, with_media_markers
 from medgemma_cli.errors import MedgemmaError
 from medgemma_cli.inputs.collect import Collected
 from medgemma_cli.prompt import build_messages
@@ -37,7 +39,11 @@ if TYPE_CHECKING:
     from medgemma_cli.siglip import ZeroShot
 
 API_KEY_ENV = "MEDGEMMA_API_KEY"
-RETRY_STATUS = (429, 502, 503, 504)
+RETRY_STATUS = (429, 502, 503, 504)  # asked again at once (busy, or a proxy in front of a restarting server)
+CONNECT_TIMEOUT_S = 10.0
+CHECK_EVERY_S = 5.0  # while an answer is awaited, this often the server is checked to be still there
+# a 5xx that is about the request, not the server: asking again cannot help
+_INPUT_ERRORS_5XX = ("exceed context", "context window", "n_ctx", "context length", "context size")
 MAX_REPLY_BYTES = 16 << 20  # an answer of a few thousand tokens is a few KB; anything near this is not an answer
 
 
@@ -47,6 +53,14 @@ class _TooLarge(Exception):
 
 class _TooSlow(Exception):
     pass
+
+
+class _Again(Exception):
+    """A failure worth asking again about at once (refused, reset, busy); carries the error to report if not."""
+
+    def __init__(self, error: ServerError):
+        super().__init__(str(error))
+        self.error = error
 
 
 def _read_reply(r: Any, deadline: float, limit: int = MAX_REPLY_BYTES) -> bytes:
@@ -70,7 +84,49 @@ def _read_reply(r: Any, deadline: float, limit: int = MAX_REPLY_BYTES) -> bytes:
 
 
 class ServerError(MedgemmaError):
-    """A request the server refused or could not answer; the batch records it and goes on."""
+    """A request the server refused or could not answer; the batch records it and goes on.
+
+    `retryable`: the request itself was fine and may succeed later (the server was unreachable, failed with a
+    5xx, or did not answer in time); such records are tried again by the next run. `unreachable`: the server
+    itself is gone, so the batch stops sending instead of filling the results with the same error."""
+
+    def __init__(self, message: str, retryable: bool = False, unreachable: bool = False):
+        super().__init__(message)
+        self.retryable, self.unreachable = retryable, unreachable
+
+
+DEFAULT_MEDIA_MARKER = "<__media__>"  # libmtmd's; newer llama-servers name their own in /props
+
+
+def _positive_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _nonnegative_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+@dataclass
+class ServerInfo:
+    """What a server said about itself; see ChatServer.describe."""
+    kind: str  # "llama.cpp" (its own server, /props) or "openai" (any other OpenAI-compatible server)
+    n_ctx: int | None  # tokens one request may hold (llama.cpp: per slot, -c divided by --parallel)
+    slots: int | None = None
+    weights: dict[str, int] | None = None  # size, n_params… of the model file, where the server reports them
+    chat_template: str | None = None
+    media_marker: str = DEFAULT_MEDIA_MARKER
+    vision: bool | None = None
+
+    def identity(self, model: str) -> str:
+        """What a record's answers depend on: the model's name, and the weights' size and shape where the
+        server reports them (a different file under the same name or path then never reuses old answers)."""
+        if not self.weights:
+            return "server:" + model
+        return "server:" + model + "\n" + json.dumps(self.weights, sort_keys=True)
+
+
+class ServerUnreachable(MedgemmaError):
+    """The server went away during the batch: what was answered is kept, the rest waits for the next run."""
 
 
 @dataclass
@@ -125,17 +181,37 @@ class ChatServer:
     """One server; thread-safe (each request is its own connection), so workers may share it."""
 
     def __init__(self, url: str, model: str | None = None, api_key: str | None = None, timeout: float = 600.0,
-                 retries: int = 2):
+                 retries: int = 2, check_every: float = CHECK_EVERY_S):
         parts = urllib.parse.urlsplit(url.strip())
-        if parts.scheme not in ("http", "https") or not parts.netloc:
+        if parts.scheme not in ("http", "https") or not parts.netloc or not parts.hostname:
             raise MedgemmaError(f"--server {url!r}: give an http(s) URL such as http://127.0.0.1:8080")
         path = parts.path.rstrip("/")
         if path.endswith("/v1"):
             path = path[:-3]
         self.base = urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+        self._https, self._host, self._path = parts.scheme == "https", parts.hostname, path
+        try:
+            self._port = parts.port or (443 if self._https else 80)
+        except ValueError:
+            raise MedgemmaError(f"--server {url!r}: the port is not a number") from None
         self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
-        self.timeout, self.retries = timeout, retries
+        self.timeout, self.retries, self.check_every = timeout, retries, check_every
         self.model = model
+        self._entry: dict[str, Any] = {}  # the model's entry in /v1/models
+        self._native: tuple[Any, str] | None = None  # llama.cpp's server: (its chat template, its media marker)
+
+    def _connection(self, timeout: float) -> http.client.HTTPConnection:
+        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        return cls(self._host, self._port, timeout=timeout)
+
+    def alive(self) -> bool:
+        """Whether the server still accepts connections. A llama-server stopped with SIGTERM closes its listening
+        socket but leaves the requests it holds open and silent; a server that is only busy still accepts."""
+        try:
+            with socket.create_connection((self._host, self._port), timeout=CHECK_EVERY_S):
+                return True
+        except OSError:
+            return False
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None,
                  retries: int | None = None) -> dict[str, Any]:
@@ -143,44 +219,96 @@ class ChatServer:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        url = self.base + path
         retries = self.retries if retries is None else retries
         for attempt in range(retries + 1):
-            req = urllib.request.Request(url, data=data, headers=headers, method=method)
-            deadline = time.monotonic() + self.timeout
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                    return json.loads(_read_reply(r, deadline).decode("utf-8"))
+                return self._once(method, path, data, headers)
+            except _Again as e:
+                if attempt < retries:
+                    time.sleep(1.0 + attempt)
+                    continue
+                raise e.error from None
+        raise AssertionError("unreachable")
+
+    def _once(self, method: str, path: str, data: bytes | None, headers: dict[str, str]) -> dict[str, Any]:
+        """One request on its own connection. Waiting for the answer, the socket is watched: a reply, a closed
+        connection or a server that stopped accepting connections ends the wait, not only --timeout."""
+        deadline = time.monotonic() + self.timeout
+        conn = self._connection(min(CONNECT_TIMEOUT_S, self.timeout))
+        try:
+            try:
+                conn.connect()
+            except OSError as e:  # refused, no route, or no TCP answer within CONNECT_TIMEOUT_S
+                raise _Again(ServerError(f"cannot reach {self.base}: {e.strerror or e or type(e).__name__}",
+                                         retryable=True, unreachable=True)) from None
+            if conn.sock is not None:
+                conn.sock.settimeout(self.timeout)
+            try:
+                conn.request(method, self._path + path, body=data, headers=headers)
+                self._await_reply(conn, deadline)
+                if conn.sock is not None:
+                    conn.sock.settimeout(max(0.1, deadline - time.monotonic()))
+                r = conn.getresponse()
+                raw = _read_reply(r, deadline)
             except _TooLarge:
                 raise ServerError(f"{self.base}{path}: a reply over {MAX_REPLY_BYTES >> 20} MB; not an answer"
                                   ) from None
             except _TooSlow:  # trickling in: the same as no answer
-                raise ServerError(f"no whole answer from {self.base} within {self.timeout:g} s (--timeout)") from None
-            except urllib.error.HTTPError as e:
-                if e.code in RETRY_STATUS and attempt < retries:
-                    time.sleep(1.0 + attempt)
-                    continue
-                raise ServerError(f"{self.base} answered {e.code}: {_server_message(e)}") from None
-            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # refused, reset, cut short
-                reason = getattr(e, "reason", e)
-                if isinstance(reason, TimeoutError):  # it may still be working on it: asking again would pile up
-                    raise ServerError(f"no answer from {self.base} within {self.timeout:g} s (--timeout)") from None
-                if attempt < retries:
-                    time.sleep(1.0 + attempt)
-                    continue
-                raise ServerError(f"cannot reach {self.base}: {reason}") from None
-            except ValueError:  # not JSON, or not UTF-8
-                raise ServerError(f"{self.base}{path} did not answer with JSON "
-                                  "(is this an OpenAI-compatible server?)") from None
-        raise AssertionError("unreachable")
+                raise ServerError(f"no whole answer from {self.base} within {self.timeout:g} s (--timeout)",
+                                  retryable=True) from None
+            except TimeoutError:  # it may still be working on it: asking again at once would pile up
+                raise ServerError(f"no answer from {self.base} within {self.timeout:g} s (--timeout)",
+                                  retryable=True) from None
+            except (OSError, http.client.HTTPException) as e:  # refused, reset, cut short
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e) or type(e).__name__)
+                raise _Again(ServerError(f"cannot reach {self.base}: {reason}", retryable=True,
+                                         unreachable=not self.alive())) from None
+        finally:
+            conn.close()
+        if r.status >= 400:
+            message = f"{self.base} answered {r.status}: {_server_message(raw, r.reason)}"
+            input_error = (r.status < 500 and r.status != 429) or any(
+                k in message.lower() for k in _INPUT_ERRORS_5XX)
+            error = ServerError(message, retryable=not input_error)
+            if r.status in RETRY_STATUS:
+                raise _Again(error)
+            raise error
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except ValueError:  # not JSON, or not UTF-8
+            raise ServerError(f"{self.base}{path} did not answer with JSON "
+                              "(is this an OpenAI-compatible server?)") from None
+
+    def _await_reply(self, conn: http.client.HTTPConnection, deadline: float) -> None:
+        """Until the first byte of the reply (or the connection's end) can be read; between looks, the server
+        is checked to still accept connections."""
+        sock = conn.sock
+        if sock is None:
+            return
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError()
+            ready, _, _ = select.select([sock], [], [], min(self.check_every, left))
+            if ready:
+                return
+            if not self.alive():
+                raise ServerError(f"{self.base} stopped accepting connections while an answer was awaited "
+                                  "(stopped or restarting?)", retryable=True, unreachable=True)
+
+    def _entries(self) -> list[dict[str, Any]]:
+        data = self._request("GET", "/v1/models", retries=0).get("data") or []
+        return [m for m in data if isinstance(m, dict) and m.get("id")]
 
     def models(self) -> list[str]:
-        data = self._request("GET", "/v1/models", retries=0).get("data") or []
-        return [str(m.get("id")) for m in data if m.get("id")]
+        return [str(m["id"]) for m in self._entries()]
 
     def resolve_model(self) -> str:
         """The model the requests will name (and the record's model id): the one asked for, or the server's only one."""
-        available = self.models()
+        entries = self._entries()
+        available = [str(m["id"]) for m in entries]
         if self.model is None:
             if not available:
                 raise MedgemmaError(f"{self.base} lists no models; name one with --server-model")
@@ -190,7 +318,79 @@ class ChatServer:
             self.model = available[0]
         elif available and self.model not in available:
             raise MedgemmaError(f"{self.base} does not serve {self.model!r} (it serves {', '.join(available[:5])})")
+        self._entry = next((m for m in entries if str(m["id"]) == self.model), {})
         return self.model
+
+    def describe(self) -> ServerInfo:
+        """What the server says about itself (after resolve_model): llama.cpp's server answers /props with its
+        context per slot, chat template and media marker, and lists the model file's size and parameter count
+        in /v1/models; vLLM lists max_model_len. Anything it does not say stays None."""
+        entry = self._entry
+        props: dict[str, Any] | None = None
+        try:
+            got = self._request("GET", "/props", retries=0)
+            if isinstance(got.get("default_generation_settings"), dict):
+                props = got
+        except ServerError:
+            pass  # not llama.cpp's server
+        n_ctx = None
+        if props is not None:
+            n_ctx = _positive_int(props["default_generation_settings"].get("n_ctx"))
+        elif (n := _positive_int(entry.get("max_model_len"))) is not None:
+            n_ctx = n
+        meta: dict[str, Any] = entry["meta"] if isinstance(entry.get("meta"), dict) else {}
+        weights = {k: meta[k] for k in ("size", "n_params", "n_vocab", "n_embd", "n_ctx_train")
+                   if isinstance(meta.get(k), int)}
+        template = props.get("chat_template") if props is not None else None
+        marker = props.get("media_marker") if props is not None else None
+        modalities = props.get("modalities") if props is not None else None
+        return ServerInfo(
+            kind="llama.cpp" if props is not None else "openai", n_ctx=n_ctx,
+            slots=_positive_int(props.get("total_slots")) if props is not None else None,
+            weights=weights, chat_template=template if isinstance(template, str) and template else None,
+            media_marker=marker if isinstance(marker, str) and marker else DEFAULT_MEDIA_MARKER,
+            vision=bool(modalities.get("vision")) if isinstance(modalities, dict) else None)
+
+    def use_native(self, info: ServerInfo) -> bool:
+        """Against llama.cpp's own server, prompts go through its native /completion endpoint, rendered here from
+        the server's chat template exactly as the local model renders them (its chat endpoint puts no blank lines
+        around images and joins text parts with a newline: 2 tokens per image fewer, other answers). Other
+        servers get chat completions (vLLM's Gemma 3 processor adds the blank lines itself)."""
+        if info.kind == "llama.cpp" and info.chat_template:
+            self._native = (compile_template(info.chat_template), info.media_marker)
+        return self._native is not None
+
+    def ask(self, question: str, inputs: Collected, image_uris: list[str], opts: Any) -> Reply:
+        """One question about one unit's inputs, by whichever endpoint use_native chose."""
+        if self._native is None:
+            return self.chat(chat_messages(question, inputs, image_uris, opts.system, opts.with_metadata),
+                             opts.max_tokens, opts.temperature, opts.seed)
+        template, marker = self._native
+        # no BOS in the text: llama-server adds it to a string prompt, as the GGUF asks (add_bos_token)
+        rendered = render(template, build_messages(question, inputs, opts.system, opts.with_metadata), bos="")
+        prompt = with_media_markers(rendered, marker, len(image_uris))
+        return self.complete(prompt, [uri.split(",", 1)[1] for uri in image_uris], opts.max_tokens,
+                             opts.temperature, opts.seed)
+
+    def complete(self, prompt: str, images_b64: list[str], max_tokens: int, temperature: float = 0.0,
+                 seed: int | None = 0) -> Reply:
+        """llama.cpp's native /completion: the prompt as written, media markers standing for the images."""
+        body: dict[str, Any] = {
+            "prompt": {"prompt_string": prompt, "multimodal_data": images_b64} if images_b64 else prompt,
+            "n_predict": max_tokens, "temperature": temperature, "stream": False,
+            "repeat_penalty": 1.0,  # llama.cpp servers default to 1.1; greedy means greedy
+            "cache_prompt": False}  # a reused cache may change the logits (llama-server's README): fresh each time
+        if seed is not None:
+            body["seed"] = seed
+        t0 = time.perf_counter()
+        data = self._request("POST", "/completion", body)
+        seconds = time.perf_counter() - t0
+        content = data.get("content")
+        if not isinstance(content, str):
+            raise ServerError(f"{self.base}: a /completion reply without content")
+        stop = {"limit": "length", "eos": "stop", "word": "stop"}.get(str(data.get("stop_type") or ""), "")
+        return Reply(content.strip(), stop, _positive_int(data.get("tokens_evaluated")),
+                     _nonnegative_int(data.get("tokens_predicted")), seconds)
 
     def chat(self, messages: list[dict[str, Any]], max_tokens: int, temperature: float = 0.0,
              seed: int | None = 0) -> Reply:
@@ -212,20 +412,17 @@ class ChatServer:
                      usage.get("completion_tokens"), seconds)
 
 
-def _server_message(e: urllib.error.HTTPError) -> str:
+def _server_message(raw: bytes, reason: str) -> str:
+    text = raw.decode("utf-8", "replace")
     try:
-        raw = e.read().decode("utf-8", "replace")
-    except OSError:
-        return e.reason or "error"
-    try:
-        data = json.loads(raw)
-        err = data.get("error", data.get("detail", data.get("message", raw)))
+        data = json.loads(text)
+        err = data.get("error", data.get("detail", data.get("message", text))) if isinstance(data, dict) else text
         if isinstance(err, dict):
             err = err.get("message", err)
         text = str(err)
     except json.JSONDecodeError:
-        text = raw
-    return " ".join(text.split())[:300] or str(e.reason)
+        pass
+    return " ".join(text.split())[:300] or reason or "error"
 
 
 def answer_by_server(client: ChatServer, workers: int, todo: list[Unit], prepare: Callable[[Unit], Prepared],
@@ -247,9 +444,11 @@ def answer_by_server(client: ChatServer, workers: int, todo: list[Unit], prepare
 
     def work() -> None:
         while (job := jobs.get()) is not None:
-            state, q, messages = job
+            state, q = job
+            p = state.prepared
+            assert p.inputs is not None  # units without inputs are recorded as failed, never sent
             try:
-                results.put((state, q, client.chat(messages, opts.max_tokens, opts.temperature, opts.seed)))
+                results.put((state, q, client.ask(q, p.inputs, p.image_uris, opts)))
             except Exception as e:  # noqa: BLE001 - handed to the main thread, which decides
                 results.put((state, q, e))
 
@@ -257,6 +456,8 @@ def answer_by_server(client: ChatServer, workers: int, todo: list[Unit], prepare
         threading.Thread(target=work, name=f"medgemma-batch-request-{i}", daemon=True).start()
     in_flight = finished_units = 0
     request_seconds = 0.0
+
+    gone: list[ServerError] = []  # the server stopped accepting connections: no new requests are sent
 
     def settle(limit: int) -> None:
         nonlocal in_flight, finished_units, request_seconds
@@ -266,7 +467,9 @@ def answer_by_server(client: ChatServer, workers: int, todo: list[Unit], prepare
             u = state.prepared.unit
             if isinstance(reply, ServerError):
                 state.failed = True
-                writer.error(u, q, str(reply))
+                writer.error(u, q, str(reply), retryable=reply.retryable)
+                if reply.unreachable and not gone:
+                    gone.append(reply)
             elif isinstance(reply, BaseException):
                 raise reply
             else:
@@ -292,12 +495,17 @@ def answer_by_server(client: ChatServer, workers: int, todo: list[Unit], prepare
             qs = writer.pending(u)
             state = State(p, len(qs))
             for q in qs:
-                jobs.put((state, q, chat_messages(q, p.inputs, p.image_uris, opts.system, opts.with_metadata)))
+                jobs.put((state, q))
                 in_flight += 1
             if zero_shot is not None and p.inputs.images:  # runs here while the server works
                 state.classification = classification(zero_shot, p.inputs)
             settle(limit=2 * workers)  # a bounded queue: the folder is not read into memory ahead of the server
+            if gone:
+                break
         settle(limit=0)
+        if gone:
+            raise ServerUnreachable(f"{gone[0]}; {writer.written} record(s) written, {writer.retryable} to retry: "
+                                    "run the same command again once the server is back")
     finally:
         for _ in range(workers):
             jobs.put(None)

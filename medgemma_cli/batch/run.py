@@ -63,6 +63,9 @@ class BatchSummary:
     worker_seconds: float = 0.0  # local: what the model's own process added (its start, pickling, pipes)
     worker_idle_seconds: float = 0.0  # local: the model waiting for units to be read and rendered
     errors_in_file: int = 0  # error records the results file holds now (earlier runs' included)
+    to_retry: int = 0  # this run's retryable error records (server down, 5xx, timeout): the next run retries them
+    retrying: int = 0  # earlier runs' retryable error records, tried again by this run
+    context: int = 0  # the context each unit was planned for (--ctx, or less where the server holds less)
 
 
 def own_outputs(results: Path) -> set[Path]:
@@ -99,7 +102,18 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
             raise MedgemmaError("--workers must be at least 1")
         client = ChatServer(server.url, server.model, timeout=server.timeout)
         model_name = client.resolve_model()
+        info = client.describe()
+        client.use_native(info)
         image_size, image_tokens = server.image_size, server.image_tokens
+        if info.n_ctx is not None:  # the server's limit, not ours, decides how many slices fit
+            n_ctx = min(n_ctx, info.n_ctx)
+            if n_ctx - opts.max_tokens - 512 < image_tokens + 8:
+                raise MedgemmaError(
+                    f"{client.base} holds {info.n_ctx} tokens per request"
+                    + (f" (its context divided by {info.slots} slots)" if info.slots and info.slots > 1 else "")
+                    + f"; one image ({image_tokens} tokens), --max-tokens {opts.max_tokens} and the text need "
+                    f"{image_tokens + 8 + opts.max_tokens + 512}: give the server a larger context (llama-server "
+                    "-c, fewer --parallel) or lower --max-tokens")
     else:
         from medgemma_cli.llama.model_files import resolve_model
 
@@ -122,7 +136,7 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
             for u in units:
                 u.id = pseudonym(key, u.id)
         if server is not None:
-            identity = "server:" + model_name
+            identity = info.identity(model_name)
         else:
             from medgemma_cli.checksums import sha256_file
 
@@ -178,4 +192,4 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
             worker.close()
     return BatchSummary(len(units), writer.written, done_before, writer.failed, w.skipped,
                         time.perf_counter() - t_start, model_seconds, model_name, records.dropped_errors,
-                        worker_seconds, worker_idle, records.errors)
+                        worker_seconds, worker_idle, records.errors, writer.retryable, records.retrying, n_ctx)

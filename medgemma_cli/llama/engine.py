@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from medgemma_cli.chat_template import compile_template, render, with_media_markers
 from medgemma_cli.containment import stage
 from medgemma_cli.errors import InputError, MedgemmaError
 from medgemma_cli.llama.loader import load_llama
@@ -94,14 +95,7 @@ class Engine:
         template = self.llm.metadata.get("tokenizer.chat_template")
         if not template:
             raise InputError(files.text, "the GGUF has no chat template (tokenizer.chat_template)")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(msg: str) -> None:
-            raise MedgemmaError(f"chat template: {msg}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        self.template = env.from_string(template)
+        self.template = compile_template(template)
         self.bos = self._piece(llama_cpp.llama_vocab_bos(self.vocab), special=True)
         self.think_ids = (self.token_id(THINK_OPEN), self.token_id(THINK_CLOSE))
         self.n_past = 0
@@ -125,19 +119,15 @@ class Engine:
 
     # --- prompts ------------------------------------------------------------------------------------
     def render(self, messages: list[dict[str, Any]]) -> str:
-        return self.template.render(messages=messages, bos_token=self.bos, add_generation_prompt=True)
+        return render(self.template, messages, self.bos)
 
     def chunks(self, prompt: str, images: list[np.ndarray]) -> Chunks:
-        """Split the rendered prompt at its images. Like the Hugging Face processor, each image is
-        surrounded by a blank line; libmtmd adds <start_of_image> … <end_of_image> itself."""
-        boi = "<start_of_image>"
-        if prompt.count(boi) != len(images):
-            raise MedgemmaError(f"the prompt has {prompt.count(boi)} image places for {len(images)} images")
+        """Split the rendered prompt at its images (chat_template.with_media_markers says how)."""
         if not images:
-            return Chunks([("text", self.tokenize(prompt))])
+            return Chunks([("text", self.tokenize(with_media_markers(prompt, "", 0)))])
         if self.mtmd is None:
             raise MedgemmaError(f"{self.files.text}: images need a vision projector (--mmproj)")
-        split = self.mtmd.tokenize(prompt.replace(boi, "\n\n" + self.mtmd.marker + "\n\n"), images)
+        split = self.mtmd.tokenize(with_media_markers(prompt, self.mtmd.marker, len(images)), images)
         return Chunks(split.parts, [np.ascontiguousarray(rgb, dtype=np.uint8) for rgb in images], split)
 
     # --- running ------------------------------------------------------------------------------------
