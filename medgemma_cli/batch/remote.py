@@ -360,7 +360,7 @@ class ChatServer:
             self._native = (compile_template(info.chat_template), info.media_marker)
         return self._native is not None
 
-    def ask(self, question: str, inputs: Collected, image_uris: list[str], opts: Any) -> Reply:
+    def ask(self, question: str, inputs: Collected, image_uris: list[str], opts: AskOptions) -> Reply:
         """One question about one unit's inputs, by whichever endpoint use_native chose."""
         if self._native is None:
             return self.chat(chat_messages(question, inputs, image_uris, opts.system, opts.with_metadata),
