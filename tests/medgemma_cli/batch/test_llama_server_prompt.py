@@ -139,3 +139,83 @@ def test_llama_server_gets_the_local_prompt(convert_tiny, tmp_path):
     here, there = by_unit(local), by_unit(remote)
     assert len(here) == 8 and here == there
     assert {n for _, _, n in here.values()} == {1, 4}
+
+
+LLAMA_SERVER_ENV = "MEDGEMMA_TEST_LLAMA_SERVER"  # a llama-server binary built from llama-cpp-python's vendor/llama.cpp
+
+
+@pytest.fixture
+def real_llama_server(convert_tiny, tmp_path):
+    """llama.cpp's own llama-server (where $MEDGEMMA_TEST_LLAMA_SERVER names one) with the tiny model, 2 slots."""
+    import os
+    import subprocess
+    import urllib.request
+
+    from ports import free_port
+
+    binary = os.environ.get(LLAMA_SERVER_ENV)
+    if not binary:
+        pytest.skip(f"${LLAMA_SERVER_ENV} names no llama-server binary (README, Tests)")
+    model = convert_tiny("Q8_0")
+    port = free_port()
+    log_path = tmp_path / "llama-server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([binary, "-m", str(model / "text.gguf"), "--mmproj", str(model / "mmproj.gguf"),
+                                 "--host", "127.0.0.1", "--port", str(port), "-c", "8192", "--parallel", "2",
+                                 "-t", "2", "--no-warmup"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("llama-server did not start:\n" + log_path.read_text()[-3000:])
+        time.sleep(0.3)
+    yield {"url": url, "model": model, "proc": proc}
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def test_real_llama_server_answers_as_the_local_model(real_llama_server, tmp_path):
+    """The same check against a real llama-server: per (unit, question) the prompt tokens and the greedy answer
+    equal the local model's (local images through libmtmd, as the server encodes them)."""
+    from medgemma_cli.llama.model_files import resolve_model
+
+    model = real_llama_server["model"]
+    vision = resolve_model(model, None, None).vision
+    assert vision is not None
+    root = tmp_path / "scans"
+    root.mkdir()
+    for i in range(3):
+        Image.fromarray(picture(24, 20, 50 * i)).save(root / f"p{i}.png")
+    (root / "ct").mkdir()
+    ct_series(root / "ct", 4, "1.2.826.0.1.3680043.99.7")
+    questions = ["Any findings?", "Is there an effusion?"]
+    local = tmp_path / "local.jsonl"
+    run_batch(root, questions, local, model=model, options=AskOptions(max_tokens=12, vision_backend="mtmd"))
+    remote = tmp_path / "remote.jsonl"
+    s = run_batch(root, questions, remote, options=AskOptions(max_tokens=12),
+                  server=ServerOptions(real_llama_server["url"], workers=2, image_size=vision["image_size"],
+                                       image_tokens=vision["image_tokens"]))
+    import urllib.request
+
+    with urllib.request.urlopen(real_llama_server["url"] + "/props", timeout=10) as r:
+        per_slot = json.loads(r.read())["default_generation_settings"]["n_ctx"]
+    assert s.failed == 0 and s.context == per_slot <= 8192  # planned for what one slot holds
+
+    def by_unit(path):
+        return {(tuple(r["files"]), r["question"]): (r["tokens"]["prompt"], r["answer"], r["images_sent"])
+                for r in map(json.loads, path.read_text().splitlines())}
+
+    here, there = by_unit(local), by_unit(remote)
+    assert len(here) == 8
+    assert {k: v[0] for k, v in there.items()} == {k: v[0] for k, v in here.items()}  # prompt tokens
+    assert there == here  # and the greedy answers
