@@ -58,6 +58,20 @@ SHAPES: dict[str, Shape] = {
         image_tokens=256, sp_pieces=1000),
 }
 
+# MedSigLIP's towers as transformers' SiglipConfig(text_config=…, vision_config=…) takes them: the 448 px vision
+# tower of google/medsiglip-448 (with a small text tower: only image embedding is benchmarked) and a tiny one for
+# the tests and smoke runs. Data only: the checkpoints are made by transformers, a test-only oracle.
+SIGLIP_SHAPES: dict[str, dict[str, dict[str, int]]] = {
+    "448": {"vision_config": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                                  num_attention_heads=16, image_size=448, patch_size=14),
+            "text_config": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=2, num_attention_heads=16,
+                                vocab_size=256, max_position_embeddings=64)},
+    "tiny": {"vision_config": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                   image_size=32, patch_size=8),
+             "text_config": dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=64)},
+}
+
 # Prefixes of the key layouts seen in the wild (see converters/gemma3.py KEY_LAYOUTS).
 LAYOUTS: dict[str, dict[str, str]] = {
     "hf4": {"text": "language_model.model.", "vision": "vision_tower.vision_model.",

@@ -148,14 +148,10 @@ def siglip_ckpt(tmp_path_factory) -> Path:
     import numpy as np
     from transformers import SiglipConfig, SiglipModel
 
-    from medgemma_cli.synthetic import train_siglip_tokenizer
+    from medgemma_cli.synthetic import SIGLIP_SHAPES, train_siglip_tokenizer
 
     folder = tmp_path_factory.mktemp("siglip") / "tiny-medsiglip"
-    cfg = SiglipConfig(
-        text_config=dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=64),
-        vision_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8))
+    cfg = SiglipConfig(**SIGLIP_SHAPES["tiny"])
     torch.manual_seed(0)
     model = SiglipModel(cfg).eval()
     with torch.no_grad():
