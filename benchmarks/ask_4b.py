@@ -6,6 +6,7 @@ quantizer over our BF16 conversion, see llama_cpp_reference.py: comparing our fi
 hide a slow file), and the memory-bandwidth bound.
 
     python benchmarks/ask_4b.py --work DIR     # reuses DIR/synthetic-4b-bf16 from convert_4b.py
+    python benchmarks/ask_4b.py --smoke        # the tiny shape in seconds; its figures mean nothing
 """
 
 from __future__ import annotations
@@ -18,15 +19,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+import smoke
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, required=True)
+    smoke.add_arguments(ap)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved bare-loop runs per file")
-    args = ap.parse_args()
+    args = smoke.parse(ap, decode_tokens=8, repeats=1)
+    shape = "tiny" if args.smoke else "4b"
     from PIL import Image
 
     from medgemma_cli.answering import AskOptions, ask
@@ -38,15 +41,17 @@ def main() -> None:
     from medgemma_cli.prompt import build_messages
     from medgemma_cli.synthetic import make_checkpoint
 
-    src = args.work / "synthetic-4b-bf16"
-    if not (src / "config.json").is_file():
-        make_checkpoint(src, "4b", dtype="bfloat16", shard_bytes=5_000_000_000)
+    src = args.work / f"synthetic-{shape}-bf16"
+    if not (src / "config.json").is_file():  # two shards, as the 4B checkpoint ships
+        make_checkpoint(src, shape, dtype="bfloat16", shard_bytes=5_000_000 if args.smoke else 5_000_000_000)
     img = args.work / "chest-1024x880.png"
     yy, xx = np.mgrid[0:880, 0:1024]
     Image.fromarray(np.stack([(xx // 4) % 256, (yy // 4) % 256, ((xx + yy) // 8) % 256], -1).astype(np.uint8)).save(img)
+    if args.smoke:
+        print(json.dumps({"smoke": smoke.NOTE, "shape": shape}), flush=True)
     print(json.dumps({"machine_cores": os.cpu_count(), "threads": args.threads}), flush=True)
     for mm in ("F16", "Q8_0"):
-        out = args.work / f"ask-4b-q4_k_m-mmproj-{mm.lower()}"
+        out = args.work / f"ask-{shape}-q4_k_m-mmproj-{mm.lower()}"
         if not (out / "manifest.json").is_file():
             t0 = time.perf_counter()
             convert(src, out, preset="Q4_K_M", mmproj_type=mm, overwrite=True)
@@ -56,7 +61,7 @@ def main() -> None:
         print(json.dumps({"mmproj": mm, "ask_timings": r.timings, "tokens": r.tokens, "stopped": r.stopped}),
               flush=True)
 
-    model = args.work / "ask-4b-q4_k_m-mmproj-f16"
+    model = args.work / f"ask-{shape}-q4_k_m-mmproj-f16"
     files = resolve_model(model)
     # our runtime, decode only, a fixed number of tokens (random weights may say <end_of_turn> early)
     engine = Engine(files, n_ctx=1024, threads=args.threads)
@@ -73,10 +78,10 @@ def main() -> None:
 
     from medgemma_cli.llama.loader import load_llama
 
-    bf16 = args.work / "ask-4b-bf16"
+    bf16 = args.work / f"ask-{shape}-bf16"
     if not (bf16 / "manifest.json").is_file():
         convert(src, bf16, preset="BF16", vision_onnx="none", overwrite=True)
-    ref = reference_gguf(bf16 / "text.gguf", "Q4_K_M", args.work / "ask-4b-q4_k_m-llama-cpp.gguf",
+    ref = reference_gguf(bf16 / "text.gguf", "Q4_K_M", args.work / f"ask-{shape}-q4_k_m-llama-cpp.gguf",
                          threads=os.cpu_count())
     print(json.dumps({"same_tensor_bytes": same_tensors(files.text, ref),
                       "layouts": [layout(files.text), layout(ref)]}), flush=True)
@@ -100,7 +105,7 @@ def main() -> None:
     from medgemma_cli.kernels.ggml import read_gguf_info
 
     weights = sum(t.size for t in read_gguf_info(files.text, keys=set()).tensors)
-    bw = memory_bandwidth(args.threads)
+    bw = memory_bandwidth(args.threads, size_mb=64 if args.smoke else 1024)
     print(json.dumps({"decode_tokens_per_s_ours": round(ours, 2), "decode_tokens_per_s_bare_llama_cpp": round(bare, 2),
                       "decode_tokens_per_s_bare_on_llama_cpp_file": round(bare_ref, 2), "bare_runs": runs,
                       "ours_vs_bare": round(ours / bare, 3),

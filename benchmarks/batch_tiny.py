@@ -8,6 +8,7 @@ beyond the model (its start and imports, pickling units and answers through pipe
 with 1, 2 and 4 workers (units/s).
 
     python benchmarks/batch_tiny.py --work DIR [--units 200] [--skip-server]
+    python benchmarks/batch_tiny.py --smoke      # 4 units, one repeat, in seconds; its figures mean nothing
 
 The folder holds single-slice CT series (pydicom's CT_small.dcm with fresh UIDs) and 512×512 PNG photos,
 half each; every unit gets two questions. Each local figure is the median of interleaved repeats, with llama.cpp
@@ -28,6 +29,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import smoke
 
 QUESTIONS = ["Any acute findings?", "Is there a pleural effusion?"]
 
@@ -153,13 +155,15 @@ def summarise(rows: list[dict], key: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, required=True)
+    smoke.add_arguments(ap)
     ap.add_argument("--units", type=int, default=200)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-server", action="store_true")
     ap.add_argument("--skip-local", action="store_true")
-    args = ap.parse_args()
+    args = smoke.parse(ap, units=4, max_tokens=4, repeats=1)
+    if args.smoke:
+        print(json.dumps({"smoke": smoke.NOTE}), flush=True)
     os.environ.setdefault("MEDGEMMA_HOME", str(args.work / "home"))
     folder = args.work / f"units-{args.units}"
     make_folder(folder, args.units)

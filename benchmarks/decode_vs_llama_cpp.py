@@ -9,6 +9,7 @@ from the mapped file, where the layout shows) and on (repacked copies, where thi
 
     python benchmarks/decode_vs_llama_cpp.py --work DIR                # 4B shape; ~25 GB of disk in DIR
     python benchmarks/decode_vs_llama_cpp.py --work DIR --layers 12    # 4B widths, fewer layers
+    python benchmarks/decode_vs_llama_cpp.py --smoke                   # the tiny shape; figures mean nothing
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import platform
 import time
 from pathlib import Path
 
+import smoke
 from llama_cpp_reference import compare, layout, reference_gguf, same_tensors
 
 
@@ -35,7 +37,7 @@ def _cpu() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, required=True)
+    smoke.add_arguments(ap)
     ap.add_argument("--shape", default="4b", choices=["tiny", "4b", "27b"])
     ap.add_argument("--layers", type=int, help="text layers (default: the shape's own)")
     ap.add_argument("--preset", default="Q4_K_M")
@@ -45,7 +47,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--extra-buffers", default="off,on", help="off, on, or off,on")
     ap.add_argument("--build-only", action="store_true", help="make the files (cached in --work), time nothing")
-    args = ap.parse_args()
+    args = smoke.parse(ap, shape="tiny", layers=None, prompt_tokens=16, decode_tokens=4, repeats=1)
+    if args.smoke:
+        print(json.dumps({"smoke": smoke.NOTE}), flush=True)
     from medgemma_cli.conversion import convert
     from medgemma_cli.llama.loader import verdict
     from medgemma_cli.synthetic import make_checkpoint
@@ -55,7 +59,7 @@ def main() -> None:
     if not (src / "config.json").is_file():
         t0 = time.perf_counter()
         make_checkpoint(src, args.shape, architecture="Gemma3ForCausalLM", dtype="bfloat16", layers=args.layers,
-                        shard_bytes=5_000_000_000)
+                        shard_bytes=5_000_000 if args.shape == "tiny" else 5_000_000_000)
         print(json.dumps({"checkpoint": name, "s": round(time.perf_counter() - t0, 1)}), flush=True)
     outs = {}
     for preset in (args.preset, "BF16"):

@@ -5,6 +5,7 @@ once with them off (interleaved repeats, medians). Runs the "on" side only where
 allows it (never where the probe found a crash).
 
     python benchmarks/extra_buffers.py --work DIR [--presets Q4_K_M Q8_0] [--repeats 3]
+    python benchmarks/extra_buffers.py --smoke      # the tiny shape in seconds; its figures mean nothing
 """
 
 from __future__ import annotations
@@ -12,19 +13,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
+
+import smoke
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, required=True)
+    smoke.add_arguments(ap)
     ap.add_argument("--shape", default="4b")
     ap.add_argument("--presets", nargs="+", default=["Q4_K_M", "Q8_0"])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
-    args = ap.parse_args()
+    args = smoke.parse(ap, shape="tiny", prompt_tokens=16, decode_tokens=4, repeats=1)
+    if args.smoke:
+        print(json.dumps({"smoke": smoke.NOTE}), flush=True)
     os.environ.setdefault("MEDGEMMA_HOME", str(args.work / "home"))
 
     from medgemma_cli.bench import end_to_end, synthetic_gguf

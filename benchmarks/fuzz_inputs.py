@@ -6,6 +6,7 @@ and a deadline (medgemma_cli/testing/fuzz.py). Peak RSS includes the reader proc
 
     python benchmarks/fuzz_inputs.py                 # bombs, then 300 mutants per kind (~6 min on 2 cores)
     python benchmarks/fuzz_inputs.py --per-kind 1000 --seed 3
+    python benchmarks/fuzz_inputs.py --smoke         # small bombs, 1 mutant per kind, 4 shipped files; seconds
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
+from typing import Any
+
+import smoke
 
 from medgemma_cli.testing import fuzz as fuzzing
 
@@ -42,8 +46,10 @@ def _dicom_bytes(ds) -> bytes:  # ds: a pydicom Dataset
     return b.getvalue()
 
 
-def bombs(workdir: Path) -> list[tuple[str, list[tuple[str, bytes]] | Path]]:
-    """The issue's table: small files that declare huge things. Large ones are written to disk once."""
+def bombs(workdir: Path, side: int = 16384, pdf_mb: int = 150,
+          note_mbs: tuple[int, ...] = (50, 500)) -> list[tuple[str, list[tuple[str, bytes]] | Path]]:
+    """The issue's table: small files that declare huge things. Large ones are written to disk once. The sizes
+    are the issue's; a smoke run makes them small."""
     import pydicom
     from PIL import Image
     from pydicom.encaps import encapsulate
@@ -57,7 +63,6 @@ def bombs(workdir: Path) -> list[tuple[str, list[tuple[str, bytes]] | Path]]:
     ds.PixelData = bytes(raw)
     out.append(("JPEG 2000 DICOM, header 64², codestream 65535²", [("j2k.dcm", _dicom_bytes(ds))]))
 
-    side = 16384
     img = Image.linear_gradient("L").resize((side, side))
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=30)
@@ -80,16 +85,16 @@ def bombs(workdir: Path) -> list[tuple[str, list[tuple[str, bytes]] | Path]]:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     rows = zlib.compressobj(9)
-    row = b"\x00" + b"\x80\x00" * 16384  # filter byte + 16384 16-bit grey pixels
-    idat = b"".join(rows.compress(row) for _ in range(16384)) + rows.flush()
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 16384, 16384, 16, 0, 0, 0, 0))
+    row = b"\x00" + b"\x80\x00" * side  # filter byte + `side` 16-bit grey pixels
+    idat = b"".join(rows.compress(row) for _ in range(side)) + rows.flush()
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 16, 0, 0, 0, 0))
            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
-    out.append((f"16-bit PNG, 16384², {len(png) >> 10} KB", [("bomb.png", png)]))
+    out.append((f"16-bit PNG, {side}², {len(png) >> 10} KB", [("bomb.png", png)]))
 
-    pdf = fuzzing.pdf_inflate_bomb(150)
-    out.append((f"PDF note, {len(pdf) >> 10} KB, a compressed content stream of ~150 MB", [("bomb.pdf", pdf)]))
+    pdf = fuzzing.pdf_inflate_bomb(pdf_mb)
+    out.append((f"PDF note, {len(pdf) >> 10} KB, a compressed content stream of ~{pdf_mb} MB", [("bomb.pdf", pdf)]))
 
-    for mb in (50, 500):
+    for mb in note_mbs:
         p = workdir / f"note-{mb}mb.txt"
         with open(p, "wb") as f:
             line = b"cough and fever for three days; no chest pain. " * 20 + b"\n"
@@ -103,11 +108,14 @@ def bombs(workdir: Path) -> list[tuple[str, list[tuple[str, bytes]] | Path]]:
     return out
 
 
-def run_bombs(fz: fuzzing.Fuzzer, workdir: Path) -> None:
+SMOKE_BOMBS: dict[str, Any] = {"side": 512, "pdf_mb": 1, "note_mbs": (1, 2)}  # the cheap bombs keep their sizes
+
+
+def run_bombs(fz: fuzzing.Fuzzer, workdir: Path, sizes: dict[str, Any] | None = None) -> None:
     print("\n## Decompression bombs\n")
     print("| input | outcome | peak RSS | time |")
     print("|---|---|---|---|")
-    for label, files in bombs(workdir):
+    for label, files in bombs(workdir, **(sizes or {})):
         if isinstance(files, Path):  # too big to pass around as bytes: a case folder made of a link to it
             folder = workdir / f"case-{files.stem}"
             folder.mkdir()
@@ -124,7 +132,8 @@ def run_bombs(fz: fuzzing.Fuzzer, workdir: Path) -> None:
         print(f"| {label} | {outcome} | {r['peak_rss_mb']:.0f} MB | {r['seconds']:.1f} s |")
 
 
-def run_campaign(fz: fuzzing.Fuzzer, per_kind: int, seed: int) -> None:
+def run_campaign(fz: fuzzing.Fuzzer, per_kind: int, seed: int, shipped: int | None = None) -> None:
+    """`shipped`: read only that many of pydicom's own files, evenly spaced (default: all of them)."""
     print(f"\n## Fuzz campaign: {per_kind} mutants per kind, seed {seed}\n")
     print("| kind | cases | read | refused (InputError) | faults | max peak RSS | slowest |")
     print("|---|---|---|---|---|---|---|")
@@ -132,6 +141,8 @@ def run_campaign(fz: fuzzing.Fuzzer, per_kind: int, seed: int) -> None:
     total = collections.Counter()
     groups = [(k, list(fuzzing.cases(k, per_kind, seed))) for k in fuzzing.KINDS]
     files = fuzzing.shipped_dicom_files()
+    if shipped is not None:
+        files = files[::max(1, -(-len(files) // shipped))][:shipped]
     groups.append(("pydicom's own files", [fuzzing.Case("file", 0, [(p.name, p.read_bytes())]) for p in files]))
     for kind, cases in groups:
         c = collections.Counter()
@@ -162,13 +173,17 @@ def main() -> None:
     ap.add_argument("--per-kind", type=int, default=300)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--no-bombs", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--shipped-files", type=int, help="read only this many of pydicom's own files (default: all)")
+    smoke.add_arguments(ap, work=False)
+    args = smoke.parse(ap, per_kind=1, shipped_files=4)
     print(f"# Hostile inputs — {_cpu()}, {os.cpu_count()} cores")
+    if args.smoke:
+        print(f"\n> {smoke.NOTE}. Bomb sizes: {SMOKE_BOMBS}")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, fuzzing.Fuzzer(Path(tmp) / "cases") as fz:
         if not args.no_bombs:
-            run_bombs(fz, Path(tmp))
-        run_campaign(fz, args.per_kind, args.seed)
+            run_bombs(fz, Path(tmp), SMOKE_BOMBS if args.smoke else None)
+        run_campaign(fz, args.per_kind, args.seed, args.shipped_files)
     print(f"\n{time.perf_counter() - t0:.0f} s in all")
 
 

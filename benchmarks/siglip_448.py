@@ -4,6 +4,7 @@ fp32 / int8 / q4 against transformers + torch fp32, same images, same thread cou
 The text tower is kept small (2 layers): only image embedding is timed.
 
     python benchmarks/siglip_448.py --work DIR [--threads 2] [--images 3]
+    python benchmarks/siglip_448.py --smoke     # a tiny SigLIP in seconds; its figures mean nothing
 """
 
 from __future__ import annotations
@@ -12,37 +13,36 @@ import argparse
 import json
 import os
 import time
-from pathlib import Path
 
 import numpy as np
+import smoke
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, required=True)
+    smoke.add_arguments(ap)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--images", type=int, default=3)
-    args = ap.parse_args()
+    args = smoke.parse(ap, images=1)
+    shape = "tiny" if args.smoke else "448"
+    if args.smoke:
+        print(json.dumps({"smoke": smoke.NOTE, "shape": shape}), flush=True)
     import torch
     from transformers import SiglipConfig, SiglipModel
 
-    torch.set_num_threads(args.threads)
-    ckpt = args.work / "medsiglip-448-random"
-    if not (ckpt / "config.json").is_file():
-        cfg = SiglipConfig(
-            vision_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
-                               image_size=448, patch_size=14),
-            text_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=2, num_attention_heads=16,
-                             vocab_size=256, max_position_embeddings=64))
-        SiglipModel(cfg).save_pretrained(ckpt)
-        from medgemma_cli.synthetic import train_siglip_tokenizer
+    from medgemma_cli.synthetic import SIGLIP_SHAPES, train_siglip_tokenizer
 
+    torch.set_num_threads(args.threads)
+    ckpt = args.work / f"medsiglip-{shape}-random"
+    if not (ckpt / "config.json").is_file():
+        SiglipModel(SiglipConfig(**SIGLIP_SHAPES[shape])).save_pretrained(ckpt)
         train_siglip_tokenizer(ckpt / "spiece.model")
     from medgemma_cli.conversion import convert
     from medgemma_cli.siglip import Siglip, resolve_siglip
 
     rng = np.random.default_rng(0)
-    px = rng.uniform(-1, 1, (args.images, 3, 448, 448)).astype(np.float32)
+    size = SIGLIP_SHAPES[shape]["vision_config"]["image_size"]
+    px = rng.uniform(-1, 1, (args.images, 3, size, size)).astype(np.float32)
     model = SiglipModel.from_pretrained(ckpt).eval()
     with torch.no_grad():
         model.get_image_features(pixel_values=torch.tensor(px[:1]))  # warm-up
@@ -55,7 +55,7 @@ def main() -> None:
                       "torch_fp32_s_per_image": round(torch_s, 2), "torch_images_per_s": round(1 / torch_s, 3)}),
           flush=True)
     for preset in ("fp32", "int8", "q4"):
-        out = args.work / f"medsiglip-448-{preset}"
+        out = args.work / f"medsiglip-{shape}-{preset}"
         if not (out / "manifest.json").is_file():
             t0 = time.perf_counter()
             convert(ckpt, out, preset=preset, overwrite=True)

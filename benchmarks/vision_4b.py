@@ -3,6 +3,7 @@ ONNX Runtime int8 versus libmtmd (mmproj F16 and Q8_0), in one run; and a unit w
 from one encoding versus 5 separate asks.
 
     python benchmarks/vision_4b.py --work DIR    # reuses DIR/synthetic-4b-bf16 and the ask_4b.py conversions
+    python benchmarks/vision_4b.py --smoke       # makes the tiny shape's; in seconds, its figures mean nothing
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import smoke
 
 QUESTIONS = ["Describe the findings.", "Is there a pleural effusion?", "Is the heart enlarged?",
              "Any sign of pneumothorax?", "What would you recommend next?"]
@@ -28,19 +31,34 @@ def _convert_child(src: str, out: str) -> None:
     print(json.dumps({"converted_with_vision_onnx_s": round(time.perf_counter() - t0, 1), "peak_rss_mb": hwm}))
 
 
+def _smoke_inputs(src: Path, mmproj_q8_0: Path) -> None:
+    """What a real run reuses from convert_4b.py and ask_4b.py, made here on the tiny shape."""
+    from medgemma_cli.conversion import convert
+    from medgemma_cli.synthetic import make_checkpoint
+
+    if not (src / "config.json").is_file():
+        make_checkpoint(src, "tiny", dtype="bfloat16", shard_bytes=5_000_000)
+    if not (mmproj_q8_0 / "manifest.json").is_file():
+        convert(src, mmproj_q8_0, preset="Q4_K_M", mmproj_type="Q8_0", overwrite=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, required=True)
+    smoke.add_arguments(ap)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = smoke.parse(ap)
     if args.child:
         _convert_child(*args.child)
         return
     from medgemma_cli.answering import AskOptions, ask, ask_many
 
-    src = args.work / "synthetic-4b-bf16"
-    model = args.work / "vision-4b-q4_k_m-onnx-int8"
+    shape = "tiny" if args.smoke else "4b"
+    src = args.work / f"synthetic-{shape}-bf16"
+    model = args.work / f"vision-{shape}-q4_k_m-onnx-int8"
+    if args.smoke:
+        print(json.dumps({"smoke": smoke.NOTE, "shape": shape}), flush=True)
+        _smoke_inputs(src, args.work / f"ask-{shape}-q4_k_m-mmproj-q8_0")
     if not (model / "vision.onnx").is_file():
         r = subprocess.run([sys.executable, __file__, "--work", str(args.work), "--child", str(src), str(model)],
                            capture_output=True, text=True)
@@ -58,7 +76,7 @@ def main() -> None:
         Image.fromarray(pattern).save(img)
     print(json.dumps({"machine_cores": os.cpu_count(), "threads": args.threads}), flush=True)
     runs = [("onnx int8", model, "onnx"), ("mtmd F16", model, "mtmd"),
-            ("mtmd Q8_0", args.work / "ask-4b-q4_k_m-mmproj-q8_0", "mtmd")]
+            ("mtmd Q8_0", args.work / f"ask-{shape}-q4_k_m-mmproj-q8_0", "mtmd")]
     for label, folder, backend in runs:
         if not (folder / "text.gguf").is_file():
             continue
