@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved bare-loop runs per file")
-    args = smoke.parse(ap, decode_tokens=8, repeats=1)
+    args = smoke.parse(ap, threads=1, decode_tokens=8, repeats=1)
     shape = "tiny" if args.smoke else "4b"
     from PIL import Image
 

@@ -108,7 +108,7 @@ def bare(folder: Path, model: Path, threads: int, max_tokens: int) -> dict:
     return {"mode": "model alone", "units": len(units), "model_s": round(seconds, 3)}
 
 
-def server(folder: Path, model: Path, out_dir: Path, max_tokens: int, workers: list[int]) -> list[dict]:
+def server(folder: Path, model: Path, out_dir: Path, max_tokens: int, workers: list[int], threads: int) -> list[dict]:
     from medgemma_cli.answering import AskOptions
     from medgemma_cli.batch import ServerOptions, run_batch
 
@@ -119,7 +119,8 @@ def server(folder: Path, model: Path, out_dir: Path, max_tokens: int, workers: l
              "runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)")
     proc = subprocess.Popen([sys.executable, "-c", serve, "--model", str(model / "text.gguf"),
                              "--clip_model_path", str(model / "mmproj.gguf"), "--chat_format", "mtmd",
-                             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "2"],
+                             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
+                             "--n_threads", str(threads)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -159,9 +160,10 @@ def main() -> None:
     ap.add_argument("--units", type=int, default=200)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, nargs="+", default=[2, 1], help="llama.cpp threads of the local runs")
     ap.add_argument("--skip-server", action="store_true")
     ap.add_argument("--skip-local", action="store_true")
-    args = smoke.parse(ap, units=4, max_tokens=4, repeats=1)
+    args = smoke.parse(ap, units=4, max_tokens=4, repeats=1, threads=[1])
     if args.smoke:
         print(json.dumps({"smoke": smoke.NOTE}), flush=True)
     os.environ.setdefault("MEDGEMMA_HOME", str(args.work / "home"))
@@ -171,7 +173,7 @@ def main() -> None:
                       "max_tokens": args.max_tokens, "repeats": args.repeats}), flush=True)
     model = tiny_model(args.work)
     # 2 threads: llama.cpp takes both cores and rendering competes with it; 1 thread: a core is left for rendering
-    for threads in () if args.skip_local else (2, 1):
+    for threads in () if args.skip_local else args.threads:
         alone, runs = [], []
         for _ in range(args.repeats):  # interleaved, so drifts in the machine's speed hit both alike
             alone.append(bare(folder, model, threads, args.max_tokens))
@@ -192,7 +194,7 @@ def main() -> None:
         make_folder(photos, args.units, photos_only=True)
         # llama-cpp-python's server needs a sliding window longer than the prompt (see tests/medgemma_cli/test_batch.py)
         served = tiny_model(args.work, sliding_window=512)
-        for row in server(photos, served, args.work, args.max_tokens, [1, 2, 4]):
+        for row in server(photos, served, args.work, args.max_tokens, [1, 2, 4], max(args.threads)):
             print(json.dumps(row), flush=True)
 
 

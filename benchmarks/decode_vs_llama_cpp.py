@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--extra-buffers", default="off,on", help="off, on, or off,on")
     ap.add_argument("--build-only", action="store_true", help="make the files (cached in --work), time nothing")
-    args = smoke.parse(ap, shape="tiny", layers=None, prompt_tokens=16, decode_tokens=4, repeats=1)
+    args = smoke.parse(ap, shape="tiny", layers=None, threads=1, prompt_tokens=16, decode_tokens=4, repeats=1)
     if args.smoke:
         print(json.dumps({"smoke": smoke.NOTE}), flush=True)
     from medgemma_cli.conversion import convert

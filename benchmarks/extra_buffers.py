@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
-    args = smoke.parse(ap, shape="tiny", prompt_tokens=16, decode_tokens=4, repeats=1)
+    args = smoke.parse(ap, shape="tiny", threads=1, prompt_tokens=16, decode_tokens=4, repeats=1)
     if args.smoke:
         print(json.dumps({"smoke": smoke.NOTE}), flush=True)
     os.environ.setdefault("MEDGEMMA_HOME", str(args.work / "home"))

@@ -23,7 +23,7 @@ def main() -> None:
     smoke.add_arguments(ap)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--images", type=int, default=3)
-    args = smoke.parse(ap, images=1)
+    args = smoke.parse(ap, threads=1, images=1)
     shape = "tiny" if args.smoke else "448"
     if args.smoke:
         print(json.dumps({"smoke": smoke.NOTE, "shape": shape}), flush=True)

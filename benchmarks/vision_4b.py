@@ -47,7 +47,7 @@ def main() -> None:
     smoke.add_arguments(ap)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
-    args = smoke.parse(ap)
+    args = smoke.parse(ap, threads=1)
     if args.child:
         _convert_child(*args.child)
         return

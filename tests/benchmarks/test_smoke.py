@@ -73,9 +73,9 @@ FIGURES: dict[str, list[dict[str, Any]]] = {
     ],
     "batch_tiny": [
         keys("machine_cores", "units", "questions", "max_tokens", "repeats"),
-        *(keys("model_alone_s", "batch_wall_s", "model_in_batch_s", "worker_process_s", "worker_idle_s",
-               "worker_vs_model_in_batch", "overhead_vs_model_in_batch", "overhead_vs_model_alone", "units_per_s",
-               threads=t) for t in (2, 1)),
+        keys("model_alone_s", "batch_wall_s", "model_in_batch_s", "worker_process_s", "worker_idle_s",
+             "worker_vs_model_in_batch", "overhead_vs_model_in_batch", "overhead_vs_model_alone", "units_per_s",
+             threads=1),
         *(keys("units", "records", "wall_s", "units_per_s", "requests_per_s", mode="server", workers=w, failed=0)
           for w in (1, 2, 4)),
     ],
