@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -11,13 +12,15 @@ from typing import Any
 from medgemma_cli.defaults import DEFAULT_MAX_TOKENS
 from medgemma_cli.errors import MedgemmaError
 from medgemma_cli.inputs import dicom
-from medgemma_cli.inputs.collect import Collected, collect
+from medgemma_cli.inputs.collect import Collected, collect, combine_studies
 from medgemma_cli.inputs.images import save_png
 from medgemma_cli.llama.engine import Engine, Timings
+from medgemma_cli.llama.grammar import Constraint, json_answer, max_chars
 from medgemma_cli.llama.model_files import ModelFiles, resolve_model
 from medgemma_cli.llama.session import PrefixSession, Turn
 from medgemma_cli.native import quiet_stderr
 from medgemma_cli.prompt import build_messages, truncate_notes
+from medgemma_cli.recipes import token_budget, with_thinking
 
 NOTE_BYTES_PER_TOKEN = 8  # above what any text costs a Gemma token (CJK: ~3 bytes a character, ~1.5 a token)
 
@@ -25,7 +28,7 @@ NOTE_BYTES_PER_TOKEN = 8  # above what any text costs a Gemma token (CJK: ~3 byt
 @dataclass
 class AskOptions:
     system: str | None = None
-    max_tokens: int = DEFAULT_MAX_TOKENS
+    max_tokens: int | None = None  # None: DEFAULT_MAX_TOKENS, or the thinking recipe's budget with `think`
     temperature: float = 0.0
     seed: int = 0
     threads: int | None = None
@@ -38,6 +41,27 @@ class AskOptions:
     verbose: bool = False
     vision_backend: str = "auto"  # auto: ONNX Runtime on CPU-only runs when vision.onnx exists, else libmtmd
     include_phi: bool = False  # leave the patient's identifiers in notes and SR text (replaced otherwise)
+    think: bool = False  # MedGemma 1.5's thinking switch (recipes.with_thinking); the trace is kept apart
+    schema: dict[str, Any] | None = None  # the answer is JSON valid under this schema (constrained sampling)
+    constraint: Constraint | None = None  # or any grammar (locate's, tests'); wins over `schema`
+    prior: list[Path] = field(default_factory=list)  # an earlier study, sent before the current one
+    label_timepoints: bool = False  # "Prior study:" / "Current study:" before each study's images
+    pad_square: bool = False  # zero-pad each image to a centred square before the resize (locate's recipe)
+
+    def budget(self, images: bool) -> int:
+        """The longest answer: --max-tokens, else the recipe's (larger with thinking, larger still text-only)."""
+        return token_budget(self.max_tokens, self.think, images, DEFAULT_MAX_TOKENS)
+
+    def system_text(self) -> str | None:
+        return with_thinking(self.system) if self.think else self.system
+
+    def answer_constraint(self, images: bool) -> Constraint | None:
+        if self.constraint is not None:
+            return self.constraint
+        if self.schema is None:
+            return None
+        budget = self.budget(images)
+        return json_answer(self.schema, self.think, reserve=min(budget // 2, max_chars(self.schema) or budget // 2))
 
 
 @dataclass
@@ -53,6 +77,8 @@ class AskResult:
     stopped: str
     saved_inputs: list[str] = field(default_factory=list)
     identifiers_removed: int = 0  # patient identifiers replaced by [NAME], [ID], [DATE], [INSTITUTION]
+    parsed: Any = None  # with a schema: the answer as JSON (None if it did not parse; `parse_error` says why)
+    parse_error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,6 +106,7 @@ class Conversation:
     model: ModelFiles
     warnings: list[str]  # from planning the context (the inputs' own are in session.inputs.warnings)
     saved_inputs: list[str] = field(default_factory=list)
+    max_tokens: int = DEFAULT_MAX_TOKENS  # the answer budget the context was planned for
 
     def close(self) -> None:
         self.session.engine.close()
@@ -106,17 +133,18 @@ def plan_context(question: str, inputs: Collected, files: ModelFiles, opts: AskO
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     warnings: list[str] = []
+    max_tokens = opts.budget(bool(inputs.images))
     limit = min(opts.ctx or counter.n_ctx_train, counter.n_ctx_train)
     template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
         counter.llm.metadata.get("tokenizer.chat_template") or "")
     per_image = image_tokens + 2  # <start_of_image> and <end_of_image> around the embeddings
 
     def need(notes: list[tuple[str, str]]) -> int:
-        msgs = build_messages(question, inputs, opts.system, opts.with_metadata, notes)
+        msgs = build_messages(question, inputs, opts.system_text(), opts.with_metadata, notes)
         text = template.render(messages=msgs, bos_token="<bos>", add_generation_prompt=True,
                                raise_exception=lambda m: None)
         text = text.replace("<start_of_image>", "\n\n\n\n")
-        return counter.count(text) + per_image * len(inputs.images) + opts.max_tokens
+        return counter.count(text) + per_image * len(inputs.images) + max_tokens
 
     notes = list(inputs.notes)
     needed = need(notes)
@@ -135,7 +163,7 @@ def plan_context(question: str, inputs: Collected, files: ModelFiles, opts: AskO
         needed = need(notes)
     if needed > limit:
         raise MedgemmaError(f"the prompt needs {needed} tokens ({len(inputs.images)} images × {per_image}, the text, "
-                            f"{opts.max_tokens} to answer) but the context holds {limit}; send fewer images "
+                            f"{max_tokens} to answer) but the context holds {limit}; send fewer images "
                             "(--max-slices), lower --max-tokens or raise --ctx")
     n_ctx = min(limit, max(256, -(-needed // 256) * 256))
     return ContextFit(notes, n_ctx, warnings)
@@ -151,28 +179,41 @@ def _prepare(question: str, files: list[Path] | None, model: Path | None, gguf: 
     limit = min(opts.ctx or counter.n_ctx_train, counter.n_ctx_train)
     note_bytes = limit * NOTE_BYTES_PER_TOKEN  # read no more of a note than the context could hold
     image_size = vision["image_size"] if vision else None
-    inputs = collect([Path(f) for f in files or []], image_size, opts.max_slices,
-                     scrub_identifiers=not opts.include_phi, note_bytes=note_bytes)
+    inputs = _collect(files, opts, image_size, opts.max_slices, note_bytes)
     image_tokens = vision["image_tokens"] if vision else 0
     # each slice costs its embeddings, <start_of_image>/<end_of_image>, the blank lines and its label
     per_image = image_tokens + 2 + counter.count("\n\nSLICE 85\n\n")
     extra_tokens = min(extra_tokens, limit // 2)  # room kept for a conversation's later turns
     text_tokens = counter.count(question + "".join(t for _, t in inputs.notes)) + 64 + extra_tokens
-    room = limit - opts.max_tokens - text_tokens
+    room = limit - opts.budget(True) - text_tokens
     if inputs.images and len(inputs.images) * per_image > room and inputs.volumes:
         slices_that_fit = max(1, room // per_image)
         before = len(inputs.images)
-        inputs = collect([Path(f) for f in files or []], image_size, min(opts.max_slices, slices_that_fit),
-                         scrub_identifiers=not opts.include_phi, note_bytes=note_bytes)
+        inputs = _collect(files, opts, image_size, min(opts.max_slices, slices_that_fit), note_bytes)
         inputs.warnings.append(f"too many images for a context of {limit} tokens: {len(inputs.images)} of "
                                f"{before} slices sent, sampled evenly")
-    opts_for_plan = AskOptions(**{**opts.__dict__, "max_tokens": opts.max_tokens + extra_tokens})
+    opts_for_plan = AskOptions(**{**opts.__dict__, "max_tokens": opts.budget(bool(inputs.images)) + extra_tokens})
     fit = plan_context(question, inputs, model_files, opts_for_plan, counter, image_tokens)
     if extra_tokens:
         fit.n_ctx = limit  # a conversation gets the whole context it was given
     if opts.save_input is not None:
         opts.save_input.mkdir(parents=True, exist_ok=True)
     return _Prepared(model_files, inputs, fit)
+
+
+def _collect(files: list[Path] | None, opts: AskOptions, image_size: int | None, max_slices: int,
+             note_bytes: int) -> Collected:
+    """The current study's inputs, after the prior study's (`opts.prior`) when there is one."""
+    def one(paths: list[Path] | None, slices: int) -> Collected:
+        return collect([Path(f) for f in paths or []], image_size, slices, scrub_identifiers=not opts.include_phi,
+                       note_bytes=note_bytes, pad_square=opts.pad_square)
+
+    if not opts.prior:
+        return one(files, max_slices)
+    if not files:
+        raise MedgemmaError("--prior needs the current study too")
+    half = max(1, max_slices // 2)  # the two studies share the slice budget
+    return combine_studies(one(opts.prior, half), one(files, half), opts.label_timepoints)
 
 
 def _result(conversation: Conversation, turn: Turn, prefill: Timings, opts: AskOptions, t_start: float
@@ -200,7 +241,19 @@ def _result(conversation: Conversation, turn: Turn, prefill: Timings, opts: AskO
         stopped=turn.stopped,
         saved_inputs=conversation.saved_inputs,
         identifiers_removed=inputs.identifiers_removed,
+        **_parsed(turn, opts),
     )
+
+
+def _parsed(turn: Turn, opts: AskOptions) -> dict[str, Any]:
+    """With a schema, the answer read as JSON; a cut or stray answer is said, never patched up."""
+    if opts.schema is None or opts.constraint is not None:
+        return {}
+    try:
+        return {"parsed": json.loads(turn.answer)}
+    except json.JSONDecodeError as e:
+        why = f"stopped at {turn.stopped}" if turn.stopped != "eos" else str(e)
+        return {"parse_error": f"the answer is not complete JSON ({why})"}
 
 
 def _save_inputs(inputs: Collected, folder: Path | None) -> list[str]:
@@ -222,13 +275,13 @@ def open_session(question_hint: str, files: list[Path] | None, *, model: Path | 
     saved = _save_inputs(plan.inputs, opts.save_input)
     engine = Engine(plan.model, n_ctx=plan.fit.n_ctx, threads=opts.threads, gpu_layers=opts.gpu_layers,
                     verbose=opts.verbose, vision_backend=opts.vision_backend)
-    session = PrefixSession(engine, plan.inputs, opts.system, opts.with_metadata, plan.fit.notes)
+    session = PrefixSession(engine, plan.inputs, opts.system_text(), opts.with_metadata, plan.fit.notes)
     try:
         session.start()
     except BaseException:
         engine.close()
         raise
-    return Conversation(session, plan.model, plan.fit.warnings, saved)
+    return Conversation(session, plan.model, plan.fit.warnings, saved, opts.budget(bool(plan.inputs.images)))
 
 
 def ask(question: str, files: list[Path] | None = None, *, model: Path | None = None, gguf: Path | None = None,
@@ -255,7 +308,8 @@ def ask_many(questions: list[str], files: list[Path] | None = None, *, model: Pa
         for q in questions:
             if not q.strip():
                 raise MedgemmaError("the question is empty")
-            turn = session.ask(q, opts.max_tokens, opts.temperature, opts.seed, opts.show_thinking, on_text)
+            turn = session.ask(q, conversation.max_tokens, opts.temperature, opts.seed, opts.show_thinking, on_text,
+                               constraint=opts.answer_constraint(bool(session.inputs.images)))
             first = not results
             results.append(_result(conversation, turn, session.prefill_timings if first else Timings(), opts,
                                    t_start))

@@ -20,14 +20,19 @@ from medgemma_cli.cli_options import (
     GpuLayers,
     IncludePhi,
     Json,
+    LabelTimepoints,
     MaxSlices,
     MaxTokens,
     Mmproj,
     Model,
+    Prior,
     RecordFormat,
+    Schema,
     Seed,
+    ShowThinking,
     System,
     Temperature,
+    Think,
     Threads,
     UnitKind,
     VisionBackend,
@@ -36,7 +41,7 @@ from medgemma_cli.cli_options import (
     flag,
 )
 from medgemma_cli.console import RichProgress, err, human_bytes, out, shown
-from medgemma_cli.defaults import DEFAULT_BATCH_CTX, DEFAULT_CHAT_CTX, DEFAULT_MAX_TOKENS, MAX_SLICES
+from medgemma_cli.defaults import DEFAULT_BATCH_CTX, DEFAULT_CHAT_CTX, MAX_SLICES
 from medgemma_cli.errors import MedgemmaError
 from medgemma_cli.kernels.policy import DEFAULT_MMPROJ_TYPE, DEFAULT_PRESET, MMPROJ_TYPES, PRESETS
 
@@ -169,7 +174,7 @@ def ask(
     gguf: Gguf = None,
     mmproj: Mmproj = None,
     system: System = None,
-    max_tokens: MaxTokens = DEFAULT_MAX_TOKENS,
+    max_tokens: MaxTokens = None,
     temperature: Temperature = 0.0,
     seed: Seed = 0,
     threads: Threads = None,
@@ -179,8 +184,11 @@ def ask(
     save_input: Path | None = typer.Option(
         None, "--save-input", help="Write PNGs of exactly the pixels the model receives here."),
     with_metadata: WithMetadata = False,
-    show_thinking: Annotated[bool, flag(
-        "--show-thinking", "Keep MedGemma 27B's thinking trace in the output.")] = False,
+    think: Think = False,
+    show_thinking: ShowThinking = False,
+    schema: Schema = None,
+    prior: Prior = None,
+    label_timepoints: LabelTimepoints = False,
     vision_backend: Backend = VisionBackend.auto,
     include_phi: IncludePhi = False,
     as_json: Annotated[bool, flag(
@@ -199,13 +207,18 @@ def ask(
       medgemma ask "Any acute findings?" ./ct-series/ --system "You are an expert radiologist."
       medgemma ask "Summarise." note.txt report-sr.dcm --json
       medgemma ask "What changed?" scan.png --gguf medgemma-4b-it-Q4_K_M.gguf --mmproj mmproj-F16.gguf
+      medgemma ask "List the findings." chest.dcm --schema findings.schema.json --json
+      medgemma ask "Is the effusion larger?" chest.dcm --prior chest-2025.dcm
+      medgemma ask "Which antibiotic and why?" note.txt --think
     """
     from medgemma_cli.answering import AskOptions, ask as run_ask
+    from medgemma_cli.llama.grammar import load_schema
 
     opts = AskOptions(system=system, max_tokens=max_tokens, temperature=temperature, seed=seed, threads=threads,
                       gpu_layers=gpu_layers, ctx=ctx, with_metadata=with_metadata, show_thinking=show_thinking,
                       max_slices=max_slices, save_input=save_input, verbose=_DEBUG, vision_backend=vision_backend.value,
-                      include_phi=include_phi)
+                      include_phi=include_phi, think=think, schema=load_schema(schema) if schema else None,
+                      prior=list(prior or []), label_timepoints=label_timepoints)
     status = None if as_json else err.status("reading the inputs, encoding the images…")
     waiting = [status is not None]
 
@@ -225,6 +238,8 @@ def ask(
             status.stop()
     if as_json:
         out.print_json(json.dumps(result.as_dict()))
+        if result.parse_error:
+            raise typer.Exit(1)
         return
     out.print()
     for w in result.warnings:
@@ -239,6 +254,9 @@ def ask(
     if result.identifiers_removed:
         err.print(f"[dim]{result.identifiers_removed} patient identifier(s) replaced in the notes before the model "
                   "saw them (--include-phi keeps them)[/]")
+    if result.parse_error:
+        err.print(f"[bold red]error:[/] {shown(result.parse_error)}; raise --max-tokens")
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -256,7 +274,7 @@ def batch(
     gguf: Gguf = None,
     mmproj: Mmproj = None,
     system: System = None,
-    max_tokens: MaxTokens = DEFAULT_MAX_TOKENS,
+    max_tokens: MaxTokens = None,
     temperature: Temperature = 0.0,
     seed: Seed = 0,
     threads: Threads = None,
@@ -284,6 +302,12 @@ def batch(
     timeout: float = typer.Option(600.0, "--timeout", help="With --server: seconds to wait for one answer."),
     retry_failed: Annotated[bool, flag(
         "--retry-failed", "Remove earlier error records from --out and try those units again.")] = False,
+    schema: Schema = None,
+    think: Think = False,
+    with_prior: Annotated[bool, flag(
+        "--with-prior", "With --unit study: send each chest X-ray study after the same patient's most recent earlier "
+        "study in the folder (patients matched on their IDs here; records name only the prior's unit id).")] = False,
+    label_timepoints: LabelTimepoints = False,
     quiet: Annotated[bool, flag("--quiet", "No progress bar; one log line per unit.")] = False,
 ) -> None:
     """Answer questions about every series (or study, or file) in a folder; results are written as they come.
@@ -300,11 +324,14 @@ def batch(
       medgemma batch ./night-run/ -q "Any acute findings?" --out results.jsonl --report review.html
       medgemma batch ./cxr/ -q "Describe the findings." --out r.jsonl --classify effusion --classify "no finding"
       medgemma batch ./night-run/ -q "Any acute findings?" --out r.jsonl --server http://gpu-box:8000 --workers 4
+      medgemma batch ./cxr/ -q "List the findings." --schema findings.schema.json --out findings.jsonl
+      medgemma batch ./cxr/ -q "Is the effusion better or worse?" --unit study --with-prior --out change.jsonl
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
 
     from medgemma_cli.answering import AskOptions
     from medgemma_cli.batch import ClassifyOptions, ServerOptions, run_batch
+    from medgemma_cli.llama.grammar import load_schema
 
     qs = list(question or [])
     if questions_file is not None:
@@ -314,7 +341,8 @@ def batch(
             raise MedgemmaError(f"{questions_file}: cannot read ({e.strerror or e})") from e
     opts = AskOptions(system=system, max_tokens=max_tokens, temperature=temperature, seed=seed, threads=threads,
                       gpu_layers=gpu_layers, ctx=ctx, with_metadata=with_metadata, max_slices=max_slices,
-                      vision_backend=vision_backend.value, verbose=_DEBUG)
+                      vision_backend=vision_backend.value, verbose=_DEBUG, think=think,
+                      schema=load_schema(schema) if schema else None, label_timepoints=label_timepoints)
     classifier = (ClassifyOptions(classify_labels, siglip_model, classify_template, threads=threads)
                   if classify_labels else None)
     remote = None
@@ -344,7 +372,7 @@ def batch(
     try:
         s = run_batch(folder, qs, out_file, fmt=fmt.value, unit=unit.value, model=model, gguf=gguf,
                       mmproj=mmproj, options=opts, include_phi=include_phi, classify=classifier, server=remote,
-                      retry_failed=retry_failed, on_progress=progress)
+                      retry_failed=retry_failed, on_progress=progress, with_prior=with_prior)
     finally:
         if bar is not None:
             bar.stop()
@@ -389,7 +417,7 @@ def chat(
     gguf: Gguf = None,
     mmproj: Mmproj = None,
     system: System = None,
-    max_tokens: MaxTokens = DEFAULT_MAX_TOKENS,
+    max_tokens: MaxTokens = None,
     temperature: Temperature = 0.0,
     seed: Seed = 0,
     threads: Threads = None,
@@ -401,6 +429,10 @@ def chat(
     with_metadata: WithMetadata = False,
     vision_backend: Backend = VisionBackend.auto,
     include_phi: IncludePhi = False,
+    think: Think = False,
+    show_thinking: ShowThinking = False,
+    prior: Prior = None,
+    label_timepoints: LabelTimepoints = False,
 ) -> None:
     """Talk about the same images and notes: they are encoded once, follow-up questions reuse them.
 
@@ -410,12 +442,15 @@ def chat(
     [bold]Example[/]
 
       medgemma chat chest.dcm note.txt --system "You are an expert radiologist."
+      medgemma chat chest.dcm --prior chest-2025.dcm
     """
     from medgemma_cli.answering import AskOptions, open_session
 
     opts = AskOptions(system=system, max_tokens=max_tokens, temperature=temperature, seed=seed, threads=threads,
                       gpu_layers=gpu_layers, ctx=ctx, with_metadata=with_metadata, verbose=_DEBUG,
-                      max_slices=max_slices, vision_backend=vision_backend.value, include_phi=include_phi)
+                      max_slices=max_slices, vision_backend=vision_backend.value, include_phi=include_phi,
+                      think=think, show_thinking=show_thinking, prior=list(prior or []),
+                      label_timepoints=label_timepoints)
     with err.status("reading the inputs and encoding the images…"):
         conversation = open_session("?", files or [], model=model, gguf=gguf, mmproj=mmproj, options=opts,
                                     extra_tokens=max(0, ctx // 2))
@@ -450,7 +485,7 @@ def chat(
                 err.print("[yellow]commands:[/] /save FILE, /quit")
                 continue
             try:
-                turn = session.follow_up(line, max_tokens, temperature, seed,
+                turn = session.follow_up(line, conversation.max_tokens, temperature, seed, show_thinking,
                                          on_text=lambda piece: out.print(piece, end="", markup=False, highlight=False),
                                          on_notice=lambda msg: err.print(f"[yellow]note:[/] {shown(msg)}"))
             except MedgemmaError as e:  # this question failed; the conversation and its images stay
@@ -462,6 +497,118 @@ def chat(
                       f"images encoded {session.engine.images_encoded} time(s) in total[/]")
     finally:
         conversation.close()
+
+
+@app.command()
+@_guard
+def locate(
+    args: list[str] = typer.Argument(
+        ..., metavar="FINDING... IMAGE", help="What to find (one or more, each in quotes), then the image: DICOM, PNG "
+                                              "or JPEG."),
+    out_png: Path | None = typer.Option(None, "--out", "-o", help="Write the image with the boxes drawn (PNG)."),
+    model: Model = None,
+    gguf: Gguf = None,
+    mmproj: Mmproj = None,
+    max_tokens: Annotated[int | None, typer.Option(
+        "--max-tokens", help="Longest answer per finding \\[default: the recipe's 1000; 1500 with --think].")] = None,
+    temperature: Temperature = 0.0,
+    seed: Seed = 0,
+    threads: Threads = None,
+    gpu_layers: GpuLayers = None,
+    think: Think = False,
+    show_thinking: ShowThinking = False,
+    vision_backend: Backend = VisionBackend.auto,
+    as_json: Annotated[bool, flag(
+        "--json", "Print one JSON object: each finding's boxes in original pixels, normalised and in mm.")] = False,
+) -> None:
+    """Where a finding is on a chest X-ray: boxes from MedGemma 1.5's localization recipe, drawn on the image.
+
+    The image is zero-padded to a centred square as in Google's notebook; each finding is asked with the
+    recipe's prompt, and a grammar holds the answer to the recipe's shape (reasoning, then
+    `Final Answer: ```json[{"box_2d": [y0, x0, y1, x1], "label": …}]``` `). The 0–1000 coordinates are mapped back to
+    the original pixels (and mm, from the DICOM pixel spacing). Boxes that are degenerate or lie in the padding
+    are reported, not drawn.
+
+    [bold]Examples[/]
+
+      medgemma locate "right clavicle" chest.dcm --out boxes.png
+      medgemma locate "right clavicle" "left lung" chest.png --json
+    """
+    from medgemma_cli.answering import AskOptions
+    from medgemma_cli.locate import locate as run_locate
+
+    if len(args) < 2:
+        raise typer.BadParameter("give at least one finding and then the image", param_hint="FINDING... IMAGE")
+    *findings, image = args
+    opts = AskOptions(max_tokens=max_tokens, temperature=temperature, seed=seed, threads=threads,
+                      gpu_layers=gpu_layers, think=think, show_thinking=show_thinking, verbose=_DEBUG,
+                      vision_backend=vision_backend.value)
+    status = None if as_json else err.status("encoding the image, locating…")
+    if status is not None:
+        status.start()
+    try:
+        result = run_locate(findings, Path(image), model=model, gguf=gguf, mmproj=mmproj, options=opts, out=out_png)
+    finally:
+        if status is not None:
+            status.stop()
+    if as_json:
+        out.print_json(json.dumps(result.as_dict()))
+        return
+    g = result.geometry
+    mm = f" · pixel spacing {g['spacing_mm'][0]:g}×{g['spacing_mm'][1]:g} mm ({g['spacing_source']})" \
+        if g["spacing_mm"] else ""
+    out.print(f"{shown(Path(result.image).name)}: {g['original_width']}×{g['original_height']} pixels{mm}",
+              highlight=False)
+    for f in result.findings:
+        for b in f.boxes:
+            p = b.pixels
+            size = f" · {b.size_mm['width']:g}×{b.size_mm['height']:g} mm" if b.size_mm else ""
+            out.print(f"  {shown(f.finding)}: x {p['x0']:g}–{p['x1']:g}, y {p['y0']:g}–{p['y1']:g} px"
+                      f"{size}{' (cut at the image edge)' if b.clipped else ''}", markup=False, highlight=False)
+        for why in f.problems:
+            err.print(f"  [yellow]{shown(f.finding)}: no box drawn:[/] {shown(why)}")
+    for w in result.warnings:
+        err.print(f"[yellow]note:[/] {shown(w)}")
+    if result.drawn:
+        err.print(f"[dim]boxes drawn on the image: {shown(result.drawn)}[/]")
+
+
+@app.command()
+@_guard
+def prompts(
+    name: str | None = typer.Argument(None, help="Print this template's text (as it will be used)."),
+    as_json: Json = False,
+) -> None:
+    """The wording of MedGemma 1.5's recipes that medgemma sends, where each comes from, and which you replaced.
+
+    To use your own wording, put it in [bold]<MEDGEMMA_HOME>/prompts/NAME.txt[/] (or in the folder
+    $MEDGEMMA_PROMPTS names), keeping the template's {placeholders}.
+
+    [bold]Examples[/]
+
+      medgemma prompts
+      medgemma prompts locate
+    """
+    from medgemma_cli.recipes import TEMPLATES, describe, template
+
+    if name is not None:
+        if name not in TEMPLATES:
+            raise MedgemmaError(f"no template {name!r}; the templates are {', '.join(TEMPLATES)}")
+        out.print(template(name), end="" if template(name).endswith("\n") else "\n", markup=False, highlight=False)
+        return
+    rows = describe()
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    from rich.table import Table
+
+    t = Table(title="Prompt templates", title_justify="left")
+    for col in ("name", "placeholders", "from", "yours"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(str(r["name"]), ", ".join(f"{{{p}}}" for p in r["placeholders"]),
+                  str(r["source"]), f"[green]{shown(r['file'])}[/]" if r["replaced"] else f"[dim]{shown(r['file'])}[/]")
+    out.print(t)
 
 
 @app.command()

@@ -54,7 +54,9 @@ Backend = Annotated[VisionBackend, typer.Option(
 # the prompt and the answer
 System = Annotated[str | None, typer.Option(
     "--system", help='System prompt, e.g. "You are an expert radiologist."')]
-MaxTokens = Annotated[int, typer.Option("--max-tokens", help="Longest answer (per question), in tokens.")]
+MaxTokens = Annotated[int | None, typer.Option(
+    "--max-tokens", help="Longest answer (per question), in tokens \\[default: 512; with --think the recipe's 1500 "
+                         "with images, 2000 text only].")]
 Temperature = Annotated[float, typer.Option("--temperature", help="0 = greedy (as the reference evaluations).")]
 Seed = Annotated[int, typer.Option("--seed", help="Sampling seed (with --temperature > 0).")]
 MaxSlices = Annotated[int, typer.Option("--max-slices", help="Most slices sent from one series, sampled evenly.")]
@@ -63,6 +65,18 @@ WithMetadata = Annotated[bool, flag(
 IncludePhi = Annotated[bool, flag(
     "--include-phi", "Leave the patient's name, IDs, birth date, physicians and institution in notes and SR text "
     "(otherwise [NAME], [ID], [DATE], [INSTITUTION]); batch: also in records, with DICOM UIDs as unit ids.")]
+
+Think = Annotated[bool, flag(
+    "--think", "MedGemma 1.5's thinking switch (the recipe's system sentence and token budgets); the trace is left "
+    "out unless --show-thinking.")]
+ShowThinking = Annotated[bool, flag("--show-thinking", "Keep the model's thinking trace in the output.")]
+Schema = Annotated[Path | None, typer.Option(
+    "--schema", help="A JSON Schema file: the answer is JSON valid under it (sampling constrained by a grammar).")]
+Prior = Annotated[list[Path] | None, typer.Option(
+    "--prior", help="A file or folder of an earlier study (repeatable): sent before the current one, for comparison.")]
+LabelTimepoints = Annotated[bool, flag(
+    "--label-timepoints", "Put 'Prior study:' and 'Current study:' before each study's images (none by default, "
+    "as in Google's recipe).")]
 
 # output
 Json = Annotated[bool, flag("--json", "Print JSON.")]

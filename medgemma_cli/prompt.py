@@ -21,6 +21,8 @@ def build_messages(question: str, inputs: Collected, system: str | None = None, 
     for name, text in notes_text if notes_text is not None else inputs.notes:
         content.append({"type": "text", "text": f"Clinical note ({name}):\n{text}"})
     for image in inputs.images:
+        if image.heading:
+            content.append({"type": "text", "text": image.heading})
         content.append({"type": "image"})
         if image.label:
             content.append({"type": "text", "text": image.label})

@@ -169,11 +169,21 @@ def _lock_results(results: Path) -> int:
     return fd
 
 
+def parsed_answer(answer: str) -> dict[str, Any]:
+    """`parsed`: the answer as JSON; a cut answer (max tokens) gets `parse_error` instead, never a guess."""
+    try:
+        return {"parsed": json.loads(answer)}
+    except json.JSONDecodeError as e:
+        return {"parsed": None, "parse_error": f"not complete JSON ({e.msg} at character {e.pos})"}
+
+
 class Recorder:
     """Builds and appends the records of one run; counts what was written and what failed."""
 
-    def __init__(self, records: RecordFile, folder: Path, keys: dict[str, str], model: str, include_phi: bool):
+    def __init__(self, records: RecordFile, folder: Path, keys: dict[str, str], model: str, include_phi: bool,
+                 parse_json: bool = False):
         self.records, self.folder, self.keys, self.model, self.include_phi = records, folder, keys, model, include_phi
+        self.parse_json = parse_json  # --schema: records carry the answer parsed (JSONL; CSV keeps the text)
         self.written = self.failed = self.retryable = 0
 
     def pending(self, u: Unit) -> list[str]:
@@ -182,6 +192,7 @@ class Recorder:
     def base(self, u: Unit) -> dict[str, Any]:
         return {"unit": u.id, "unit_kind": u.kind, "files": [printable(f.relative_to(self.folder)) for f in u.files],
                 "modality": u.modality, "model": self.model,
+                **({"prior_unit": u.prior.id} if u.prior is not None else {}),
                 **({"phi": u.phi} if self.include_phi and u.phi else {})}
 
     def answer(self, u: Unit, q: str, images_sent: int, answer: str, timings: dict[str, float],
@@ -190,7 +201,8 @@ class Recorder:
                              "identifiers_removed": inputs.identifiers_removed if inputs else 0,
                              "warnings": list(inputs.warnings) if inputs else [],
                              "error": None, "run_key": self.keys[q], "timings": timings, "tokens": tokens,
-                             **({"classify": classification} if classification else {})})
+                             **({"classify": classification} if classification else {}),
+                             **(parsed_answer(answer) if self.parse_json else {})})
         self.written += 1
 
     def error(self, u: Unit, q: str, error: str, retryable: bool = False) -> None:

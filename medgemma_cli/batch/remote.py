@@ -93,6 +93,7 @@ class ServerError(MedgemmaError):
     def __init__(self, message: str, retryable: bool = False, unreachable: bool = False):
         super().__init__(message)
         self.retryable, self.unreachable = retryable, unreachable
+        self.status: int | None = None  # the HTTP status, when the server answered with one
 
 
 DEFAULT_MEDIA_MARKER = "<__media__>"  # libmtmd's; newer llama-servers name their own in /props
@@ -199,6 +200,7 @@ class ChatServer:
         self.model = model
         self._entry: dict[str, Any] = {}  # the model's entry in /v1/models
         self._native: tuple[Any, str] | None = None  # llama.cpp's server: (its chat template, its media marker)
+        self.schema_form = "json_schema"  # OpenAI's; "json_object" once a server refuses it (llama-cpp-python's)
 
     def _connection(self, timeout: float) -> http.client.HTTPConnection:
         cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
@@ -270,6 +272,7 @@ class ChatServer:
             input_error = (r.status < 500 and r.status != 429) or any(
                 k in message.lower() for k in _INPUT_ERRORS_5XX)
             error = ServerError(message, retryable=not input_error)
+            error.status = r.status
             if r.status in RETRY_STATUS:
                 raise _Again(error)
             raise error
@@ -351,6 +354,20 @@ class ChatServer:
             media_marker=marker if isinstance(marker, str) and marker else DEFAULT_MEDIA_MARKER,
             vision=bool(modalities.get("vision")) if isinstance(modalities, dict) else None)
 
+    def _constrained(self, body: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+        """A chat request whose answer must follow `schema`; a server that refuses OpenAI's form of it gets the
+        older one (llama-cpp-python's server takes only {"type": "json_object", "schema": …})."""
+        try:
+            return self._request("POST", "/v1/chat/completions",
+                                 {**body, "response_format": response_format(schema, self.schema_form)})
+        except ServerError as e:
+            # refused as a bad request; llama-cpp-python's server says so with a 500 that names the field
+            if self.schema_form != "json_schema" or not (e.status in (400, 422) or "response_format" in str(e)):
+                raise
+        self.schema_form = "json_object"
+        return self._request("POST", "/v1/chat/completions",
+                             {**body, "response_format": response_format(schema, self.schema_form)})
+
     def use_native(self, info: ServerInfo) -> bool:
         """Against llama.cpp's own server, prompts go through its native /completion endpoint, rendered here from
         the server's chat template exactly as the local model renders them (its chat endpoint puts no blank lines
@@ -363,17 +380,17 @@ class ChatServer:
     def ask(self, question: str, inputs: Collected, image_uris: list[str], opts: AskOptions) -> Reply:
         """One question about one unit's inputs, by whichever endpoint use_native chose."""
         if self._native is None:
-            return self.chat(chat_messages(question, inputs, image_uris, opts.system, opts.with_metadata),
-                             opts.max_tokens, opts.temperature, opts.seed)
+            return self.chat(chat_messages(question, inputs, image_uris, opts.system_text(), opts.with_metadata),
+                             opts.budget(True), opts.temperature, opts.seed, schema=opts.schema)
         template, marker = self._native
         # no BOS in the text: llama-server adds it to a string prompt, as the GGUF asks (add_bos_token)
-        rendered = render(template, build_messages(question, inputs, opts.system, opts.with_metadata), bos="")
+        rendered = render(template, build_messages(question, inputs, opts.system_text(), opts.with_metadata), bos="")
         prompt = with_media_markers(rendered, marker, len(image_uris))
-        return self.complete(prompt, [uri.split(",", 1)[1] for uri in image_uris], opts.max_tokens,
-                             opts.temperature, opts.seed)
+        return self.complete(prompt, [uri.split(",", 1)[1] for uri in image_uris], opts.budget(True),
+                             opts.temperature, opts.seed, schema=opts.schema)
 
     def complete(self, prompt: str, images_b64: list[str], max_tokens: int, temperature: float = 0.0,
-                 seed: int | None = 0) -> Reply:
+                 seed: int | None = 0, schema: dict[str, Any] | None = None) -> Reply:
         """llama.cpp's native /completion: the prompt as written, media markers standing for the images."""
         body: dict[str, Any] = {
             "prompt": {"prompt_string": prompt, "multimodal_data": images_b64} if images_b64 else prompt,
@@ -382,6 +399,8 @@ class ChatServer:
             "cache_prompt": False}  # a reused cache may change the logits (llama-server's README): fresh each time
         if seed is not None:
             body["seed"] = seed
+        if schema is not None:  # llama-server turns it into its grammar
+            body["json_schema"] = schema
         t0 = time.perf_counter()
         data = self._request("POST", "/completion", body)
         seconds = time.perf_counter() - t0
@@ -393,14 +412,17 @@ class ChatServer:
                      _nonnegative_int(data.get("tokens_predicted")), seconds)
 
     def chat(self, messages: list[dict[str, Any]], max_tokens: int, temperature: float = 0.0,
-             seed: int | None = 0) -> Reply:
+             seed: int | None = 0, schema: dict[str, Any] | None = None) -> Reply:
         body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": max_tokens,
                                 "temperature": temperature, "stream": False,
                                 "repeat_penalty": 1.0}  # llama.cpp servers default to 1.1; greedy means greedy
         if seed is not None:
             body["seed"] = seed
         t0 = time.perf_counter()
-        data = self._request("POST", "/v1/chat/completions", body)
+        if schema is not None:
+            data = self._constrained(body, schema)
+        else:
+            data = self._request("POST", "/v1/chat/completions", body)
         seconds = time.perf_counter() - t0
         try:
             choice = data["choices"][0]
@@ -410,6 +432,14 @@ class ChatServer:
         usage = data.get("usage") or {}
         return Reply(str(content).strip(), str(choice.get("finish_reason") or ""), usage.get("prompt_tokens"),
                      usage.get("completion_tokens"), seconds)
+
+
+def response_format(schema: dict[str, Any], form: str) -> dict[str, Any]:
+    """The schema as a chat request's response_format: OpenAI's structured outputs (llama.cpp's server, vLLM),
+    or the older {"type": "json_object", "schema": …} that llama-cpp-python's server takes."""
+    if form == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+    return {"type": "json_object", "schema": schema}
 
 
 def _server_message(raw: bytes, reason: str) -> str:

@@ -9,6 +9,7 @@ unless asked; unit ids are DICOM UIDs, or hashes of relative paths for other fil
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,10 +21,10 @@ from medgemma_cli.batch.prepare import Prepared
 from medgemma_cli.batch.records import Recorder, RecordFile, lock_path, run_key
 from medgemma_cli.batch.remote import ChatServer, answer_by_server, png_data_uri
 from medgemma_cli.batch.report import save_thumbnail, thumbnails_dir
-from medgemma_cli.batch.units import Unit, make_units, pseudonym, unit_id_key, unit_key_path
+from medgemma_cli.batch.units import Unit, make_units, pair_priors, pseudonym, unit_id_key, unit_key_path
 from medgemma_cli.batch.worker import EngineConfig, ModelWorker
 from medgemma_cli.errors import InputError, MedgemmaError
-from medgemma_cli.inputs.collect import collect
+from medgemma_cli.inputs.collect import Collected, collect, combine_studies
 from medgemma_cli.inputs.walk import IMAGE_INPUTS, walk
 from medgemma_cli.printable import printable
 
@@ -78,17 +79,22 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
               model: Path | None = None, gguf: Path | None = None, mmproj: Path | None = None,
               options: AskOptions | None = None, include_phi: bool = False, classify: ClassifyOptions | None = None,
               server: ServerOptions | None = None, retry_failed: bool = False,
-              on_progress: Callable[[int, int, str], None] | None = None) -> BatchSummary:
+              on_progress: Callable[[int, int, str], None] | None = None, with_prior: bool = False) -> BatchSummary:
     """Answer every question about every unit under `folder`, appending records to `out` as they finish.
 
     `retry_failed` first removes earlier error records (a server that was down, a file since fixed), so those
-    units are tried again and each (unit, question) still has exactly one record."""
+    units are tried again and each (unit, question) still has exactly one record.
+
+    `with_prior` (study units) sends each chest X-ray study after the same patient's most recent earlier study
+    in the folder (`units.pair_priors`); the pairing reads patient identifiers and dates, which stay here."""
     t_start = time.perf_counter()
     questions = list(dict.fromkeys(q.strip() for q in questions if q.strip()))
     if not questions:
         raise MedgemmaError("give at least one question (--question or --questions FILE)")
     if fmt not in ("jsonl", "csv"):
         raise MedgemmaError("--format is jsonl or csv")
+    if with_prior and unit != "study":
+        raise MedgemmaError("--with-prior pairs studies: use it with --unit study")
     opts = options or AskOptions()
     folder = Path(folder)
     if not folder.is_dir():
@@ -130,6 +136,8 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
             worker.start()
         w = walk(folder, IMAGE_INPUTS, ours=own_outputs(out))
         units = make_units(folder, w.files, unit)
+        if with_prior:
+            pair_priors(units)
         records = RecordFile(out, fmt, retry_failed)  # the lock first: the key and the records are this run's
         if not include_phi:  # DICOM UIDs identify the patient's study; records carry keyed hashes of them
             key = unit_id_key(out, has_records=bool(records.done))
@@ -149,19 +157,30 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
                                  softmax=classify.softmax, threads=classify.threads)
             identity += "\nclassify:" + zero_shot.identity()
 
+        if opts.schema is not None:  # a different schema, or thinking, is a different answer
+            identity += "\nschema:" + json.dumps(opts.schema, sort_keys=True)
+        if opts.think:
+            identity += "\nthink"
+        if with_prior:
+            identity += "\nwith-prior"
         keys = {q: run_key(identity, q) for q in questions}
-        writer = Recorder(records, folder, keys, model_name, include_phi)
+        writer = Recorder(records, folder, keys, model_name, include_phi, parse_json=opts.schema is not None)
         done_before = sum(1 for u in units for k in keys.values() if (u.id, k) in records.done)
         todo = [u for u in units if writer.pending(u)]
         per_image = image_tokens + 8  # the image, its markers and a slice label
-        max_slices = max(1, min(opts.max_slices, (n_ctx - opts.max_tokens - 512) // per_image)) if image_size else 0
+        max_slices = max(1, min(opts.max_slices, (n_ctx - opts.budget(True) - 512) // per_image)) if image_size else 0
 
         def prepare(u: Unit) -> Prepared:
             if u.error:
                 return Prepared(u, None, u.error)
             try:
-                inputs = collect(u.files, image_size, max_slices, keep_full=zero_shot is not None,
-                                 scrub_identifiers=not include_phi)
+                def read(files: list[Path], slices: int) -> Collected:
+                    return collect(files, image_size, slices, keep_full=zero_shot is not None,
+                                   scrub_identifiers=not include_phi)
+
+                inputs = (combine_studies(read(u.prior.files, max(1, max_slices // 2)),
+                                          read(u.files, max(1, max_slices // 2)), opts.label_timepoints)
+                          if u.prior is not None else read(u.files, max_slices))
                 images = [img.rgb for img in inputs.images]
                 save_thumbnail(Path(out), u.id, images)
                 uris = []

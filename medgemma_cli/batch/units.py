@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from medgemma_cli.atomic import replace_text
 from medgemma_cli.errors import InputError, MedgemmaError
@@ -25,6 +27,11 @@ class Unit:
     modality: str = ""
     phi: dict[str, str] = field(default_factory=dict)
     error: str | None = None  # a unit that cannot even be grouped (unreadable header)
+    # for --with-prior only, never written out: who the patient is, when the study was made, what of
+    patient: str = ""
+    taken: str = ""  # StudyDate + StudyTime, sortable
+    body_part: str = ""
+    prior: Unit | None = None  # the same patient's most recent earlier chest X-ray study in the folder
 
 
 def short_hash(text: str) -> str:
@@ -57,9 +64,53 @@ def make_units(folder: Path, files: list[Path], unit: str = "series") -> list[Un
         key = "StudyInstanceUID" if unit == "study" else "SeriesInstanceUID"
         uid = str(ds.get(key, "") or "") or short_hash(rel)
         u = units.setdefault(uid, Unit(uid, unit, [], modality,
-                                       {t: str(ds.get(t)) for t in PHI_TAGS if ds.get(t) not in (None, "")}))
+                                       {t: str(ds.get(t)) for t in PHI_TAGS if ds.get(t) not in (None, "")},
+                                       patient=_patient(ds), taken=_taken(ds),
+                                       body_part=str(ds.get("BodyPartExamined", "") or "").strip().upper()))
         u.files.append(f)
     return list(units.values())
+
+
+def _patient(ds: Any) -> str:
+    """The patient, as far as the header says: the ID (with its issuer), else name and birth date; "" if neither."""
+    pid = str(ds.get("PatientID", "") or "").strip()
+    if pid:
+        return "id:" + pid + "|" + str(ds.get("IssuerOfPatientID", "") or "").strip()
+    name, born = str(ds.get("PatientName", "") or "").strip(), str(ds.get("PatientBirthDate", "") or "").strip()
+    return f"name:{name}|{born}" if name and born else ""
+
+
+def _taken(ds: Any) -> str:
+    date = str(ds.get("StudyDate", "") or "").strip()
+    time = str(ds.get("StudyTime", "") or "").strip().split(".")[0]
+    return f"{date}{time.ljust(6, '0')}" if len(date) == 8 and date.isdigit() else ""
+
+
+CHEST_XRAY_MODALITIES = ("CR", "DX")
+
+
+def pair_priors(units: list[Unit]) -> int:
+    """Give each chest X-ray study the same patient's most recent earlier one (strictly earlier date and time) as
+    its prior; studies without a patient identifier or a date get none. Returns how many were paired."""
+    def chest_xray(u: Unit) -> bool:
+        return (u.kind == "study" and not u.error and u.modality in CHEST_XRAY_MODALITIES
+                and u.body_part in ("", "CHEST") and bool(u.patient) and bool(u.taken))
+
+    by_patient: dict[str, list[Unit]] = {}
+    for u in units:
+        if chest_xray(u):
+            by_patient.setdefault(u.patient, []).append(u)
+    paired = 0
+    for studies in by_patient.values():
+        studies.sort(key=lambda u: u.taken)
+        for earlier, later in itertools.pairwise(studies):
+            if earlier.taken < later.taken:
+                later.prior = earlier
+                paired += 1
+            else:  # made at the same time: neither is the other's prior; the earlier one's prior is this one's too
+                later.prior = earlier.prior
+                paired += later.prior is not None
+    return paired
 
 
 def unit_id_key(out: Path, has_records: bool = False) -> bytes:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from medgemma_cli import containment
 from medgemma_cli.errors import MedgemmaError
 from medgemma_cli.inputs.collect import Collected, PromptImage
+from medgemma_cli.llama.grammar import Constraint
 from medgemma_cli.llama.model_files import ModelFiles
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ class EngineConfig:
 @dataclass
 class Job:
     """One unit: only what the prompt needs (the rendered images and their labels, notes, safe metadata)."""
-    images: list[tuple[Any, str | None]]  # (RGB array at the model's size, slice label)
+    images: list[tuple[Any, str | None, str | None]]  # (RGB array at the model's size, slice label, heading)
     notes: list[tuple[str, str]]
     metadata: list[dict[str, str]]
     questions: list[str]
@@ -56,6 +57,7 @@ class Job:
     temperature: float = 0.0
     seed: int = 0
     crash_for_test: bool = False
+    constraint: Constraint | None = None  # --schema: the grammar every answer follows
 
 
 @dataclass
@@ -86,9 +88,9 @@ class WorkerCrashed(MedgemmaError):
 
 
 def job_for(inputs: Collected, questions: list[str], opts: AskOptions, crash_for_test: bool = False) -> Job:
-    return Job([(img.rgb, img.label) for img in inputs.images], list(inputs.notes), list(inputs.metadata),
-               list(questions), opts.system, opts.with_metadata, opts.max_tokens, opts.temperature, opts.seed,
-               crash_for_test)
+    return Job([(img.rgb, img.label, img.heading) for img in inputs.images], list(inputs.notes),
+               list(inputs.metadata), list(questions), opts.system_text(), opts.with_metadata, opts.budget(True),
+               opts.temperature, opts.seed, crash_for_test, opts.answer_constraint(True))
 
 
 @dataclass
@@ -258,7 +260,8 @@ def _serve(recv: Connection, send: Connection) -> None:
             if job.crash_for_test:
                 with containment.stage("llama.cpp", "reading the prompt"):
                     containment.crash()
-            inputs = Collected(images=[PromptImage(rgb, label, Path("")) for rgb, label in job.images],
+            inputs = Collected(images=[PromptImage(rgb, label, Path(""), heading=heading)
+                                       for rgb, label, heading in job.images],
                                notes=job.notes, metadata=job.metadata)
             try:
                 t1 = time.perf_counter()
@@ -267,7 +270,7 @@ def _serve(recv: Connection, send: Connection) -> None:
                 prefill = time.perf_counter() - t1
                 for q in job.questions:
                     t1 = time.perf_counter()
-                    turn = session.ask(q, job.max_tokens, job.temperature, job.seed)
+                    turn = session.ask(q, job.max_tokens, job.temperature, job.seed, constraint=job.constraint)
                     spent = time.perf_counter() - t1 + prefill
                     prefill = 0.0
                     inside += spent

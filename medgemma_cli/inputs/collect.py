@@ -12,7 +12,7 @@ import numpy as np
 from medgemma_cli.checksums import sha256_file
 from medgemma_cli.errors import InputError
 from medgemma_cli.inputs import dicom, identifiers
-from medgemma_cli.inputs.images import load_rgb, resize_square
+from medgemma_cli.inputs.images import load_rgb, pad_to_square, resize_square
 from medgemma_cli.inputs.notes import read_note
 from medgemma_cli.inputs.walk import MODEL_INPUTS, kind_of, walk
 from medgemma_cli.printable import printable
@@ -24,6 +24,7 @@ class PromptImage:
     label: str | None  # "SLICE n" for slices of a volume
     source: Path
     full: np.ndarray | None = None  # the rendering before resizing, kept only on request (MedSigLIP pads instead)
+    heading: str | None = None  # text put before this image ("Prior study:" with --label-timepoints)
 
 
 @dataclass
@@ -69,13 +70,24 @@ def expand(paths: list[Path]) -> tuple[list[Path], list[str]]:
 
 
 def collect(paths: list[Path], image_size: int | None, max_slices: int = dicom.MAX_SLICES,
-            keep_full: bool = False, scrub_identifiers: bool = True, note_bytes: int | None = None) -> Collected:
+            keep_full: bool = False, scrub_identifiers: bool = True, note_bytes: int | None = None,
+            pad_square: bool = False) -> Collected:
     """Read and render everything; DICOM images are grouped into series and rendered by modality.
 
     `note_bytes` bounds what is read of each note (the context it will go into holds only so much).
 
     With `scrub_identifiers` (the default), the patient's identifiers named in the DICOM headers are replaced by
-    placeholders in the notes and structured-report text (see `identifiers`)."""
+    placeholders in the notes and structured-report text (see `identifiers`).
+
+    With `pad_square`, each image is zero-padded to a centred square before the resize (the localization
+    recipe's preprocessing: box coordinates then refer to that square); the unpadded rendering is kept in
+    `full`, for mapping coordinates back and drawing."""
+    keep_full = keep_full or pad_square
+
+    def square(rgb: np.ndarray) -> np.ndarray:
+        assert image_size is not None
+        return resize_square(pad_to_square(rgb) if pad_square else rgb, image_size)
+
     files, warnings = expand([Path(p) for p in paths])
     named = {Path(p) for p in paths}
     out = Collected(warnings=warnings)
@@ -99,7 +111,7 @@ def collect(paths: list[Path], image_size: int | None, max_slices: int = dicom.M
             rgb = load_rgb(f)
             if dicom.is_flat(rgb):
                 raise InputError(f, "the image is blank: every pixel has the same value")
-            out.images.append(PromptImage(resize_square(rgb, image_size), None, f, rgb if keep_full else None))
+            out.images.append(PromptImage(square(rgb), None, f, rgb if keep_full else None))
             out.records.append(InputRecord(f, "image", f"{rgb.shape[1]}×{rgb.shape[0]} image"))
         else:
             ds = dicom.read(f)
@@ -124,8 +136,7 @@ def collect(paths: list[Path], image_size: int | None, max_slices: int = dicom.M
             out.warnings.extend(printable(n) for n in vol.notes)
             for i, (s, rgb) in enumerate(zip(vol.slices, rendered, strict=True), 1):
                 label = f"SLICE {i}" if vol.is_volume else None
-                out.images.append(PromptImage(resize_square(rgb, image_size), label, s.path,
-                                              rgb if keep_full else None))
+                out.images.append(PromptImage(square(rgb), label, s.path, rgb if keep_full else None))
             out.volumes.append(vol)
             out.metadata.append(vol.metadata)
             how = {"CT": "CT, HU in 3 windows (R −1024..1024, G −135..215, B 0..80)",
@@ -142,6 +153,22 @@ def collect(paths: list[Path], image_size: int | None, max_slices: int = dicom.M
     if scrub_identifiers and out.notes and headers:
         _scrub_notes(out, headers)
     return out
+
+
+def combine_studies(prior: Collected, current: Collected, label_timepoints: bool = False) -> Collected:
+    """One prompt's inputs for a comparison: the prior study's first, then the current one's, as Google's
+    longitudinal notebook sends them (no text between the images unless `label_timepoints`)."""
+    from medgemma_cli.recipes import template
+
+    if not prior.images or not current.images:
+        raise InputError(None, "a comparison needs images in both the prior and the current study")
+    if label_timepoints:
+        prior.images[0].heading = template("prior-label").strip()
+        current.images[0].heading = template("current-label").strip()
+    return Collected(images=prior.images + current.images, notes=prior.notes + current.notes,
+                     records=prior.records + current.records, metadata=prior.metadata + current.metadata,
+                     warnings=prior.warnings + current.warnings, volumes=prior.volumes + current.volumes,
+                     identifiers_removed=prior.identifiers_removed + current.identifiers_removed)
 
 
 def _scrub_notes(out: Collected, headers: list[Any]) -> None:

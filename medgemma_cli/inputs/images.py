@@ -78,6 +78,22 @@ def resize_square(rgb: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb, "RGB").resize((size, size), Image.Resampling.BILINEAR))
 
 
+def square_padding(height: int, width: int) -> tuple[int, int, int]:
+    """(side, top, left) of the centred zero padding to a square: the odd pixel, if any, goes below/right."""
+    side = max(height, width)
+    return side, (side - height) // 2, (side - width) // 2
+
+
+def pad_to_square(rgb: np.ndarray) -> np.ndarray:
+    """The image centred on a black square of side max(h, w), in its own dtype (uint8 stays uint8: Google's
+    localization notebook pads as here, but its `* 255` after the pad would wrap uint8 input round)."""
+    h, w = rgb.shape[:2]
+    side, top, left = square_padding(h, w)
+    out = np.zeros((side, side, *rgb.shape[2:]), rgb.dtype)
+    out[top:top + h, left:left + w] = rgb
+    return out
+
+
 def save_png(rgb: np.ndarray, path: Path) -> None:
     from PIL import Image
 

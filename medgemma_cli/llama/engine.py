@@ -20,6 +20,7 @@ import numpy as np
 from medgemma_cli.chat_template import compile_template, render, with_media_markers
 from medgemma_cli.containment import stage
 from medgemma_cli.errors import InputError, MedgemmaError
+from medgemma_cli.llama.grammar import THINK_CLOSE, THINK_OPEN, Constraint, GrammarSampler
 from medgemma_cli.llama.loader import load_llama
 from medgemma_cli.llama.model_files import ModelFiles
 from medgemma_cli.llama.mtmd import MtmdChunks, MtmdContext
@@ -27,7 +28,6 @@ from medgemma_cli.llama.onnx_vision import OnnxVision
 from medgemma_cli.machine import physical_cores
 from medgemma_cli.native import quiet_stderr
 
-THINK_OPEN, THINK_CLOSE = "<unused94>", "<unused95>"  # MedGemma 27B's thinking trace
 VISION_BACKENDS = ("auto", "onnx", "mtmd")
 
 
@@ -47,7 +47,8 @@ class Generated:
     text: str  # the answer, thinking trace left out
     thinking: str  # the trace between MedGemma's thinking markers, if any
     tokens: int
-    stopped: str  # eos | max_tokens | context_full
+    stopped: str  # eos | max_tokens | context_full | grammar (nothing the grammar allows is left)
+    closed_early: bool = False  # a constraint cut the prelude (thinking, reasoning) to leave room for the JSON
 
 
 class Engine:
@@ -198,8 +199,12 @@ class Engine:
 
     def generate(self, max_tokens: int, temperature: float = 0.0, seed: int = 0, show_thinking: bool = False,
                  on_text: Callable[[str], None] | None = None, timings: Timings | None = None,
-                 started: float | None = None, stop_at_eos: bool = True) -> Generated:
-        """Sample after the prefilled prompt; stream visible text (the thinking trace only if asked)."""
+                 started: float | None = None, stop_at_eos: bool = True,
+                 constraint: Constraint | None = None) -> Generated:
+        """Sample after the prefilled prompt; stream visible text (the thinking trace only if asked).
+
+        With a `constraint`, only tokens its grammar allows are sampled (greedy: the best token is checked
+        first, and the whole vocabulary masked only when the grammar refuses it)."""
         lib = self._lib
         timings = timings or Timings()
         rng = np.random.default_rng(seed)
@@ -211,42 +216,73 @@ class Engine:
         t0 = time.perf_counter()
         started = started if started is not None else t0
         stopped = "max_tokens"
+        grammar = GrammarSampler(lib, self.vocab, n_vocab, constraint.grammar) if constraint else None
+        closed_early = False
         n = 0
-        for n in range(1, max_tokens + 1):
-            logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(self.ctx, -1), shape=(n_vocab,))
-            if temperature <= 0:
-                tok = int(np.argmax(logits))
-            else:
-                z = logits.astype(np.float64) / temperature
-                p = np.exp(z - z.max())
-                tok = int(rng.choice(n_vocab, p=p / p.sum()))
-            if n == 1:
-                timings.first_token_s = time.perf_counter() - started
-            if stop_at_eos and lib.llama_vocab_is_eog(self.vocab, tok):
-                stopped = "eos"
-                n -= 1
-                break
-            if tok == self.think_ids[0] and self.think_ids[0] is not None:
-                in_thought = True
-            elif tok == self.think_ids[1] and self.think_ids[1] is not None:
-                in_thought = False
-            else:
-                text = decoder.decode(self._piece_bytes(tok))
-                (thinking if in_thought else answer).append(text)
-                if on_text and text and (show_thinking or not in_thought):
-                    on_text(text)
-            if self.n_past >= self.n_ctx:
-                stopped = "context_full"
-                break
-            with stage("llama.cpp", "writing the answer"):
-                self._decode_batches([tok], logits_last=True)
+        try:
+            for n in range(1, max_tokens + 1):
+                if (constraint is not None and not closed_early and constraint.closing is not None
+                        and max_tokens - n + 1 <= constraint.reserve
+                        and constraint.in_prelude("".join(answer), in_thought)):
+                    closing = constraint.closing_in_thought if in_thought else constraint.closing
+                    assert grammar is not None and closing is not None
+                    grammar.close()
+                    grammar = GrammarSampler(lib, self.vocab, n_vocab, closing)
+                    closed_early = True
+                logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(self.ctx, -1), shape=(n_vocab,))
+                tok = self._choose(logits, temperature, rng, grammar)
+                if tok is None:
+                    stopped = "grammar"
+                    n -= 1
+                    break
+                if n == 1:
+                    timings.first_token_s = time.perf_counter() - started
+                if stop_at_eos and lib.llama_vocab_is_eog(self.vocab, tok):
+                    stopped = "eos"
+                    n -= 1
+                    break
+                if grammar is not None:
+                    grammar.accept(tok)
+                if tok == self.think_ids[0] and self.think_ids[0] is not None:
+                    in_thought = True
+                elif tok == self.think_ids[1] and self.think_ids[1] is not None:
+                    in_thought = False
+                else:
+                    text = decoder.decode(self._piece_bytes(tok))
+                    (thinking if in_thought else answer).append(text)
+                    if on_text and text and (show_thinking or not in_thought):
+                        on_text(text)
+                if self.n_past >= self.n_ctx:
+                    stopped = "context_full"
+                    break
+                with stage("llama.cpp", "writing the answer"):
+                    self._decode_batches([tok], logits_last=True)
+        finally:
+            if grammar is not None:
+                grammar.close()
         tail = decoder.decode(b"", final=True)
         if tail:
             answer.append(tail)
             if on_text:
                 on_text(tail)
         timings.decode_s += time.perf_counter() - t0
-        return Generated("".join(answer), "".join(thinking), n, stopped)
+        return Generated("".join(answer), "".join(thinking), n, stopped, closed_early)
+
+    @staticmethod
+    def _choose(logits: np.ndarray, temperature: float, rng: np.random.Generator,
+                grammar: GrammarSampler | None) -> int | None:
+        """The next token: greedy or sampled at `temperature`, among what the grammar allows (None: nothing)."""
+        if grammar is not None:
+            if temperature <= 0 and grammar.allows(best := int(np.argmax(logits))):
+                return best
+            logits = grammar.mask(logits)
+            if not np.isfinite(logits).any():
+                return None
+        if temperature <= 0:
+            return int(np.argmax(logits))
+        z = logits.astype(np.float64) / temperature
+        p = np.exp(z - z.max())
+        return int(rng.choice(len(p), p=p / p.sum()))
 
     def close(self) -> None:
         if self.mtmd is not None:

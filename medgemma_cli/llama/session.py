@@ -16,6 +16,7 @@ from typing import Any
 from medgemma_cli.errors import MedgemmaError
 from medgemma_cli.inputs.collect import Collected
 from medgemma_cli.llama.engine import Engine, Timings
+from medgemma_cli.llama.grammar import Constraint
 from medgemma_cli.prompt import build_messages
 
 _QUESTION = "\x00QUESTION\x00"
@@ -31,6 +32,7 @@ class Turn:
     completion_tokens: int
     stopped: str
     timings: Timings
+    closed_early: bool = False  # the grammar cut thinking/reasoning short to leave room for the JSON
 
 
 @dataclass
@@ -64,11 +66,12 @@ class PrefixSession:
         self.prefix_tokens = self.engine.n_past
 
     def ask(self, question: str, max_tokens: int, temperature: float = 0.0, seed: int = 0,
-            show_thinking: bool = False, on_text: Callable[[str], None] | None = None) -> Turn:
+            show_thinking: bool = False, on_text: Callable[[str], None] | None = None,
+            constraint: Constraint | None = None) -> Turn:
         """A fresh question about the same inputs: the state goes back to just after the images."""
         self.engine.rewind(self.prefix_tokens)
         return self._turn(question.strip() + self.suffix, question, max_tokens, temperature, seed, show_thinking,
-                          on_text, keep=False)
+                          on_text, keep=False, constraint=constraint)
 
     def follow_up(self, question: str, max_tokens: int, temperature: float = 0.0, seed: int = 0,
                   show_thinking: bool = False, on_text: Callable[[str], None] | None = None,
@@ -112,7 +115,7 @@ class PrefixSession:
             on_notice(f"older turns dropped to fit the context ({self.dropped_turns} so far); the images stay")
 
     def _turn(self, text: str, question: str, max_tokens: int, temperature: float, seed: int, show_thinking: bool,
-              on_text: Callable[[str], None] | None, keep: bool) -> Turn:
+              on_text: Callable[[str], None] | None, keep: bool, constraint: Constraint | None = None) -> Turn:
         timings = Timings()
         tokens = self.engine.tokenize(text)
         if self.engine.n_past + len(tokens) + max_tokens > self.engine.n_ctx:
@@ -120,9 +123,10 @@ class PrefixSession:
         started = time.perf_counter()
         self.engine.decode_text(text, tokens=tokens)
         timings.prefill_s = time.perf_counter() - started
-        out = self.engine.generate(max_tokens, temperature, seed, show_thinking, on_text, timings, started)
+        out = self.engine.generate(max_tokens, temperature, seed, show_thinking, on_text, timings, started,
+                                   constraint=constraint)
         turn = Turn(question, out.text.strip(), out.thinking.strip(), self.prefix_tokens + len(tokens), out.tokens,
-                    out.stopped, timings)
+                    out.stopped, timings, out.closed_early)
         if keep:
             self.history.append(turn)
         return turn

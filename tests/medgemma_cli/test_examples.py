@@ -59,6 +59,10 @@ def _scans(work: Path) -> None:
     (work / "note.txt").write_text("Cough and fever for three days. No chest pain.\n", encoding="utf-8")
     shutil.copy(_data("test-SR.dcm"), work / "report-sr.dcm")
     (work / "questions.txt").write_text("Any findings?\nIs the heart enlarged?\n", encoding="utf-8")
+    shutil.copy(_data("CT_small.dcm"), work / "chest-2025.dcm")  # the prior study of --prior's examples
+    (work / "findings.schema.json").write_text(
+        '{"type": "object", "properties": {"findings": {"type": "array", "items": {"type": "string", "maxLength": 20},'
+        ' "maxItems": 3}, "urgent": {"type": "boolean"}}, "required": ["findings", "urgent"]}', encoding="utf-8")
     base = pydicom.dcmread(_data("CT_small.dcm"))
     for folder in ("ct-series", "night-run/ct"):
         (work / folder).mkdir(parents=True)

@@ -72,6 +72,25 @@ def test_retries_busy_then_answers(monkeypatch):
     assert seen[1]["body"]["temperature"] == 0.0 and seen[1]["auth"] == "Bearer secret-key"
 
 
+def test_schema_travels_as_response_format():
+    """OpenAI's structured-outputs form first; a server that refuses it (llama-cpp-python's: 422) gets the older
+    json_object form, and keeps getting it."""
+    schema = {"type": "object", "properties": {"effusion": {"type": "boolean"}}, "required": ["effusion"]}
+    reply = {**REPLY, "choices": [{"message": {"content": '{"effusion": false}'}, "finish_reason": "stop"}]}
+    httpd, url, seen = serve([(422, b'{"detail": "response_format.type"}'), (200, json.dumps(reply).encode()),
+                              (200, json.dumps(reply).encode())])
+    try:
+        client = ChatServer(url, "medgemma-4b")
+        first = client.chat([{"role": "user", "content": "Effusion?"}], max_tokens=8, schema=schema)
+        client.chat([{"role": "user", "content": "Effusion?"}], max_tokens=8, schema=schema)
+    finally:
+        httpd.shutdown()
+    assert json.loads(first.answer) == {"effusion": False}
+    formats = [s["body"]["response_format"] for s in seen]
+    assert formats[0] == {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+    assert formats[1] == formats[2] == {"type": "json_object", "schema": schema}
+
+
 def test_refusals_and_garbage_are_server_errors():
     httpd, url, _ = serve([(400, b'{"error": {"message": "context length exceeded"}}'), (200, b"<html>proxy</html>")])
     try:
@@ -294,3 +313,19 @@ def test_server_unreachable_is_one_line(tmp_path):
                         "--workers", "2"], capture_output=True, text=True, timeout=60,
                        env={**os.environ, "MEDGEMMA_HOME": str(tmp_path / "home")})
     assert r.returncode != 0 and "--server" in r.stderr and not out.exists()
+
+
+@pytest.mark.uses_network
+def test_server_batch_with_schema(tmp_path, llama_server):
+    """The server's own grammar (from the response_format) makes the tiny model write the schema's JSON."""
+    jsonschema = pytest.importorskip("jsonschema")
+    root = tmp_path / "scans"
+    root.mkdir()
+    Image.fromarray(picture(20, 30, 90)).save(root / "p.png")
+    schema = {"type": "object", "required": ["effusion"], "properties": {"effusion": {"type": "boolean"}}}
+    out = tmp_path / "r.jsonl"
+    s = run_batch(root, ["Effusion?"], out, server=_server(llama_server),
+                  options=AskOptions(max_tokens=40, schema=schema))
+    record = json.loads(out.read_text())
+    assert s.failed == 0 and record["error"] is None, record["error"]
+    jsonschema.validate(record["parsed"], schema)

@@ -260,3 +260,27 @@ def test_names_that_are_not_utf8_or_hold_markup_never_end_the_batch(tmp_path, co
     assert s.units == 2 and s.records_written == 2 and s.failed == 0
     text = out.read_text(encoding="utf-8")
     assert "caf\\xe9.png" in text.replace("\\\\", "\\") and "\x1b" not in text
+
+
+def test_schema_records_carry_the_parsed_answer(tmp_path, convert_tiny):
+    """--schema: every record's answer is JSON valid under the schema, parsed into the record; another schema is
+    another answer (not reused on resume)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    root = tmp_path / "scans"
+    root.mkdir()
+    for i, level in enumerate((40, 90, 150)):
+        Image.fromarray(picture(20 + i, 30, level)).save(root / f"p{i}.png")
+    schema = {"type": "object", "additionalProperties": False, "required": ["effusion", "side"],
+              "properties": {"effusion": {"type": "boolean"}, "side": {"enum": ["left", "right", "both", "none"]}}}
+    out = tmp_path / "r.jsonl"
+    s = run_batch(root, ["Effusion?"], out, model=convert_tiny("Q8_0"),
+                  options=AskOptions(max_tokens=60, schema=schema))
+    records = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert s.failed == 0 and len(records) == 3
+    for r in records:
+        jsonschema.validate(r["parsed"], schema)
+        assert json.loads(r["answer"]) == r["parsed"]
+    other = {**schema, "required": ["effusion"]}
+    again = run_batch(root, ["Effusion?"], out, model=convert_tiny("Q8_0"),
+                      options=AskOptions(max_tokens=60, schema=other))
+    assert again.records_written == 3 and again.done_before == 0
