@@ -9,13 +9,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medgemma_cli.defaults import DEFAULT_MAX_TOKENS
+from medgemma_cli.defaults import DEFAULT_KV_TYPE, DEFAULT_MAX_TOKENS
 from medgemma_cli.errors import MedgemmaError
 from medgemma_cli.inputs import dicom
 from medgemma_cli.inputs.collect import Collected, collect, combine_studies
 from medgemma_cli.inputs.images import save_png
 from medgemma_cli.llama.engine import Engine, Timings
 from medgemma_cli.llama.grammar import Constraint, json_answer, max_chars
+from medgemma_cli.llama.memory import MemoryEstimate, check_memory, engine_vision_backend, estimate_memory
 from medgemma_cli.llama.model_files import ModelFiles, resolve_model
 from medgemma_cli.llama.session import PrefixSession, Turn
 from medgemma_cli.native import quiet_stderr
@@ -62,6 +63,9 @@ class AskOptions:
             return None
         budget = self.budget(images)
         return json_answer(self.schema, self.think, reserve=min(budget // 2, max_chars(self.schema) or budget // 2))
+    kv_type: str = DEFAULT_KV_TYPE  # f16 (llama.cpp's default) | q8_0 (half the cache, flash attention)
+    memory_check: bool = True  # refuse when the expected peak memory exceeds what the machine has available
+    on_estimate: Callable[[MemoryEstimate], None] | None = None  # told the expected peak before the model loads
 
 
 @dataclass
@@ -79,6 +83,7 @@ class AskResult:
     identifiers_removed: int = 0  # patient identifiers replaced by [NAME], [ID], [DATE], [INSTITUTION]
     parsed: Any = None  # with a schema: the answer as JSON (None if it did not parse; `parse_error` says why)
     parse_error: str | None = None
+    memory: dict[str, Any] = field(default_factory=dict)  # the expected peak, by component (bytes)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,6 +102,7 @@ class _Prepared:
     model: ModelFiles
     inputs: Collected
     fit: ContextFit
+    memory: MemoryEstimate | None = None
 
 
 @dataclass
@@ -107,6 +113,7 @@ class Conversation:
     warnings: list[str]  # from planning the context (the inputs' own are in session.inputs.warnings)
     saved_inputs: list[str] = field(default_factory=list)
     max_tokens: int = DEFAULT_MAX_TOKENS  # the answer budget the context was planned for
+    memory: MemoryEstimate | None = None
 
     def close(self) -> None:
         self.session.engine.close()
@@ -170,7 +177,7 @@ def plan_context(question: str, inputs: Collected, files: ModelFiles, opts: AskO
 
 
 def _prepare(question: str, files: list[Path] | None, model: Path | None, gguf: Path | None, mmproj: Path | None,
-             opts: AskOptions, extra_tokens: int = 0) -> _Prepared:
+             opts: AskOptions, extra_tokens: int = 0, reuse: bool = True) -> _Prepared:
     if not question.strip():
         raise MedgemmaError("the question is empty")
     model_files = resolve_model(model, gguf, mmproj)
@@ -196,9 +203,15 @@ def _prepare(question: str, files: list[Path] | None, model: Path | None, gguf: 
     fit = plan_context(question, inputs, model_files, opts_for_plan, counter, image_tokens)
     if extra_tokens:
         fit.n_ctx = limit  # a conversation gets the whole context it was given
+    memory = estimate_memory(model_files, fit.n_ctx, len(inputs.images), kv_type=opts.kv_type, swa_full=reuse,
+                             vision_backend=opts.vision_backend, gpu_layers=opts.gpu_layers, encode_first=True)
+    if opts.on_estimate is not None:
+        opts.on_estimate(memory)
+    if opts.memory_check:
+        check_memory(memory)
     if opts.save_input is not None:
         opts.save_input.mkdir(parents=True, exist_ok=True)
-    return _Prepared(model_files, inputs, fit)
+    return _Prepared(model_files, inputs, fit, memory)
 
 
 def _collect(files: list[Path] | None, opts: AskOptions, image_size: int | None, max_slices: int,
@@ -225,7 +238,8 @@ def _result(conversation: Conversation, turn: Turn, prefill: Timings, opts: AskO
         thinking=turn.thinking if opts.show_thinking else None,
         model={"name": model_files.name, "text": str(model_files.text),
                "mmproj": str(model_files.mmproj) if model_files.mmproj else None, "n_ctx": engine.n_ctx,
-               "gpu_layers": engine.gpu_layers, "vision_backend": engine.vision_backend},
+               "gpu_layers": engine.gpu_layers, "vision_backend": engine.vision_backend,
+               "kv_type": engine.kv_type, "swa_full": engine.swa_full},
         inputs=[{"path": str(r.path), "sha256": r.sha256, "kind": r.kind, "rendering": r.detail}
                 for r in inputs.records],
         images_sent=len(inputs.images),
@@ -242,6 +256,7 @@ def _result(conversation: Conversation, turn: Turn, prefill: Timings, opts: AskO
         saved_inputs=conversation.saved_inputs,
         identifiers_removed=inputs.identifiers_removed,
         **_parsed(turn, opts),
+        memory=conversation.memory.as_dict() if conversation.memory else {},
     )
 
 
@@ -267,21 +282,40 @@ def _save_inputs(inputs: Collected, folder: Path | None) -> list[str]:
 
 
 def open_session(question_hint: str, files: list[Path] | None, *, model: Path | None = None, gguf: Path | None = None,
-                 mmproj: Path | None = None, options: AskOptions | None = None, extra_tokens: int = 0
-                 ) -> Conversation:
-    """Load the model and encode the inputs once; answer questions with the returned session."""
+                 mmproj: Path | None = None, options: AskOptions | None = None, extra_tokens: int = 0,
+                 reuse: bool = True) -> Conversation:
+    """Load the model and encode the inputs once; answer questions with the returned session.
+
+    `reuse=False` is for one question only: the sliding-window layers then keep only their window (far less
+    memory on long prompts, the same answer), which rules out going back to the prefix for another question."""
     opts = options or AskOptions()
-    plan = _prepare(question_hint, files, model, gguf, mmproj, opts, extra_tokens)
+    plan = _prepare(question_hint, files, model, gguf, mmproj, opts, extra_tokens, reuse)
     saved = _save_inputs(plan.inputs, opts.save_input)
+    embeddings, encode_s = None, 0.0
+    if plan.inputs.images and plan.model.vision_onnx is not None and \
+            engine_vision_backend(plan.model, opts.vision_backend, opts.gpu_layers) == "onnx":
+        from medgemma_cli.llama.onnx_vision import encode_first
+        from medgemma_cli.machine import physical_cores
+
+        t0 = time.perf_counter()
+        embeddings = encode_first(plan.model.vision_onnx, [img.rgb for img in plan.inputs.images],
+                                  opts.threads or physical_cores())
+        encode_s = time.perf_counter() - t0
     engine = Engine(plan.model, n_ctx=plan.fit.n_ctx, threads=opts.threads, gpu_layers=opts.gpu_layers,
-                    verbose=opts.verbose, vision_backend=opts.vision_backend)
-    session = PrefixSession(engine, plan.inputs, opts.system_text(), opts.with_metadata, plan.fit.notes)
+                    verbose=opts.verbose, vision_backend=opts.vision_backend, kv_type=opts.kv_type, swa_full=reuse)
+    session = PrefixSession(engine, plan.inputs, opts.system_text(), opts.with_metadata, plan.fit.notes,
+                            embeddings=embeddings)
     try:
         session.start()
     except BaseException:
         engine.close()
         raise
-    return Conversation(session, plan.model, plan.fit.warnings, saved, opts.budget(bool(plan.inputs.images)))
+    t = session.prefill_timings  # the images encoded before the model loaded count as part of the prompt
+    t.image_encode_s, t.prefill_s, t.first_token_s = (t.image_encode_s + encode_s, t.prefill_s + encode_s,
+                                                      t.first_token_s + encode_s)
+    engine.release_vision()  # every image is in the context now; the encoder's memory is not needed to answer
+    return Conversation(session, plan.model, plan.fit.warnings, saved, opts.budget(bool(plan.inputs.images)),
+                        plan.memory)
 
 
 def ask(question: str, files: list[Path] | None = None, *, model: Path | None = None, gguf: Path | None = None,
@@ -301,7 +335,8 @@ def ask_many(questions: list[str], files: list[Path] | None = None, *, model: Pa
         raise MedgemmaError("no question given")
     t_start = time.perf_counter()
     longest = max(questions, key=len)
-    conversation = open_session(longest, files, model=model, gguf=gguf, mmproj=mmproj, options=opts)
+    conversation = open_session(longest, files, model=model, gguf=gguf, mmproj=mmproj, options=opts,
+                                reuse=len(questions) > 1)
     session = conversation.session
     results: list[AskResult] = []
     try:

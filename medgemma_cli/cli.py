@@ -20,11 +20,14 @@ from medgemma_cli.cli_options import (
     GpuLayers,
     IncludePhi,
     Json,
+    KvCache,
+    KvType,
     LabelTimepoints,
     MaxSlices,
     MaxTokens,
     Mmproj,
     Model,
+    NoMemoryCheck,
     Prior,
     RecordFormat,
     Schema,
@@ -81,6 +84,11 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def _say_memory(estimate: Any) -> None:
+    """The expected peak memory, printed before the model loads (the run is refused above what is available)."""
+    err.print(f"[dim]{estimate.summary()}[/]")
 
 
 def _version(value: bool) -> None:
@@ -191,8 +199,10 @@ def ask(
     label_timepoints: LabelTimepoints = False,
     vision_backend: Backend = VisionBackend.auto,
     include_phi: IncludePhi = False,
+    kv_type: KvCache = KvType.f16,
+    no_memory_check: NoMemoryCheck = False,
     as_json: Annotated[bool, flag(
-        "--json", "Print one JSON object (answer, inputs with SHA-256, tokens, timings).")] = False,
+        "--json", "Print one JSON object (answer, inputs with SHA-256, tokens, timings, expected memory).")] = False,
 ) -> None:
     """Ask MedGemma about local DICOM files, series, images and clinical notes; the answer streams as it comes.
 
@@ -218,7 +228,9 @@ def ask(
                       gpu_layers=gpu_layers, ctx=ctx, with_metadata=with_metadata, show_thinking=show_thinking,
                       max_slices=max_slices, save_input=save_input, verbose=_DEBUG, vision_backend=vision_backend.value,
                       include_phi=include_phi, think=think, schema=load_schema(schema) if schema else None,
-                      prior=list(prior or []), label_timepoints=label_timepoints)
+                      prior=list(prior or []), label_timepoints=label_timepoints,
+                      kv_type=kv_type.value, memory_check=not no_memory_check,
+                      on_estimate=None if as_json else _say_memory)
     status = None if as_json else err.status("reading the inputs, encoding the images…")
     waiting = [status is not None]
 
@@ -309,6 +321,8 @@ def batch(
         "study in the folder (patients matched on their IDs here; records name only the prior's unit id).")] = False,
     label_timepoints: LabelTimepoints = False,
     quiet: Annotated[bool, flag("--quiet", "No progress bar; one log line per unit.")] = False,
+    kv_type: KvCache = KvType.f16,
+    no_memory_check: NoMemoryCheck = False,
 ) -> None:
     """Answer questions about every series (or study, or file) in a folder; results are written as they come.
 
@@ -342,7 +356,9 @@ def batch(
     opts = AskOptions(system=system, max_tokens=max_tokens, temperature=temperature, seed=seed, threads=threads,
                       gpu_layers=gpu_layers, ctx=ctx, with_metadata=with_metadata, max_slices=max_slices,
                       vision_backend=vision_backend.value, verbose=_DEBUG, think=think,
-                      schema=load_schema(schema) if schema else None, label_timepoints=label_timepoints)
+                      schema=load_schema(schema) if schema else None, label_timepoints=label_timepoints,
+                      kv_type=kv_type.value, memory_check=not no_memory_check,
+                      on_estimate=None if quiet else _say_memory)
     classifier = (ClassifyOptions(classify_labels, siglip_model, classify_template, threads=threads)
                   if classify_labels else None)
     remote = None
@@ -433,6 +449,8 @@ def chat(
     show_thinking: ShowThinking = False,
     prior: Prior = None,
     label_timepoints: LabelTimepoints = False,
+    kv_type: KvCache = KvType.f16,
+    no_memory_check: NoMemoryCheck = False,
 ) -> None:
     """Talk about the same images and notes: they are encoded once, follow-up questions reuse them.
 
@@ -450,7 +468,8 @@ def chat(
                       gpu_layers=gpu_layers, ctx=ctx, with_metadata=with_metadata, verbose=_DEBUG,
                       max_slices=max_slices, vision_backend=vision_backend.value, include_phi=include_phi,
                       think=think, show_thinking=show_thinking, prior=list(prior or []),
-                      label_timepoints=label_timepoints)
+                      label_timepoints=label_timepoints,
+                      kv_type=kv_type.value, memory_check=not no_memory_check, on_estimate=_say_memory)
     with err.status("reading the inputs and encoding the images…"):
         conversation = open_session("?", files or [], model=model, gguf=gguf, mmproj=mmproj, options=opts,
                                     extra_tokens=max(0, ctx // 2))

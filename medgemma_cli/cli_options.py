@@ -27,6 +27,11 @@ class RecordFormat(str, Enum):
     csv = "csv"
 
 
+class KvType(str, Enum):
+    f16 = "f16"
+    q8_0 = "q8_0"
+
+
 class VisionOnnx(str, Enum):
     int8 = "int8"
     fp32 = "fp32"
@@ -50,6 +55,11 @@ GpuLayers = Annotated[int | None, typer.Option(
 Backend = Annotated[VisionBackend, typer.Option(
     "--vision-backend", case_sensitive=False,
     help="auto: ONNX Runtime on CPU-only runs when vision.onnx exists, else libmtmd.")]
+KvCache = Annotated[KvType, typer.Option(
+    "--kv-type", case_sensitive=False,
+    help="KV cache type: f16, or q8_0 for half its memory (with flash attention; logits change slightly).")]
+NoMemoryCheck = Annotated[bool, flag(
+    "--no-memory-check", "Go on even when the expected peak memory exceeds what this machine has available.")]
 
 # the prompt and the answer
 System = Annotated[str | None, typer.Option(

@@ -44,6 +44,17 @@ def total_memory_bytes() -> int:
         return 0
 
 
+def available_memory_bytes() -> int:
+    """Memory the kernel can give a new process without swapping (MemAvailable; Linux), else the total."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return total_memory_bytes()
+
+
 @lru_cache(maxsize=1)
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags as the kernel reports them (Linux); empty where there is no /proc/cpuinfo."""

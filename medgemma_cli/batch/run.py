@@ -121,15 +121,23 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
                     f"{image_tokens + 8 + opts.budget(True) + 512}: give the server a larger context (llama-server "
                     "-c, fewer --parallel) or lower --max-tokens")
     else:
+        from medgemma_cli.llama.memory import check_memory, estimate_memory
         from medgemma_cli.llama.model_files import resolve_model
 
         files = resolve_model(model, gguf, mmproj)
         model_name = files.name
         image_size = files.vision["image_size"] if files.vision else None
         image_tokens = files.vision["image_tokens"] if files.vision else 0
+        # the engine answers every unit's questions from one prefix, so its cache stays full-size (swa_full)
+        memory = estimate_memory(files, n_ctx, 1 if image_size else 0, kv_type=opts.kv_type,
+                                 vision_backend=opts.vision_backend, gpu_layers=opts.gpu_layers)
+        if opts.on_estimate is not None:
+            opts.on_estimate(memory)
+        if opts.memory_check:
+            check_memory(memory)
         # the model loads in its own process while this one walks the folder and hashes the model file
         worker = ModelWorker(EngineConfig(files, n_ctx, opts.threads, opts.gpu_layers, opts.vision_backend,
-                                          opts.verbose))
+                                          opts.verbose, opts.kv_type))
     records = None
     try:
         if worker is not None:

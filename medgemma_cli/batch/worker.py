@@ -42,6 +42,7 @@ class EngineConfig:
     gpu_layers: int | None = None
     vision_backend: str = "auto"
     verbose: bool = False
+    kv_type: str = "f16"
 
 
 @dataclass
@@ -242,7 +243,7 @@ def _serve(recv: Connection, send: Connection) -> None:
     t0 = time.perf_counter()
     try:
         engine = Engine(config.files, n_ctx=config.n_ctx, threads=config.threads, gpu_layers=config.gpu_layers,
-                        verbose=config.verbose, vision_backend=config.vision_backend)
+                        verbose=config.verbose, vision_backend=config.vision_backend, kv_type=config.kv_type)
     except MedgemmaError as e:
         send.send(("load_error", str(e)))
         return

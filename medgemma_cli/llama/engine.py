@@ -20,8 +20,9 @@ import numpy as np
 from medgemma_cli.chat_template import compile_template, render, with_media_markers
 from medgemma_cli.containment import stage
 from medgemma_cli.errors import InputError, MedgemmaError
+from medgemma_cli.llama.embeddings import IMAGE_MARK, decode_embeddings, split_at_images
 from medgemma_cli.llama.grammar import THINK_CLOSE, THINK_OPEN, Constraint, GrammarSampler
-from medgemma_cli.llama.loader import load_llama
+from medgemma_cli.llama.loader import kv_cache_params, load_llama
 from medgemma_cli.llama.model_files import ModelFiles
 from medgemma_cli.llama.mtmd import MtmdChunks, MtmdContext
 from medgemma_cli.llama.onnx_vision import OnnxVision
@@ -29,6 +30,7 @@ from medgemma_cli.machine import physical_cores
 from medgemma_cli.native import quiet_stderr
 
 VISION_BACKENDS = ("auto", "onnx", "mtmd")
+KV_TYPES = ("f16", "q8_0")
 
 
 @dataclass
@@ -55,7 +57,9 @@ class Engine:
     """One text model (+ vision projector) loaded in llama.cpp, with a context of `n_ctx` tokens."""
 
     def __init__(self, files: ModelFiles, n_ctx: int = 4096, threads: int | None = None, gpu_layers: int | None = None,
-                 verbose: bool = False, vision_backend: str = "auto"):
+                 verbose: bool = False, vision_backend: str = "auto", kv_type: str = "f16", swa_full: bool = True):
+        """`swa_full=False` sizes the sliding-window layers' cache to the window: far less memory on long prompts,
+        the same arithmetic, but the context can then not be cut back (no follow-up from a reused prefix)."""
         import llama_cpp
         from llama_cpp import _logger
 
@@ -67,31 +71,45 @@ class Engine:
         if gpu_layers is None:
             gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0
         self.gpu_layers = gpu_layers
-        with stage("llama.cpp", "loading the model"), quiet_stderr(not verbose):
-            self.llm = load_llama(files.text, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
-                                  n_threads_batch=threads, n_gpu_layers=gpu_layers, verbose=verbose)
-        self._lib = llama_cpp
-        self.ctx = self.llm._ctx.ctx
-        self.vocab = llama_cpp.llama_model_get_vocab(self.llm._model.model)
-        self.n_ctx = n_ctx
-        self.mtmd: MtmdContext | None = None
-        if files.mmproj is not None:
-            with stage("llama.cpp", "loading the vision projector"):
-                self.mtmd = MtmdContext(self.llm, files.mmproj, threads, use_gpu=gpu_layers != 0, verbose=verbose)
-        self.onnx_vision: OnnxVision | None = None
-        self.vision_backend = "mtmd" if self.mtmd is not None else "none"
         if vision_backend not in VISION_BACKENDS:
             raise MedgemmaError(f"unknown vision backend {vision_backend!r}; "
                                 f"choose one of {', '.join(VISION_BACKENDS)}")
-        if self.mtmd is not None and vision_backend != "mtmd":
+        if kv_type not in KV_TYPES:
+            raise MedgemmaError(f"unknown KV cache type {kv_type!r}; choose one of {', '.join(KV_TYPES)}")
+        self.kv_type, self.swa_full = kv_type, swa_full
+        with stage("llama.cpp", "loading the model"), quiet_stderr(not verbose):
+            self.llm = load_llama(files.text, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
+                                  n_threads_batch=threads, n_gpu_layers=gpu_layers, verbose=verbose,
+                                  swa_full=swa_full, **kv_cache_params(kv_type))
+        self._lib = llama_cpp
+        self.ctx = self.llm._ctx.ctx
+        self.vocab = llama_cpp.llama_model_get_vocab(self.llm._model.model)
+        self.n_embd = llama_cpp.llama_model_n_embd(self.llm._model.model)
+        self.n_ctx = n_ctx
+        self.mtmd: MtmdContext | None = None
+        self.onnx_vision: OnnxVision | None = None
+        self.vision_released = False
+        self._onnx_threads = threads
+        self.image_tokens = 0
+        self.vision_backend = "none"
+        if files.mmproj is not None:
             # auto: ONNX Runtime int8 on CPU-only runs, libmtmd where the layers sit on a GPU (fast there)
             if vision_backend == "onnx" and files.vision_onnx is None:
                 raise MedgemmaError(f"{files.text.parent}: no vision.onnx; convert with `--vision-onnx int8`, or use "
                                     "--vision-backend mtmd")
-            if files.vision_onnx is not None and (vision_backend == "onnx" or gpu_layers == 0):
-                with stage("ONNX Runtime", "loading the vision encoder"):
-                    self.onnx_vision = OnnxVision(files.vision_onnx, threads)
+            vision = files.vision or {}
+            self.image_tokens = int(vision.get("image_tokens", 0))
+            if files.vision_onnx is not None and vision_backend != "mtmd" and (vision_backend == "onnx"
+                                                                               or gpu_layers == 0):
+                # libmtmd's projector weights are not loaded at all: the prompt is split and the embeddings
+                # decoded without it (embeddings.py); ONNX Runtime loads at the first image that needs it
+                # (none, when the caller encoded the images before the text model loaded: encode_first)
                 self.vision_backend = "onnx"
+            else:
+                with stage("llama.cpp", "loading the vision projector"):
+                    self.mtmd = MtmdContext(self.llm, files.mmproj, threads, use_gpu=gpu_layers != 0,
+                                            verbose=verbose)
+                self.vision_backend = "mtmd"
         self.load_s = time.perf_counter() - t0
         template = self.llm.metadata.get("tokenizer.chat_template")
         if not template:
@@ -122,14 +140,23 @@ class Engine:
     def render(self, messages: list[dict[str, Any]]) -> str:
         return render(self.template, messages, self.bos)
 
-    def chunks(self, prompt: str, images: list[np.ndarray]) -> Chunks:
-        """Split the rendered prompt at its images (chat_template.with_media_markers says how)."""
+    def chunks(self, prompt: str, images: list[np.ndarray], embeddings: list[np.ndarray] | None = None) -> Chunks:
+        """Split the rendered prompt at its images (chat_template.with_media_markers says how); `embeddings`:
+        the images already encoded (ONNX Runtime, before the model loaded)."""
         if not images:
             return Chunks([("text", self.tokenize(with_media_markers(prompt, "", 0)))])
+        rgbs = [np.ascontiguousarray(rgb, dtype=np.uint8) for rgb in images]
+        if embeddings is not None and len(embeddings) != len(images):
+            raise MedgemmaError(f"{len(embeddings)} image embeddings for {len(images)} images")
+        if self.vision_backend == "onnx" and (embeddings is not None or not self.vision_released):
+            marked = with_media_markers(prompt, IMAGE_MARK, len(images))
+            return Chunks(split_at_images(marked, IMAGE_MARK, len(images), self.image_tokens, self.tokenize), rgbs,
+                          None, embeddings)
         if self.mtmd is None:
-            raise MedgemmaError(f"{self.files.text}: images need a vision projector (--mmproj)")
+            raise MedgemmaError(f"{self.files.text}: images need a vision projector (--mmproj)"
+                                if self.vision_backend == "none" else "the vision encoder was already released")
         split = self.mtmd.tokenize(with_media_markers(prompt, self.mtmd.marker, len(images)), images)
-        return Chunks(split.parts, [np.ascontiguousarray(rgb, dtype=np.uint8) for rgb in images], split)
+        return Chunks(split.parts, rgbs, split)
 
     # --- running ------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -157,18 +184,26 @@ class Engine:
             if kind == "text":
                 self._decode_tokens(part, logits_last=logits_last and i == last)
                 continue
-            assert self.mtmd is not None and chunks.mtmd is not None  # image chunks come from libmtmd
             t1 = time.perf_counter()
-            if self.onnx_vision is not None:
-                with stage("ONNX Runtime", f"encoding image {image_index + 1}"):
-                    embd = self.onnx_vision.encode(chunks.images[image_index])
+            if chunks.mtmd is None:  # split by us (split_at_images): ONNX Runtime encodes, we decode
+                if chunks.embeddings is not None:
+                    embd = chunks.embeddings[image_index]
+                else:
+                    with stage("ONNX Runtime", f"encoding image {image_index + 1}"):
+                        embd = self._onnx().encode(chunks.images[image_index])
+                t2 = time.perf_counter()
+                timings.image_encode_s += t2 - t1
+                with stage("llama.cpp", "reading the prompt"):
+                    self.n_past = decode_embeddings(self._lib, self.ctx, embd, self.n_past, self.n_embd)
             else:
+                if self.mtmd is None:
+                    raise MedgemmaError("the vision encoder was already released")
                 with stage("llama.cpp", f"encoding image {image_index + 1}"), quiet_stderr(not self.verbose):
                     embd = self.mtmd.encode(chunks.mtmd, i)
-            t2 = time.perf_counter()
-            timings.image_encode_s += t2 - t1
-            with stage("llama.cpp", "reading the prompt"):
-                self.n_past = self.mtmd.decode_image(self.ctx, chunks.mtmd, i, embd, self.n_past)
+                t2 = time.perf_counter()
+                timings.image_encode_s += t2 - t1
+                with stage("llama.cpp", "reading the prompt"):
+                    self.n_past = self.mtmd.decode_image(self.ctx, chunks.mtmd, i, embd, self.n_past)
             timings.image_decode_s += time.perf_counter() - t2
             image_index += 1
             self.images_encoded += 1
@@ -284,10 +319,27 @@ class Engine:
         p = np.exp(z - z.max())
         return int(rng.choice(len(p), p=p / p.sum()))
 
-    def close(self) -> None:
+    def _onnx(self) -> OnnxVision:
+        if self.vision_released or self.files.vision_onnx is None:
+            raise MedgemmaError("the vision encoder was already released")
+        if self.onnx_vision is None:
+            with stage("ONNX Runtime", "loading the vision encoder"):
+                self.onnx_vision = OnnxVision(self.files.vision_onnx, self._onnx_threads)
+        return self.onnx_vision
+
+    def release_vision(self) -> None:
+        """Free the vision encoder (ONNX Runtime's session or libmtmd's projector) once no image will come:
+        `ask` and `chat` encode all their images up front, so its memory is not held while answering."""
         if self.mtmd is not None:
             self.mtmd.close()
             self.mtmd = None
+        if self.onnx_vision is not None:
+            self.onnx_vision.close()
+            self.onnx_vision = None
+        self.vision_released = True
+
+    def close(self) -> None:
+        self.release_vision()
         self.llm.close()
 
 
@@ -296,7 +348,8 @@ class Chunks:
     """A rendered prompt split at its images, ready for `Engine.prefill`."""
     parts: list[tuple[str, Any]]  # ("text", token ids) | ("image", n_tokens), in prompt order
     images: list[np.ndarray] = field(default_factory=list)  # the RGB images, in prompt order
-    mtmd: MtmdChunks | None = None  # libmtmd's own copy, for prompts with images
+    mtmd: MtmdChunks | None = None  # libmtmd's own copy, for prompts with images it split (None: split by us)
+    embeddings: list[np.ndarray] | None = None  # the images' embeddings, when encoded before the model loaded
 
     @property
     def n_tokens(self) -> int:

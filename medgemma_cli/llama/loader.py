@@ -244,6 +244,19 @@ def buffer_types_used() -> Iterator[list[str]]:
         llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
+def kv_cache_params(kv_type: str = "f16") -> dict[str, Any]:
+    """llama-cpp-python's context parameters for a KV cache type. "f16" is llama.cpp's default (and today's
+    arithmetic, attention without flash); "q8_0" halves the cache, which llama.cpp allows for V only with flash
+    attention, so flash attention comes with it (both change the logits slightly; see the README's tolerance)."""
+    import llama_cpp
+
+    if kv_type == "f16":
+        return {}
+    if kv_type == "q8_0":
+        return {"type_k": llama_cpp.GGML_TYPE_Q8_0, "type_v": llama_cpp.GGML_TYPE_Q8_0, "flash_attn": True}
+    raise MedgemmaError(f"unknown KV cache type {kv_type!r}; choose f16 or q8_0")
+
+
 def load_llama(path: Path | str, use_extra_buffers: bool | None = None, **kwargs: Any) -> Any:
     """`llama_cpp.Llama(path, **kwargs)` with the extra-buffer verdict applied (or `use_extra_buffers`, for
     benchmarks that compare both where both are safe).
@@ -255,6 +268,11 @@ def load_llama(path: Path | str, use_extra_buffers: bool | None = None, **kwargs
         enabled = use_extra_buffers
     else:
         enabled = True if kwargs.get("vocab_only") else verdict().enabled
+    if enabled and not kwargs.get("vocab_only"):
+        # with extra buffers, llama.cpp copies most weights into repacked buffers but keeps the whole file
+        # mapped, and the pages it read to repack stay resident: 4.35 GB for a 2.49 GB 4B Q4_K_M instead of
+        # 2.83 GB when the file is read rather than mapped (benchmarks/memory_4b.py). Same weights, same logits.
+        kwargs.setdefault("use_mmap", False)
     try:
         with extra_buffers(enabled):
             return llama_cpp.Llama(str(path), **kwargs)

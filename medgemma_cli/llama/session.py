@@ -47,6 +47,7 @@ class PrefixSession:
     history: list[Turn] = field(default_factory=list)
     prefill_timings: Timings = field(default_factory=Timings)
     dropped_turns: int = 0
+    embeddings: list[Any] | None = None  # the images' embeddings if encoded before the model loaded (else here)
 
     def start(self) -> None:
         """Render the prompt around a placeholder question and prefill everything before it."""
@@ -56,7 +57,8 @@ class PrefixSession:
             raise MedgemmaError("the chat template does not place the question where expected")
         prefix, self.suffix = rendered.split(_QUESTION)
         self.engine.reset()
-        chunks = self.engine.chunks(prefix, [img.rgb for img in self.inputs.images])
+        chunks = self.engine.chunks(prefix, [img.rgb for img in self.inputs.images], self.embeddings)
+        self.embeddings = None  # in the context from here on
         try:
             t0 = time.perf_counter()
             self.engine.prefill(chunks, self.prefill_timings, logits_last=False)

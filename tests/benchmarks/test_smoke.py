@@ -101,6 +101,15 @@ FIGURES: dict[str, list[dict[str, Any]]] = {
         *(keys("buffer_types", shape="tiny", preset=p, extra_buffers=False, prompt_tok_s=TOK_S, decode_tok_s=TOK_S)
           for p in ("Q4_K_M", "Q8_0")),
     ],
+    "memory_4b": [
+        keys("cpu", "cores", "threads", "text_gguf_bytes", "mmproj_bytes", "vision_onnx_bytes"),
+        *(keys("peak_bytes", run=f"text model alone, extra buffers, file {how}") for how in ("mapped", "read")),
+        *(keys("peak_bytes", "prompt_tokens", images=n, run="ask (f16 KV)",
+               estimate=keys("peak", "text_weights", "kv_cache", "compute", "vision")) for n in (1, 2)),
+        keys("peak_bytes", images=1, run="ask --kv-type q8_0"),
+        *(keys("peak_bytes", "prompt_tokens", images=n, run="bare llama-cpp-python + libmtmd") for n in (1, 2)),
+        *(keys("peak_bytes", run=f"onnx encoder alone, arena {a}") for a in ("on", "off")),
+    ],
     "siglip_448": [
         keys("machine_cores", "threads", "torch_fp32_s_per_image", "torch_images_per_s"),
         *(keys("s_per_image", "images_per_s", "speedup_vs_torch_fp32", "min_cosine_vs_torch", "convert_s",

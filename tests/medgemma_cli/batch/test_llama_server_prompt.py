@@ -77,6 +77,7 @@ class LlamaServerStandIn:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
     def complete(self, body: dict) -> dict:
+        from medgemma_cli.llama.embeddings import split_at_images
         from medgemma_cli.llama.engine import Chunks, Timings
 
         prompt = body["prompt"]
@@ -84,9 +85,9 @@ class LlamaServerStandIn:
         self.prompts.append(text)
         images = [np.asarray(Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB")) for b in data]
         e = self.engine
-        assert e.mtmd is not None
-        split = e.mtmd.tokenize(e.bos + text.replace(MARKER, e.mtmd.marker), images)  # BOS: add_special
-        chunks = Chunks(split.parts, images, split)
+        # split at the markers as libmtmd does (BOS: add_special); the images encoded as the local run's are
+        parts = split_at_images(e.bos + text, MARKER, len(images), e.image_tokens, e.tokenize)
+        chunks = Chunks(parts, images)
         e.reset()
         try:
             e.prefill(chunks, Timings())
