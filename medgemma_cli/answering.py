@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medgemma_cli.defaults import DEFAULT_KV_TYPE, DEFAULT_MAX_TOKENS
+from medgemma_cli.defaults import DEFAULT_KV_TYPE, DEFAULT_MAGNIFICATION, DEFAULT_MAX_TOKENS, MAX_PAGES, MAX_PATCHES
 from medgemma_cli.errors import MedgemmaError
 from medgemma_cli.inputs import dicom
 from medgemma_cli.inputs.collect import Collected, collect, combine_studies
@@ -42,6 +42,9 @@ class AskOptions:
     verbose: bool = False
     vision_backend: str = "auto"  # auto: ONNX Runtime on CPU-only runs when vision.onnx exists, else libmtmd
     include_phi: bool = False  # leave the patient's identifiers in notes and SR text (replaced otherwise)
+    magnification: str = DEFAULT_MAGNIFICATION  # whole slides: the level read (5x, 10x, 20x)
+    max_patches: int = MAX_PATCHES  # whole slides: tissue patches sent, in all
+    on_wait: Callable[[str], None] | None = None  # told the expected wait (many images) before the model starts
     think: bool = False  # MedGemma 1.5's thinking switch (recipes.with_thinking); the trace is kept apart
     schema: dict[str, Any] | None = None  # the answer is JSON valid under this schema (constrained sampling)
     constraint: Constraint | None = None  # or any grammar (locate's, tests'); wins over `schema`
@@ -176,6 +179,28 @@ def plan_context(question: str, inputs: Collected, files: ModelFiles, opts: AskO
     return ContextFit(notes, n_ctx, warnings)
 
 
+# Measured by benchmarks/ask_4b.py and vision_4b.py on the 4B shape (AMD EPYC, 2 threads, 2 cores): seconds to
+# encode one image (ONNX Runtime int8 / libmtmd) and prompt tokens prefilled per second. Scaled by threads.
+ENCODE_S_PER_IMAGE = {"onnx": 22.0, "mtmd": 48.0}
+PREFILL_TOKENS_PER_S = 38.1
+MEASURED_THREADS = 2
+
+
+def estimate_wait(images: int, per_image: int, files: ModelFiles, opts: AskOptions) -> str:
+    """A rough time before the first answer token on this machine, from the benchmarks' figures: the image
+    encoder, then the prefill of every image's tokens (a 125-patch slide is ~33K tokens)."""
+    from medgemma_cli.machine import physical_cores
+
+    backend = "onnx" if files.vision_onnx is not None and opts.vision_backend in ("auto", "onnx") and \
+        not opts.gpu_layers else "mtmd"
+    threads = opts.threads or physical_cores()
+    scale = MEASURED_THREADS / max(1, threads)
+    seconds = images * (ENCODE_S_PER_IMAGE[backend] + per_image / PREFILL_TOKENS_PER_S) * scale
+    wait = f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+    return (f"{images} images (~{images * per_image:,} tokens): about {wait} to encode and read on "
+            f"{threads} CPU thread(s) with the 4B model (from the benchmarks' 2-core figures; a GPU is much faster)")
+
+
 def _prepare(question: str, files: list[Path] | None, model: Path | None, gguf: Path | None, mmproj: Path | None,
              opts: AskOptions, extra_tokens: int = 0, reuse: bool = True) -> _Prepared:
     if not question.strip():
@@ -186,19 +211,36 @@ def _prepare(question: str, files: list[Path] | None, model: Path | None, gguf: 
     limit = min(opts.ctx or counter.n_ctx_train, counter.n_ctx_train)
     note_bytes = limit * NOTE_BYTES_PER_TOKEN  # read no more of a note than the context could hold
     image_size = vision["image_size"] if vision else None
-    inputs = _collect(files, opts, image_size, opts.max_slices, note_bytes)
     image_tokens = vision["image_tokens"] if vision else 0
     # each slice costs its embeddings, <start_of_image>/<end_of_image>, the blank lines and its label
     per_image = image_tokens + 2 + counter.count("\n\nSLICE 85\n\n")
     extra_tokens = min(extra_tokens, limit // 2)  # room kept for a conversation's later turns
+    # slide patches are read one by one at a cost: never more than the context could hold, notes aside
+    patches_that_fit = max(1, (limit - opts.budget(True) - counter.count(question) - 64 - extra_tokens) // per_image)
+    max_patches = min(opts.max_patches, patches_that_fit) if image_tokens else opts.max_patches
+
+    def gather(max_slices: int, max_patches: int, max_pages: int = MAX_PAGES) -> Collected:
+        return _collect(files, opts, image_size, max_slices, note_bytes, max_patches, max_pages)
+
+    inputs = gather(opts.max_slices, max_patches)
+    tissue = sum(len(s.plan.cells) for s in inputs.slides)
+    if inputs.slides and max_patches < opts.max_patches and tissue > max_patches:
+        inputs.warnings.append(f"a context of {limit} tokens holds {max_patches} slide patches, not {opts.max_patches} "
+                               "(--ctx raises it)")
     text_tokens = counter.count(question + "".join(t for _, t in inputs.notes)) + 64 + extra_tokens
     room = limit - opts.budget(True) - text_tokens
-    if inputs.images and len(inputs.images) * per_image > room and inputs.volumes:
-        slices_that_fit = max(1, room // per_image)
+    pages = any(r.kind in ("document", "dicom-pdf") for r in inputs.records)
+    if inputs.images and len(inputs.images) * per_image > room and (inputs.volumes or inputs.slides or pages):
+        images_that_fit = max(1, room // per_image)
         before = len(inputs.images)
-        inputs = _collect(files, opts, image_size, min(opts.max_slices, slices_that_fit), note_bytes)
+        inputs = gather(min(opts.max_slices, images_that_fit), min(max_patches, images_that_fit),
+                        min(MAX_PAGES, images_that_fit))
+        noun = "slices" if inputs.volumes else "slide patches" if inputs.slides else "pages"
+        how = "the first ones" if noun == "pages" else "sampled evenly"
         inputs.warnings.append(f"too many images for a context of {limit} tokens: {len(inputs.images)} of "
-                               f"{before} slices sent, sampled evenly")
+                               f"{before} {noun} sent, {how}")
+    if opts.on_wait is not None and len(inputs.images) > 1:
+        opts.on_wait(estimate_wait(len(inputs.images), per_image, model_files, opts))
     opts_for_plan = AskOptions(**{**opts.__dict__, "max_tokens": opts.budget(bool(inputs.images)) + extra_tokens})
     fit = plan_context(question, inputs, model_files, opts_for_plan, counter, image_tokens)
     if extra_tokens:
@@ -215,11 +257,12 @@ def _prepare(question: str, files: list[Path] | None, model: Path | None, gguf: 
 
 
 def _collect(files: list[Path] | None, opts: AskOptions, image_size: int | None, max_slices: int,
-             note_bytes: int) -> Collected:
+             note_bytes: int, max_patches: int = MAX_PATCHES, max_pages: int = MAX_PAGES) -> Collected:
     """The current study's inputs, after the prior study's (`opts.prior`) when there is one."""
     def one(paths: list[Path] | None, slices: int) -> Collected:
         return collect([Path(f) for f in paths or []], image_size, slices, scrub_identifiers=not opts.include_phi,
-                       note_bytes=note_bytes, pad_square=opts.pad_square)
+                       note_bytes=note_bytes, pad_square=opts.pad_square, magnification=opts.magnification,
+                       max_patches=max_patches, max_pages=max_pages)
 
     if not opts.prior:
         return one(files, max_slices)

@@ -23,6 +23,8 @@ from medgemma_cli.cli_options import (
     KvCache,
     KvType,
     LabelTimepoints,
+    Magnification,
+    MaxPatches,
     MaxSlices,
     MaxTokens,
     Mmproj,
@@ -33,6 +35,7 @@ from medgemma_cli.cli_options import (
     Schema,
     Seed,
     ShowThinking,
+    SlideMagnification,
     System,
     Temperature,
     Think,
@@ -44,7 +47,7 @@ from medgemma_cli.cli_options import (
     flag,
 )
 from medgemma_cli.console import RichProgress, err, human_bytes, out, shown
-from medgemma_cli.defaults import DEFAULT_BATCH_CTX, DEFAULT_CHAT_CTX, MAX_SLICES
+from medgemma_cli.defaults import DEFAULT_BATCH_CTX, DEFAULT_CHAT_CTX, MAX_PATCHES, MAX_SLICES
 from medgemma_cli.errors import MedgemmaError
 from medgemma_cli.kernels.policy import DEFAULT_MMPROJ_TYPE, DEFAULT_PRESET, MMPROJ_TYPES, PRESETS
 
@@ -177,7 +180,7 @@ def convert(
 def ask(
     question: str = typer.Argument(..., help="The question, in quotes."),
     files: list[Path] | None = typer.Argument(
-        None, help="DICOM files or series folders, PNG/JPEG images, notes (.txt, .md, .pdf)."),
+        None, help="DICOM files or series folders, PNG/JPEG images, whole slides, notes (.txt, .md, .pdf)."),
     model: Model = None,
     gguf: Gguf = None,
     mmproj: Mmproj = None,
@@ -189,6 +192,8 @@ def ask(
     gpu_layers: GpuLayers = None,
     ctx: int | None = typer.Option(None, "--ctx", help="Context size limit \\[default: what the prompt needs]."),
     max_slices: MaxSlices = MAX_SLICES,
+    magnification: SlideMagnification = Magnification.x10,
+    max_patches: MaxPatches = MAX_PATCHES,
     save_input: Path | None = typer.Option(
         None, "--save-input", help="Write PNGs of exactly the pixels the model receives here."),
     with_metadata: WithMetadata = False,
@@ -209,13 +214,16 @@ def ask(
     DICOM is rendered as the reference pipeline does (modality/VOI LUTs, CT in three Hounsfield windows, MR
     min–max over the volume, series ordered along the slice normal, at most 85 slices with "SLICE n" labels)
     and every image is resized by us to the model's square input. The patient's identifiers found in the DICOM
-    headers are replaced in notes and structured-report text before the model sees them.
+    headers are replaced in notes and structured-report text before the model sees them. Whole slides (a DICOM
+    WSI series, SVS, NDPI, pyramidal TIFF…) are read as MedGemma 1.5's recipe does: at most 125 tissue patches
+    of 896 px from one magnification, in raster order.
 
     [bold]Examples[/]
 
       medgemma ask "Describe this chest X-ray." chest.dcm
       medgemma ask "Any acute findings?" ./ct-series/ --system "You are an expert radiologist."
       medgemma ask "Summarise." note.txt report-sr.dcm --json
+      medgemma ask "Describe the tissue." slide.tif --magnification 20x --max-patches 40
       medgemma ask "What changed?" scan.png --gguf medgemma-4b-it-Q4_K_M.gguf --mmproj mmproj-F16.gguf
       medgemma ask "List the findings." chest.dcm --schema findings.schema.json --json
       medgemma ask "Is the effusion larger?" chest.dcm --prior chest-2025.dcm
@@ -230,9 +238,12 @@ def ask(
                       include_phi=include_phi, think=think, schema=load_schema(schema) if schema else None,
                       prior=list(prior or []), label_timepoints=label_timepoints,
                       kv_type=kv_type.value, memory_check=not no_memory_check,
-                      on_estimate=None if as_json else _say_memory)
+                      on_estimate=None if as_json else _say_memory,
+                      magnification=magnification.value, max_patches=max_patches)
     status = None if as_json else err.status("reading the inputs, encoding the images…")
     waiting = [status is not None]
+    if not as_json:
+        opts.on_wait = lambda line: err.print(f"[dim]{shown(line)}[/]")
 
     def stream(piece: str) -> None:
         if waiting[0] and status is not None:  # the spinner gives way to the answer
@@ -293,6 +304,8 @@ def batch(
     gpu_layers: GpuLayers = None,
     ctx: int = typer.Option(DEFAULT_BATCH_CTX, "--ctx", help="Context per unit; long series are sampled to fit."),
     max_slices: MaxSlices = MAX_SLICES,
+    magnification: SlideMagnification = Magnification.x10,
+    max_patches: MaxPatches = MAX_PATCHES,
     vision_backend: Backend = VisionBackend.auto,
     with_metadata: WithMetadata = False,
     include_phi: IncludePhi = False,
@@ -358,7 +371,8 @@ def batch(
                       vision_backend=vision_backend.value, verbose=_DEBUG, think=think,
                       schema=load_schema(schema) if schema else None, label_timepoints=label_timepoints,
                       kv_type=kv_type.value, memory_check=not no_memory_check,
-                      on_estimate=None if quiet else _say_memory)
+                      on_estimate=None if quiet else _say_memory,
+                      magnification=magnification.value, max_patches=max_patches)
     classifier = (ClassifyOptions(classify_labels, siglip_model, classify_template, threads=threads)
                   if classify_labels else None)
     remote = None
@@ -442,6 +456,8 @@ def chat(
         DEFAULT_CHAT_CTX, "--ctx",
         help="Context for the whole conversation; old turns are dropped (with a notice) beyond it."),
     max_slices: MaxSlices = MAX_SLICES,
+    magnification: SlideMagnification = Magnification.x10,
+    max_patches: MaxPatches = MAX_PATCHES,
     with_metadata: WithMetadata = False,
     vision_backend: Backend = VisionBackend.auto,
     include_phi: IncludePhi = False,
@@ -469,7 +485,9 @@ def chat(
                       max_slices=max_slices, vision_backend=vision_backend.value, include_phi=include_phi,
                       think=think, show_thinking=show_thinking, prior=list(prior or []),
                       label_timepoints=label_timepoints,
-                      kv_type=kv_type.value, memory_check=not no_memory_check, on_estimate=_say_memory)
+                      kv_type=kv_type.value, memory_check=not no_memory_check, on_estimate=_say_memory,
+                      magnification=magnification.value, max_patches=max_patches,
+                      on_wait=lambda line: err.print(f"[dim]{shown(line)}[/]"))
     with err.status("reading the inputs and encoding the images…"):
         conversation = open_session("?", files or [], model=model, gguf=gguf, mmproj=mmproj, options=opts,
                                     extra_tokens=max(0, ctx // 2))

@@ -22,6 +22,12 @@ class UnitKind(str, Enum):
     file = "file"
 
 
+class Magnification(str, Enum):
+    x5 = "5x"
+    x10 = "10x"
+    x20 = "20x"
+
+
 class RecordFormat(str, Enum):
     jsonl = "jsonl"
     csv = "csv"
@@ -70,6 +76,11 @@ MaxTokens = Annotated[int | None, typer.Option(
 Temperature = Annotated[float, typer.Option("--temperature", help="0 = greedy (as the reference evaluations).")]
 Seed = Annotated[int, typer.Option("--seed", help="Sampling seed (with --temperature > 0).")]
 MaxSlices = Annotated[int, typer.Option("--max-slices", help="Most slices sent from one series, sampled evenly.")]
+SlideMagnification = Annotated[Magnification, typer.Option(
+    "--magnification", case_sensitive=False,
+    help="Whole slides: the pyramid level closest to this magnification (by pixel spacing, 10x ≈ 1 µm/px).")]
+MaxPatches = Annotated[int, typer.Option(
+    "--max-patches", min=1, help="Whole slides: most 896 px tissue patches sent, spread evenly in raster order.")]
 WithMetadata = Annotated[bool, flag(
     "--with-metadata", "Add modality, body part, view, age and sex (never names, IDs or dates).")]
 IncludePhi = Annotated[bool, flag(

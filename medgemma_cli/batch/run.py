@@ -184,13 +184,17 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
             try:
                 def read(files: list[Path], slices: int) -> Collected:
                     return collect(files, image_size, slices, keep_full=zero_shot is not None,
-                                   scrub_identifiers=not include_phi)
+                                   scrub_identifiers=not include_phi, magnification=opts.magnification,
+                                   max_patches=min(opts.max_patches, slices))
 
                 inputs = (combine_studies(read(u.prior.files, max(1, max_slices // 2)),
                                           read(u.files, max(1, max_slices // 2)), opts.label_timepoints)
                           if u.prior is not None else read(u.files, max_slices))
                 images = [img.rgb for img in inputs.images]
-                save_thumbnail(Path(out), u.id, images)
+                if inputs.slides:  # a slide's overview with the patches sent outlined, not four of its patches
+                    save_thumbnail(Path(out), u.id, [s.overview for s in inputs.slides], keep_aspect=True)
+                else:
+                    save_thumbnail(Path(out), u.id, images)
                 uris = []
                 if server is not None:
                     uris = [png_data_uri(rgb) for rgb in images]

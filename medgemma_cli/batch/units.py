@@ -13,6 +13,7 @@ from typing import Any
 from medgemma_cli.atomic import replace_text
 from medgemma_cli.errors import InputError, MedgemmaError
 from medgemma_cli.inputs import dicom
+from medgemma_cli.inputs.slides import WSI_SOP_CLASS
 from medgemma_cli.inputs.walk import kind_of
 
 UNIT_KINDS = ("series", "study", "file")
@@ -57,7 +58,8 @@ def make_units(folder: Path, files: list[Path], unit: str = "series") -> list[Un
             units[short_hash(rel)] = Unit(short_hash(rel), unit, [f], error=e.problem)
             continue
         modality = str(ds.get("Modality", "") or "") if ds is not None else ""
-        if unit == "file":
+        slide = ds is not None and str(ds.get("SOPClassUID", "")) == WSI_SOP_CLASS  # levels of one image: one unit
+        if unit == "file" and not slide:
             units[short_hash(rel)] = Unit(short_hash(rel), "file", [f], modality)
             continue
         assert ds is not None  # a file that is not DICOM is a unit of its own (above)

@@ -10,10 +10,11 @@ from typing import Any
 import numpy as np
 
 from medgemma_cli.checksums import sha256_file
+from medgemma_cli.defaults import DEFAULT_MAGNIFICATION, MAX_PAGES, MAX_PATCHES
 from medgemma_cli.errors import InputError
-from medgemma_cli.inputs import dicom, identifiers
+from medgemma_cli.inputs import dicom, documents, identifiers, slides as wsi
 from medgemma_cli.inputs.images import load_rgb, pad_to_square, resize_square
-from medgemma_cli.inputs.notes import read_note
+from medgemma_cli.inputs.notes import pdf_text, read_note
 from medgemma_cli.inputs.walk import MODEL_INPUTS, kind_of, walk
 from medgemma_cli.printable import printable
 
@@ -30,7 +31,7 @@ class PromptImage:
 @dataclass
 class InputRecord:
     path: Path
-    kind: str  # dicom | image | note | dicom-sr
+    kind: str  # dicom | image | note | dicom-sr | slide | document (a PDF's pages) | dicom-pdf
     detail: str  # what was made of it
 
     @functools.cached_property
@@ -48,6 +49,14 @@ class Collected:
     warnings: list[str] = field(default_factory=list)
     volumes: list[dicom.Volume] = field(default_factory=list)
     identifiers_removed: int = 0  # patient identifiers (from the study's headers) replaced in notes and SR text
+    slides: list[SlideInput] = field(default_factory=list)
+
+
+@dataclass
+class SlideInput:
+    """One whole slide: the plan its patches came from and a small overview with them outlined (batch reports)."""
+    plan: wsi.SlidePlan
+    overview: np.ndarray
 
 
 def expand(paths: list[Path]) -> tuple[list[Path], list[str]]:
@@ -71,8 +80,12 @@ def expand(paths: list[Path]) -> tuple[list[Path], list[str]]:
 
 def collect(paths: list[Path], image_size: int | None, max_slices: int = dicom.MAX_SLICES,
             keep_full: bool = False, scrub_identifiers: bool = True, note_bytes: int | None = None,
-            pad_square: bool = False) -> Collected:
-    """Read and render everything; DICOM images are grouped into series and rendered by modality.
+            pad_square: bool = False, *, magnification: str = DEFAULT_MAGNIFICATION, max_patches: int = MAX_PATCHES,
+            max_pages: int = MAX_PAGES) -> Collected:
+    """Read and render everything; DICOM images are grouped into series and rendered by modality; whole slides
+    (DICOM WSI series, vendor files) give at most `max_patches` tissue patches in all (see `slides`). PDFs (and
+    DICOM Encapsulated PDF) give their text layer as a note and, for a model that reads images, their first
+    `max_pages` pages as images (see `documents`).
 
     `note_bytes` bounds what is read of each note (the context it will go into holds only so much).
 
@@ -93,14 +106,18 @@ def collect(paths: list[Path], image_size: int | None, max_slices: int = dicom.M
     out = Collected(warnings=warnings)
     dicoms: list[tuple[Path, Any]] = []
     headers: list[Any] = []
+    slide_series: dict[str, list[tuple[Path, Any]]] = {}  # DICOM WSI instances by series: one slide each
+    vendor_slides: list[Path] = []
     for f in files:
         kind = kind_of(f)
         if kind is None:
             if f in named:
-                raise InputError(f, "not a DICOM file (no DICM preamble), PNG/JPEG image or text/PDF note")
+                raise InputError(f, "not a DICOM file (no DICM preamble), PNG/JPEG image, slide or text/PDF note")
             out.warnings.append(f"skipped {printable(f)}: not DICOM, an image or a note")
             continue
-        if kind == "note":
+        if kind == "note" and f.suffix.lower() == ".pdf" and image_size is not None:
+            _add_document(out, f, None, image_size, max_pages, note_bytes, keep_full)
+        elif kind == "note":
             note = read_note(f, note_bytes)
             out.notes.append((f.name, note.text))
             out.warnings.extend(f"{printable(f.name)}: {w}" for w in note.warnings)
@@ -113,6 +130,12 @@ def collect(paths: list[Path], image_size: int | None, max_slices: int = dicom.M
                 raise InputError(f, "the image is blank: every pixel has the same value")
             out.images.append(PromptImage(square(rgb), None, f, rgb if keep_full else None))
             out.records.append(InputRecord(f, "image", f"{rgb.shape[1]}×{rgb.shape[0]} image"))
+        elif kind == "slide":
+            vendor_slides.append(f)
+        elif wsi.is_wsi_file(f):  # the header only: a slide's pixel data is read tile by tile, later
+            ds = dicom.read(f, pixels=False)
+            headers.append(ds)
+            slide_series.setdefault(str(ds.get("SeriesInstanceUID", "") or f), []).append((f, ds))
         else:
             ds = dicom.read(f)
             headers.append(ds)
@@ -123,11 +146,27 @@ def collect(paths: list[Path], image_size: int | None, max_slices: int = dicom.M
                     raise InputError(f, "structured report without text content")
                 out.notes.append((f.name, text))
                 out.records.append(InputRecord(f, "dicom-sr", f"structured report, {len(text)} characters"))
+            elif documents.is_encapsulated_pdf(ds):
+                data = documents.encapsulated_pdf(ds, f)
+                if image_size is None:
+                    text = pdf_text(f, data, note_bytes)
+                    if not text:
+                        raise InputError(f, "the encapsulated PDF has no text layer, and this model reads no images")
+                    out.notes.append((f.name, text))
+                    out.records.append(InputRecord(f, "dicom-pdf", f"encapsulated PDF, {len(text)} characters"))
+                else:
+                    _add_document(out, f, data, image_size, max_pages, note_bytes, keep_full)
             elif "PixelData" not in ds:
                 sop = getattr(ds.get("SOPClassUID"), "name", None) or str(ds.get("SOPClassUID", "unknown"))
                 raise InputError(f, f"{sop} object has no image or text for the model")
             else:
                 dicoms.append((f, ds))
+    if slide_series or vendor_slides:
+        if image_size is None:
+            first = vendor_slides[0] if vendor_slides else next(iter(slide_series.values()))[0][0]
+            raise InputError(first, "this model has no vision projector (mmproj); it cannot read images")
+        _add_slides(out, list(slide_series.values()), vendor_slides, image_size, keep_full, magnification,
+                    max_patches)
     if dicoms:
         if image_size is None:
             raise InputError(dicoms[0][0], "this model has no vision projector (mmproj); it cannot read images")
@@ -168,7 +207,59 @@ def combine_studies(prior: Collected, current: Collected, label_timepoints: bool
     return Collected(images=prior.images + current.images, notes=prior.notes + current.notes,
                      records=prior.records + current.records, metadata=prior.metadata + current.metadata,
                      warnings=prior.warnings + current.warnings, volumes=prior.volumes + current.volumes,
-                     identifiers_removed=prior.identifiers_removed + current.identifiers_removed)
+                     identifiers_removed=prior.identifiers_removed + current.identifiers_removed,
+                     slides=prior.slides + current.slides)
+
+
+def _add_document(out: Collected, path: Path, data: bytes | None, image_size: int, max_pages: int,
+                  note_bytes: int | None, keep_full: bool) -> None:
+    """A PDF (a file, or `data` from a DICOM object): its text layer as a note, its pages as images."""
+    text = pdf_text(path, data, note_bytes)
+    pages, notes = documents.render_pages(data if data is not None else path, path, image_size, max_pages)
+    if not pages and not text:
+        raise InputError(path, "the PDF has no text layer and no page that could be rendered")
+    if text:
+        out.notes.append((path.name, text))
+    for rgb in pages:
+        out.images.append(PromptImage(rgb, None, path, rgb if keep_full else None))
+    out.warnings.extend(f"{printable(path.name)}: {n}" for n in notes)
+    what = "encapsulated PDF" if data is not None else "PDF"
+    layer = f"text layer {len(text)} characters" if text else "no text layer"
+    out.records.append(InputRecord(path, "dicom-pdf" if data is not None else "document",
+                                   f"{what}, {len(pages)} page(s) as {image_size} px images (fit, zero-padded "
+                                   f"square); {layer}"))
+
+
+def _add_slides(out: Collected, series: list[list[tuple[Path, Any]]], vendor: list[Path], image_size: int,
+                keep_full: bool, magnification: str, max_patches: int) -> None:
+    """Each slide planned (level, tissue cells) first, then the patch budget shared over the slides, then the
+    chosen patches read one by one."""
+    readers: list[wsi.SlideReader] = []
+    try:
+        for instances in series:
+            readers.append(wsi.DicomSlideReader(instances))
+        for f in vendor:
+            readers.append(wsi.OpenSlideReader(f))
+        plans = []
+        for r in readers:
+            try:
+                plans.append(wsi.plan(r, magnification, max_patches))
+            except InputError as e:
+                raise InputError(r.path, e.problem.removeprefix(f"{r.name}: ")) from None
+        shares = dicom.share_slices([len(p.cells) for p in plans], max_patches)
+        for r, p, share, files in zip(readers, plans, shares, [[f for f, _ in s] for s in series] +
+                                      [[f] for f in vendor], strict=True):
+            wsi.limit_patches(p, share)
+            out.warnings.extend(printable(n) for n in p.notes)
+            for rgb in wsi.patches(r, p):
+                out.images.append(PromptImage(resize_square(rgb, image_size), None, files[0],
+                                              rgb if keep_full else None))
+            out.slides.append(SlideInput(p, wsi.overview(r, p)))
+            for f in files:
+                out.records.append(InputRecord(f, "slide", p.describe()))
+    finally:
+        for r in readers:
+            r.close()
 
 
 def _scrub_notes(out: Collected, headers: list[Any]) -> None:

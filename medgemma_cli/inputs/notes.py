@@ -103,7 +103,12 @@ def _guess_encoding(data: bytes) -> str:
     return str(best.encoding)
 
 
-def _read_pdf(path: Path, budget: int | None = None) -> str:
+def pdf_text(path: Path, data: bytes | None = None, budget: int | None = None) -> str:
+    """A PDF's text layer ("" for a scanned PDF): the file at `path`, or `data` (a PDF inside a DICOM object)."""
+    return _read_pdf(path, budget, data, required=False)
+
+
+def _read_pdf(path: Path, budget: int | None = None, data: bytes | None = None, required: bool = True) -> str:
     try:
         from pypdf import PdfReader
         from pypdf.errors import PdfReadError
@@ -113,7 +118,9 @@ def _read_pdf(path: Path, budget: int | None = None) -> str:
 
     pages, budget = limit("pdf_pages"), min(limit("note_bytes"), budget or limit("note_bytes"))
     try:
-        reader = PdfReader(str(path))
+        import io
+
+        reader = PdfReader(io.BytesIO(data) if data is not None else str(path))
         parts: list[str] = []
         size = 0
         for i, page in enumerate(reader.pages):
@@ -127,6 +134,7 @@ def _read_pdf(path: Path, budget: int | None = None) -> str:
         raise InputError(path, f"not a readable PDF ({type(e).__name__}: {e})") from None
     except Exception as e:  # noqa: BLE001 - pypdf's DependencyError (AES), LimitReachedError…: the file's problem
         raise InputError(path, f"not a readable PDF ({type(e).__name__}: {e})") from None
-    if not text:
-        raise InputError(path, "the PDF has no text layer (scanned documents need OCR first)")
+    if not text and required:
+        raise InputError(path, "the PDF has no text layer (scanned documents need OCR first, or a model that "
+                               "reads images)")
     return text

@@ -9,27 +9,32 @@ from medgemma_cli.errors import InputError
 from medgemma_cli.inputs import dicom
 from medgemma_cli.inputs.images import is_image
 from medgemma_cli.inputs.notes import NOTE_SUFFIXES
+from medgemma_cli.inputs.slides import is_slide_file
 from medgemma_cli.printable import printable
 
-MODEL_INPUTS = frozenset({"dicom", "image", "note"})  # what `ask` and `chat` read
-IMAGE_INPUTS = frozenset({"dicom", "image"})  # what a batch unit is made of
+MODEL_INPUTS = frozenset({"dicom", "image", "slide", "note"})  # what `ask` and `chat` read
+IMAGE_INPUTS = frozenset({"dicom", "image", "slide"})  # what a batch unit is made of
 
-_NAMES = {"dicom": "DICOM", "image": "a PNG/JPEG image", "note": "a text/PDF note"}
+_NAMES = {"dicom": "DICOM", "image": "a PNG/JPEG image", "slide": "a whole slide",
+          "note": "a text/PDF note"}
 
 
 def kind_of(path: Path) -> str | None:
-    """"dicom", "image" or "note", from the file's first bytes (DICOM, images) or its suffix (notes)."""
+    """"dicom", "image", "slide" or "note", from the file's first bytes (DICOM, images) or its suffix (vendor
+    slides, notes). DICOM whole-slide images are "dicom": their series is one slide."""
     if dicom.is_dicom(path):
         return "dicom"
     if is_image(path):
         return "image"
+    if is_slide_file(path):
+        return "slide"
     if path.suffix.lower() in NOTE_SUFFIXES:
         return "note"
     return None
 
 
 def _kind_names(kinds: frozenset[str]) -> str:
-    names = [_NAMES[k] for k in ("dicom", "image", "note") if k in kinds]
+    names = [_NAMES[k] for k in ("dicom", "image", "slide", "note") if k in kinds]
     return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
 
 

@@ -96,6 +96,17 @@ FIGURES: dict[str, list[dict[str, Any]]] = {
                                             "decode_tok_s_ratio_to_llama.cpp"),
             "llama.cpp, extra buffers off": keys("prompt_tok_s", "decode_tok_s")}),
     ],
+    "documents": [
+        keys("cpu", "cores"),
+        keys("pages", "median_s", "pages_per_s", size_px=896),
+    ],
+    "slides": [
+        keys("cpu", "cores"),
+        *(keys("slide", "patches", "tissue", "peak_rss_mb", "rss_after_imports_mb", reader=r, mode="stream",
+               level=1) for r in ("dicom", "openslide")),
+        *(keys("slide", "patches", "peak_rss_mb", reader=r, mode="collect") for r in ("dicom", "openslide")),
+        keys("patches_per_s", "mask_s", "level_size"),
+    ],
     "extra_buffers": [
         keys("cpu", "cores", "threads", verdict=keys("enabled", "source", "reason")),
         *(keys("buffer_types", shape="tiny", preset=p, extra_buffers=False, prompt_tok_s=TOK_S, decode_tok_s=TOK_S)

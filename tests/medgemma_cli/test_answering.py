@@ -144,7 +144,7 @@ def test_pdf_note(model, tmp_path):
     inputs = collect([pdf], 32)
     assert inputs.notes and "Discharge summary" in inputs.notes[0][1]
     r = ask("Summarise.", [pdf], model=model, options=AskOptions(max_tokens=4))
-    assert r.inputs[0]["kind"] == "note"
+    assert r.inputs[0]["kind"] == "document" and r.images_sent == 1  # the text layer and the page's picture
 
 
 def test_models_from_elsewhere_and_from_the_store(model, tmp_path, monkeypatch):

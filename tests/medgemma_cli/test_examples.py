@@ -23,6 +23,8 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from medgemma_cli.cli import app
+from medgemma_cli.testing.documents import lab_report_pdf
+from medgemma_cli.testing.slides import write_dicom_wsi, write_pyramidal_tiff
 from pictures import picture
 
 pytestmark = pytest.mark.slow
@@ -73,6 +75,11 @@ def _scans(work: Path) -> None:
             ds.ImagePositionPatient = [0.0, 0.0, 2.5 * i]
             ds.save_as(work / folder / f"ct{i}.dcm")
     shutil.copy(_data("MR_small.dcm"), work / "night-run" / "mr.dcm")
+    (work / "labs.pdf").write_bytes(lab_report_pdf())
+    tissue = [(896, 0, 2688, 896), (0, 896, 896, 1792)]  # whole slides: 3 tissue patches at 10×
+    write_pyramidal_tiff(work / "slide.tif", 2688, 1792, tissue, downsamples=(1, 4), mpp=0.5)
+    write_dicom_wsi(work / "wsi-series", 2688, 1792, tissue, downsamples=(1, 4), mpp=1.0)
+    write_dicom_wsi(work / "slides" / "s1", 2688, 1792, tissue, downsamples=(1, 4), mpp=1.0, jpeg=True)
     (work / "cxr").mkdir()
     for i in range(2):
         Image.fromarray(picture(64, 64, 40 * i)).save(work / "cxr" / f"cxr{i}.png")

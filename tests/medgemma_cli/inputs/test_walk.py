@@ -29,16 +29,16 @@ def test_ask_reads_notes_batch_does_not_and_both_say_what_they_left_out(tmp_path
     asked = walk(root, MODEL_INPUTS)
     assert sorted(p.name for p in asked.files) == ["ct.dcm", "history.txt", "photo.png"]
     why = dict(asked.skipped)
-    assert why["scanner.log"] == "not DICOM, a PNG/JPEG image or a text/PDF note"
+    assert why["scanner.log"] == "not DICOM, a PNG/JPEG image, a whole slide or a text/PDF note"
     assert why["empty.png"] == "empty file" and why["DICOMDIR"].startswith("DICOMDIR index")
     batched = walk(root, IMAGE_INPUTS)
     assert sorted(p.name for p in batched.files) == ["ct.dcm", "photo.png"]
-    assert dict(batched.skipped)["history.txt"] == "not DICOM or a PNG/JPEG image"
+    assert dict(batched.skipped)["history.txt"] == "not DICOM, a PNG/JPEG image or a whole slide"
 
 
 def test_a_folder_given_to_ask_is_walked_by_the_same_rules(tmp_path):
     root = _folder(tmp_path / "study")
     files, warnings = expand([root])
     assert files == walk(root, MODEL_INPUTS).files
-    assert "skipped scanner.log: not DICOM, a PNG/JPEG image or a text/PDF note" in warnings
+    assert "skipped scanner.log: not DICOM, a PNG/JPEG image, a whole slide or a text/PDF note" in warnings
     assert "skipped empty.png: empty file" in warnings
