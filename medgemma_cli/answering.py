@@ -9,17 +9,35 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medgemma_cli.defaults import DEFAULT_KV_TYPE, DEFAULT_MAGNIFICATION, DEFAULT_MAX_TOKENS, MAX_PAGES, MAX_PATCHES
+from medgemma_cli.defaults import (
+    DEFAULT_CACHE_GB,
+    DEFAULT_KV_TYPE,
+    DEFAULT_MAGNIFICATION,
+    DEFAULT_MAX_TOKENS,
+    MAX_PAGES,
+    MAX_PATCHES,
+)
 from medgemma_cli.errors import MedgemmaError
+from medgemma_cli.estimate import Estimate, Speeds, estimate, known_speeds, remember, speeds_key
 from medgemma_cli.inputs import dicom
 from medgemma_cli.inputs.collect import Collected, collect, combine_studies
 from medgemma_cli.inputs.images import save_png
+from medgemma_cli.llama.caches import (
+    EmbeddingCache,
+    PromptCache,
+    context_identity,
+    open_cache,
+    vision_file,
+    vision_identity,
+)
 from medgemma_cli.llama.engine import Engine, Timings
 from medgemma_cli.llama.grammar import Constraint, json_answer, max_chars
 from medgemma_cli.llama.memory import MemoryEstimate, check_memory, engine_vision_backend, estimate_memory
 from medgemma_cli.llama.model_files import ModelFiles, resolve_model
-from medgemma_cli.llama.session import PrefixSession, Turn
+from medgemma_cli.llama.session import PrefixSession, Turn, prefix_messages
+from medgemma_cli.machine import physical_cores
 from medgemma_cli.native import quiet_stderr
+from medgemma_cli.progress import AskProgress
 from medgemma_cli.prompt import build_messages, truncate_notes
 from medgemma_cli.recipes import token_budget, with_thinking
 
@@ -69,6 +87,8 @@ class AskOptions:
     kv_type: str = DEFAULT_KV_TYPE  # f16 (llama.cpp's default) | q8_0 (half the cache, flash attention)
     memory_check: bool = True  # refuse when the expected peak memory exceeds what the machine has available
     on_estimate: Callable[[MemoryEstimate], None] | None = None  # told the expected peak before the model loads
+    cache: bool = True  # reuse (and keep) image embeddings and prompt states in the store's cache
+    cache_gb: float = DEFAULT_CACHE_GB  # the most the cache folder may hold; least recently used entries go
 
 
 @dataclass
@@ -87,6 +107,8 @@ class AskResult:
     parsed: Any = None  # with a schema: the answer as JSON (None if it did not parse; `parse_error` says why)
     parse_error: str | None = None
     memory: dict[str, Any] = field(default_factory=dict)  # the expected peak, by component (bytes)
+    cache: dict[str, Any] = field(default_factory=dict)  # what came from the cache instead of being computed
+    estimate: dict[str, Any] | None = None  # the wait said before the work (None: no earlier run to go by)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,6 +120,7 @@ class ContextFit:
     notes: list[tuple[str, str]]
     n_ctx: int
     warnings: list[str]
+    prompt_tokens: int = 0  # what the prompt itself takes (the answer's budget left out)
 
 
 @dataclass
@@ -117,6 +140,7 @@ class Conversation:
     saved_inputs: list[str] = field(default_factory=list)
     max_tokens: int = DEFAULT_MAX_TOKENS  # the answer budget the context was planned for
     memory: MemoryEstimate | None = None
+    estimate: Estimate | None = None  # the wait said before the work, from this machine's earlier runs
 
     def close(self) -> None:
         self.session.engine.close()
@@ -176,7 +200,7 @@ def plan_context(question: str, inputs: Collected, files: ModelFiles, opts: AskO
                             f"{max_tokens} to answer) but the context holds {limit}; send fewer images "
                             "(--max-slices), lower --max-tokens or raise --ctx")
     n_ctx = min(limit, max(256, -(-needed // 256) * 256))
-    return ContextFit(notes, n_ctx, warnings)
+    return ContextFit(notes, n_ctx, warnings, needed - max_tokens)
 
 
 # Measured by benchmarks/ask_4b.py and vision_4b.py on the 4B shape (AMD EPYC, 2 threads, 2 cores): seconds to
@@ -199,6 +223,12 @@ def estimate_wait(images: int, per_image: int, files: ModelFiles, opts: AskOptio
     wait = f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
     return (f"{images} images (~{images * per_image:,} tokens): about {wait} to encode and read on "
             f"{threads} CPU thread(s) with the 4B model (from the benchmarks' 2-core figures; a GPU is much faster)")
+
+
+def _measured_speeds(files: ModelFiles, opts: AskOptions) -> Speeds | None:
+    """This machine's speeds for the model, encoder and threads, if an earlier run measured them."""
+    backend = engine_vision_backend(files, opts.vision_backend, opts.gpu_layers)
+    return known_speeds(speeds_key(files.text, vision_file(files, backend), backend, opts.threads or physical_cores()))
 
 
 def _prepare(question: str, files: list[Path] | None, model: Path | None, gguf: Path | None, mmproj: Path | None,
@@ -239,7 +269,8 @@ def _prepare(question: str, files: list[Path] | None, model: Path | None, gguf: 
         how = "the first ones" if noun == "pages" else "sampled evenly"
         inputs.warnings.append(f"too many images for a context of {limit} tokens: {len(inputs.images)} of "
                                f"{before} {noun} sent, {how}")
-    if opts.on_wait is not None and len(inputs.images) > 1:
+    if opts.on_wait is not None and len(inputs.images) > 1 and _measured_speeds(model_files, opts) is None:
+        # this machine has not run the model yet: the benchmarks' figures (its own, once measured, come later)
         opts.on_wait(estimate_wait(len(inputs.images), per_image, model_files, opts))
     opts_for_plan = AskOptions(**{**opts.__dict__, "max_tokens": opts.budget(bool(inputs.images)) + extra_tokens})
     fit = plan_context(question, inputs, model_files, opts_for_plan, counter, image_tokens)
@@ -300,6 +331,9 @@ def _result(conversation: Conversation, turn: Turn, prefill: Timings, opts: AskO
         identifiers_removed=inputs.identifiers_removed,
         **_parsed(turn, opts),
         memory=conversation.memory.as_dict() if conversation.memory else {},
+        cache={"images_from_cache": engine.embedding_cache.hits if engine.embedding_cache else 0,
+               "images_encoded": engine.images_encoded, "prompt_restored": conversation.session.restored},
+        estimate=conversation.estimate.as_dict() if conversation.estimate else None,
     )
 
 
@@ -326,51 +360,84 @@ def _save_inputs(inputs: Collected, folder: Path | None) -> list[str]:
 
 def open_session(question_hint: str, files: list[Path] | None, *, model: Path | None = None, gguf: Path | None = None,
                  mmproj: Path | None = None, options: AskOptions | None = None, extra_tokens: int = 0,
-                 reuse: bool = True) -> Conversation:
+                 reuse: bool = True, progress: AskProgress | None = None) -> Conversation:
     """Load the model and encode the inputs once; answer questions with the returned session.
 
     `reuse=False` is for one question only: the sliding-window layers then keep only their window (far less
-    memory on long prompts, the same answer), which rules out going back to the prefix for another question."""
+    memory on long prompts, the same answer), which rules out going back to the prefix for another question.
+    Before any work, `progress` is told this machine's estimate of the wait (images to encode, prompt to read),
+    then each image as it is encoded. The store's cache (unless `options.cache` is off) gives back what an
+    earlier run about the same inputs computed: the context after them, or their images' embeddings."""
     opts = options or AskOptions()
     plan = _prepare(question_hint, files, model, gguf, mmproj, opts, extra_tokens, reuse)
     saved = _save_inputs(plan.inputs, opts.save_input)
-    embeddings, encode_s = None, 0.0
-    if plan.inputs.images and plan.model.vision_onnx is not None and \
-            engine_vision_backend(plan.model, opts.vision_backend, opts.gpu_layers) == "onnx":
+    images = [img.rgb for img in plan.inputs.images]
+    backend = engine_vision_backend(plan.model, opts.vision_backend, opts.gpu_layers)
+    threads = opts.threads or physical_cores()
+    cache = open_cache(opts.cache_gb) if opts.cache else None
+    # a saved context holds the prompt's text: never one with the identifiers --include-phi left in it
+    prompts = (PromptCache(cache, context_identity(plan.model, backend, opts.kv_type, reuse))
+               if cache is not None and not opts.include_phi else None)
+    restorable = prompts is not None and prompts.has(
+        prompts.key(prefix_messages(plan.inputs, opts.system_text(), opts.with_metadata, plan.fit.notes), images))
+    embedding_cache = (EmbeddingCache(cache, vision_identity(plan.model, backend))
+                       if cache is not None and backend != "none" else None)
+    to_encode = 0 if restorable else len(images) - (sum(map(embedding_cache.has, images)) if embedding_cache else 0)
+    speeds_at = speeds_key(plan.model.text, vision_file(plan.model, backend), backend, threads)
+    speeds = known_speeds(speeds_at)
+    waiting = None
+    if speeds is not None and not restorable:
+        image_tokens = plan.model.vision["image_tokens"] if plan.model.vision else 0
+        slices = max((len(v.slices) for v in plan.inputs.volumes if v.is_volume), default=0)
+        waiting = estimate(speeds, to_encode, plan.fit.prompt_tokens, image_tokens, slices)
+    if progress is not None:
+        progress.planned(waiting, to_encode)
+    embeddings, encode_s, fresh = None, 0.0, 0
+    if images and not restorable and backend == "onnx" and plan.model.vision_onnx is not None:
         from medgemma_cli.llama.onnx_vision import encode_first
-        from medgemma_cli.machine import physical_cores
 
         t0 = time.perf_counter()
-        embeddings = encode_first(plan.model.vision_onnx, [img.rgb for img in plan.inputs.images],
-                                  opts.threads or physical_cores())
+        embeddings, fresh = encode_first(plan.model.vision_onnx, images, threads, embedding_cache,
+                                         progress.image if progress is not None else None)
         encode_s = time.perf_counter() - t0
     engine = Engine(plan.model, n_ctx=plan.fit.n_ctx, threads=opts.threads, gpu_layers=opts.gpu_layers,
-                    verbose=opts.verbose, vision_backend=opts.vision_backend, kv_type=opts.kv_type, swa_full=reuse)
+                    verbose=opts.verbose, vision_backend=opts.vision_backend, kv_type=opts.kv_type, swa_full=reuse,
+                    cache=cache)
+    if embeddings is not None:  # what encode_first did counts as this engine's prompt
+        engine.images_encoded += fresh
+        if engine.embedding_cache is not None:
+            engine.embedding_cache.hits += len(images) - fresh
     session = PrefixSession(engine, plan.inputs, opts.system_text(), opts.with_metadata, plan.fit.notes,
-                            embeddings=embeddings)
+                            embeddings=embeddings, prompt_cache=prompts)
+    conversation = Conversation(session, plan.model, plan.fit.warnings, saved, opts.budget(bool(images)),
+                                plan.memory, waiting)
     try:
-        session.start()
+        session.start(progress.image if progress is not None and embeddings is None else None)
     except BaseException:
         engine.close()
         raise
     t = session.prefill_timings  # the images encoded before the model loaded count as part of the prompt
     t.image_encode_s, t.prefill_s, t.first_token_s = (t.image_encode_s + encode_s, t.prefill_s + encode_s,
                                                       t.first_token_s + encode_s)
+    if not session.restored:  # this machine's speeds, for the next estimate
+        remember(speeds_at, engine.images_encoded, t.image_encode_s, session.prefix_tokens,
+                 t.prefill_s - t.image_encode_s)
     engine.release_vision()  # every image is in the context now; the encoder's memory is not needed to answer
-    return Conversation(session, plan.model, plan.fit.warnings, saved, opts.budget(bool(plan.inputs.images)),
-                        plan.memory)
+    return conversation
 
 
 def ask(question: str, files: list[Path] | None = None, *, model: Path | None = None, gguf: Path | None = None,
         mmproj: Path | None = None, options: AskOptions | None = None,
-        on_text: Callable[[str], None] | None = None) -> AskResult:
+        on_text: Callable[[str], None] | None = None, progress: AskProgress | None = None) -> AskResult:
     """Answer a question about DICOM files, series, images and notes with MedGemma (streamed to `on_text`)."""
-    return ask_many([question], files, model=model, gguf=gguf, mmproj=mmproj, options=options, on_text=on_text)[0]
+    return ask_many([question], files, model=model, gguf=gguf, mmproj=mmproj, options=options, on_text=on_text,
+                    progress=progress)[0]
 
 
 def ask_many(questions: list[str], files: list[Path] | None = None, *, model: Path | None = None,
              gguf: Path | None = None, mmproj: Path | None = None, options: AskOptions | None = None,
-             on_text: Callable[[str], None] | None = None) -> list[AskResult]:
+             on_text: Callable[[str], None] | None = None, progress: AskProgress | None = None
+             ) -> list[AskResult]:
     """Several independent questions about the same inputs: images and notes are encoded once, and each
     question starts again from that state (the same answers, token for token, as separate `ask`s)."""
     opts = options or AskOptions()
@@ -379,7 +446,7 @@ def ask_many(questions: list[str], files: list[Path] | None = None, *, model: Pa
     t_start = time.perf_counter()
     longest = max(questions, key=len)
     conversation = open_session(longest, files, model=model, gguf=gguf, mmproj=mmproj, options=opts,
-                                reuse=len(questions) > 1)
+                                reuse=len(questions) > 1, progress=progress)
     session = conversation.session
     results: list[AskResult] = []
     try:

@@ -16,6 +16,7 @@ from medgemma_cli import __version__
 from medgemma_cli.atomic import replace_text
 from medgemma_cli.cli_options import (
     Backend,
+    CacheSize,
     Gguf,
     GpuLayers,
     IncludePhi,
@@ -29,6 +30,7 @@ from medgemma_cli.cli_options import (
     MaxTokens,
     Mmproj,
     Model,
+    NoCache,
     NoMemoryCheck,
     Prior,
     RecordFormat,
@@ -46,8 +48,8 @@ from medgemma_cli.cli_options import (
     WithMetadata,
     flag,
 )
-from medgemma_cli.console import RichProgress, err, human_bytes, out, shown
-from medgemma_cli.defaults import DEFAULT_BATCH_CTX, DEFAULT_CHAT_CTX, MAX_PATCHES, MAX_SLICES
+from medgemma_cli.console import PromptProgress, RichProgress, err, human_bytes, out, shown
+from medgemma_cli.defaults import DEFAULT_CACHE_GB, DEFAULT_CHAT_CTX, MAX_PATCHES, MAX_SLICES
 from medgemma_cli.errors import MedgemmaError
 from medgemma_cli.kernels.policy import DEFAULT_MMPROJ_TYPE, DEFAULT_PRESET, MMPROJ_TYPES, PRESETS
 
@@ -206,6 +208,8 @@ def ask(
     include_phi: IncludePhi = False,
     kv_type: KvCache = KvType.f16,
     no_memory_check: NoMemoryCheck = False,
+    no_cache: NoCache = False,
+    cache_size: CacheSize = DEFAULT_CACHE_GB,
     as_json: Annotated[bool, flag(
         "--json", "Print one JSON object (answer, inputs with SHA-256, tokens, timings, expected memory).")] = False,
 ) -> None:
@@ -239,26 +243,23 @@ def ask(
                       prior=list(prior or []), label_timepoints=label_timepoints,
                       kv_type=kv_type.value, memory_check=not no_memory_check,
                       on_estimate=None if as_json else _say_memory,
-                      magnification=magnification.value, max_patches=max_patches)
-    status = None if as_json else err.status("reading the inputs, encoding the images…")
-    waiting = [status is not None]
+                      magnification=magnification.value, max_patches=max_patches, cache=not no_cache,
+                      cache_gb=cache_size)
+    progress = None if as_json else PromptProgress()
     if not as_json:
         opts.on_wait = lambda line: err.print(f"[dim]{shown(line)}[/]")
 
     def stream(piece: str) -> None:
-        if waiting[0] and status is not None:  # the spinner gives way to the answer
-            status.stop()
-            waiting[0] = False
+        if progress is not None:  # the progress gives way to the answer
+            progress.stop()
         out.print(piece, end="", markup=False, highlight=False)
 
-    if status is not None:
-        status.start()
     try:
         result = run_ask(question, files or [], model=model, gguf=gguf, mmproj=mmproj, options=opts,
-                         on_text=None if as_json else stream)
+                         on_text=None if as_json else stream, progress=progress)
     finally:
-        if status is not None:
-            status.stop()
+        if progress is not None:
+            progress.stop()
     if as_json:
         out.print_json(json.dumps(result.as_dict()))
         if result.parse_error:
@@ -302,13 +303,16 @@ def batch(
     seed: Seed = 0,
     threads: Threads = None,
     gpu_layers: GpuLayers = None,
-    ctx: int = typer.Option(DEFAULT_BATCH_CTX, "--ctx", help="Context per unit; long series are sampled to fit."),
+    ctx: int | None = typer.Option(None, "--ctx", help="Context per unit; longer series are sampled to fit "
+                                   "\\[default: what the folder's largest unit needs, up to --max-slices]."),
     max_slices: MaxSlices = MAX_SLICES,
     magnification: SlideMagnification = Magnification.x10,
     max_patches: MaxPatches = MAX_PATCHES,
     vision_backend: Backend = VisionBackend.auto,
     with_metadata: WithMetadata = False,
     include_phi: IncludePhi = False,
+    no_cache: NoCache = False,
+    cache_size: CacheSize = DEFAULT_CACHE_GB,
     report: Path | None = typer.Option(
         None, "--report", help="Also write one self-contained HTML file to review the run."),
     classify_labels: list[str] | None = typer.Option(
@@ -372,7 +376,8 @@ def batch(
                       schema=load_schema(schema) if schema else None, label_timepoints=label_timepoints,
                       kv_type=kv_type.value, memory_check=not no_memory_check,
                       on_estimate=None if quiet else _say_memory,
-                      magnification=magnification.value, max_patches=max_patches)
+                      magnification=magnification.value, max_patches=max_patches, cache=not no_cache,
+                      cache_gb=cache_size)
     classifier = (ClassifyOptions(classify_labels, siglip_model, classify_template, threads=threads)
                   if classify_labels else None)
     remote = None
@@ -402,7 +407,9 @@ def batch(
     try:
         s = run_batch(folder, qs, out_file, fmt=fmt.value, unit=unit.value, model=model, gguf=gguf,
                       mmproj=mmproj, options=opts, include_phi=include_phi, classify=classifier, server=remote,
-                      retry_failed=retry_failed, on_progress=progress, with_prior=with_prior)
+                      retry_failed=retry_failed, on_progress=progress, with_prior=with_prior,
+                      on_wait=None if quiet else lambda e: err.print(
+                          f"[dim]the whole batch: {shown(e.line())}, answers not counted[/]"))
     finally:
         if bar is not None:
             bar.stop()
@@ -467,6 +474,8 @@ def chat(
     label_timepoints: LabelTimepoints = False,
     kv_type: KvCache = KvType.f16,
     no_memory_check: NoMemoryCheck = False,
+    no_cache: NoCache = False,
+    cache_size: CacheSize = DEFAULT_CACHE_GB,
 ) -> None:
     """Talk about the same images and notes: they are encoded once, follow-up questions reuse them.
 
@@ -487,10 +496,14 @@ def chat(
                       label_timepoints=label_timepoints,
                       kv_type=kv_type.value, memory_check=not no_memory_check, on_estimate=_say_memory,
                       magnification=magnification.value, max_patches=max_patches,
-                      on_wait=lambda line: err.print(f"[dim]{shown(line)}[/]"))
-    with err.status("reading the inputs and encoding the images…"):
+                      on_wait=lambda line: err.print(f"[dim]{shown(line)}[/]"), cache=not no_cache,
+                      cache_gb=cache_size)
+    progress = PromptProgress()
+    try:
         conversation = open_session("?", files or [], model=model, gguf=gguf, mmproj=mmproj, options=opts,
-                                    extra_tokens=max(0, ctx // 2))
+                                    extra_tokens=max(0, ctx // 2), progress=progress)
+    finally:
+        progress.stop()
     session = conversation.session
     try:
         for w in session.inputs.warnings + conversation.warnings:
@@ -710,6 +723,44 @@ def embed(
         raise typer.BadParameter("give image files or --text")
     info = run_embed(files or [], out_file, model=model, text=text, threads=threads)
     out.print(f"{info['count']} {info['kind']} embeddings of {info['dimensions']} dimensions → {shown(info['path'])}")
+
+
+cache_app = typer.Typer(help="The store's cache: image embeddings and prompt states kept for later questions.",
+                        no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("info")
+@_guard
+def cache_info(as_json: Json = False) -> None:
+    """How much the cache holds (image embeddings and prompt states, in the model store).
+
+    [bold]Example[/]
+
+      medgemma cache info
+    """
+    from medgemma_cli.llama.caches import cache_usage
+
+    usage = cache_usage()
+    if as_json:
+        out.print_json(json.dumps({"entries": usage.entries, "bytes": usage.bytes}))
+        return
+    out.print(f"{usage.entries} cached entries, {human_bytes(usage.bytes)}")
+
+
+@cache_app.command("clear")
+@_guard
+def cache_clear() -> None:
+    """Remove every cached image embedding and prompt state (prompt states hold the prompts' text).
+
+    [bold]Example[/]
+
+      medgemma cache clear
+    """
+    from medgemma_cli.llama.caches import clear_cache
+
+    removed = clear_cache()
+    out.print(f"removed {removed.entries} cached entries, {human_bytes(removed.bytes)}")
 
 
 @app.command()

@@ -98,6 +98,11 @@ Prior = Annotated[list[Path] | None, typer.Option(
 LabelTimepoints = Annotated[bool, flag(
     "--label-timepoints", "Put 'Prior study:' and 'Current study:' before each study's images (none by default, "
     "as in Google's recipe).")]
+# what is kept for later questions
+NoCache = Annotated[bool, flag(
+    "--no-cache", "Neither reuse nor keep image embeddings and prompt states (the store's cache folder).")]
+CacheSize = Annotated[float, typer.Option(
+    "--cache-size", metavar="GB", help="Most the cache folder may hold; least recently used entries go first.")]
 
 # output
 Json = Annotated[bool, flag("--json", "Print JSON.")]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -18,6 +20,9 @@ from rich.progress import (
 )
 
 from medgemma_cli.printable import printable
+
+if TYPE_CHECKING:
+    from medgemma_cli.estimate import Estimate
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -68,3 +73,43 @@ class RichProgress:
     def end(self) -> None:
         self._bar.stop()
         self._task = None
+
+
+class PromptProgress:
+    """`ask` and `chat` on stderr while the prompt is read: a spinner, then this machine's estimate, a bar per
+    image encoded (with the time left), a spinner while the text is read; all of it gone when the answer starts."""
+
+    def __init__(self, console: Console = err):
+        self.console = console
+        self._status = console.status("reading the inputs…")
+        self._bar: RichBar | None = None
+        self._task: TaskID | None = None
+        self._status.start()
+
+    def planned(self, estimate: Estimate | None, images: int) -> None:
+        if estimate is not None:
+            self.console.print(f"[dim]{shown(estimate.line())}[/]")
+        if images:
+            self._status.stop()
+            self._bar = RichBar(SpinnerColumn(), TextColumn("encoding images"), BarColumn(), TextColumn(
+                "{task.completed}/{task.total}"), TimeElapsedColumn(), TimeRemainingColumn(), console=self.console,
+                transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task("images", total=images)
+        else:
+            self._status.update("reading the prompt…")
+
+    def image(self, done: int, total: int) -> None:
+        if self._bar is not None and self._task is not None:
+            self._bar.update(self._task, completed=done)
+            if done >= total:
+                self._bar.stop()
+                self._bar = None
+                self._status.update("reading the prompt…")
+                self._status.start()
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+        self._status.stop()

@@ -9,3 +9,4 @@ DEFAULT_KV_TYPE = "f16"  # llama.cpp's own; q8_0 about halves the KV cache (flas
 MAX_PATCHES = 125  # whole-slide patches of 896² (the WSI notebook's cap; 126 in training): ~33K image tokens
 DEFAULT_MAGNIFICATION = "10x"  # the WSI notebook's level; 5x and 20x were trained on too
 MAX_PAGES = 20  # PDF pages rendered as images per document (~5K image tokens); the text layer is read whole
+DEFAULT_CACHE_GB = 8.0  # image embeddings and prompt states kept in the store for later questions (LRU)

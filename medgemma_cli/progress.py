@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from medgemma_cli.estimate import Estimate
 
 
 class Progress(Protocol):
@@ -26,3 +29,11 @@ class NullProgress:
 
     def end(self) -> None:
         pass
+
+
+class AskProgress(Protocol):
+    """What `ask` and `chat` report while they read a prompt: the plan (with this machine's estimate, when it has
+    measured the model before), then each image as it is encoded."""
+
+    def planned(self, estimate: Estimate | None, images: int) -> None: ...
+    def image(self, done: int, total: int) -> None: ...

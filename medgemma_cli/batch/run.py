@@ -23,10 +23,17 @@ from medgemma_cli.batch.remote import ChatServer, answer_by_server, png_data_uri
 from medgemma_cli.batch.report import save_thumbnail, thumbnails_dir
 from medgemma_cli.batch.units import Unit, make_units, pair_priors, pseudonym, unit_id_key, unit_key_path
 from medgemma_cli.batch.worker import EngineConfig, ModelWorker
+from medgemma_cli.defaults import DEFAULT_BATCH_CTX
 from medgemma_cli.errors import InputError, MedgemmaError
+from medgemma_cli.estimate import Estimate, estimate, known_speeds
 from medgemma_cli.inputs.collect import Collected, collect, combine_studies
 from medgemma_cli.inputs.walk import IMAGE_INPUTS, walk
 from medgemma_cli.printable import printable
+
+MAX_CTX = 131072  # Gemma 3's longest context
+MIN_BATCH_CTX = 2048  # a unit of one image: still room for a long question and answer
+IMAGE_OVERHEAD_TOKENS = 8  # an image's markers, blank lines and its slice label
+QUESTION_TOKENS = 512  # the turn markers, an optional system prompt and the question
 
 
 @dataclass
@@ -69,6 +76,19 @@ class BatchSummary:
     context: int = 0  # the context each unit was planned for (--ctx, or less where the server holds less)
 
 
+def context_for(units: list[Unit], opts: AskOptions, image_tokens: int, text_model: Path) -> int:
+    """The context a local batch loads: room for its largest unit's images (at most --max-slices), a question and
+    the answer, rounded up, within what the model was trained for."""
+    from medgemma_cli.kernels.ggml import read_gguf_info
+
+    trained = int(read_gguf_info(text_model, keys={"gemma3.context_length"}).get("gemma3.context_length",
+                                                                                  DEFAULT_BATCH_CTX))
+    images = min(max((u.images + (u.prior.images if u.prior else 0) for u in units if not u.error), default=0),
+                 opts.max_slices)
+    need = images * (image_tokens + IMAGE_OVERHEAD_TOKENS) + opts.budget(True) + QUESTION_TOKENS
+    return min(max(MIN_BATCH_CTX, -(-need // 256) * 256), trained, MAX_CTX)
+
+
 def own_outputs(results: Path) -> set[Path]:
     """What a run writes beside its results: never read back as inputs (thumbnails are JPEGs)."""
     results = Path(results).resolve()
@@ -79,7 +99,8 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
               model: Path | None = None, gguf: Path | None = None, mmproj: Path | None = None,
               options: AskOptions | None = None, include_phi: bool = False, classify: ClassifyOptions | None = None,
               server: ServerOptions | None = None, retry_failed: bool = False,
-              on_progress: Callable[[int, int, str], None] | None = None, with_prior: bool = False) -> BatchSummary:
+              on_progress: Callable[[int, int, str], None] | None = None, with_prior: bool = False,
+              on_wait: Callable[[Estimate], None] | None = None) -> BatchSummary:
     """Answer every question about every unit under `folder`, appending records to `out` as they finish.
 
     `retry_failed` first removes earlier error records (a server that was down, a file since fixed), so those
@@ -99,7 +120,7 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(folder, "not a folder")
-    n_ctx = min(opts.ctx or 8192, 131072)
+    n_ctx = min(opts.ctx or DEFAULT_BATCH_CTX, MAX_CTX)
     worker = None
     image_size: int | None
 
@@ -128,24 +149,26 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
         model_name = files.name
         image_size = files.vision["image_size"] if files.vision else None
         image_tokens = files.vision["image_tokens"] if files.vision else 0
-        # the engine answers every unit's questions from one prefix, so its cache stays full-size (swa_full)
-        memory = estimate_memory(files, n_ctx, 1 if image_size else 0, kv_type=opts.kv_type,
-                                 vision_backend=opts.vision_backend, gpu_layers=opts.gpu_layers)
-        if opts.on_estimate is not None:
-            opts.on_estimate(memory)
-        if opts.memory_check:
-            check_memory(memory)
-        # the model loads in its own process while this one walks the folder and hashes the model file
-        worker = ModelWorker(EngineConfig(files, n_ctx, opts.threads, opts.gpu_layers, opts.vision_backend,
-                                          opts.verbose, opts.kv_type))
     records = None
     try:
-        if worker is not None:
-            worker.start()
         w = walk(folder, IMAGE_INPUTS, ours=own_outputs(out))
         units = make_units(folder, w.files, unit)
         if with_prior:
             pair_priors(units)
+        if server is None:
+            if opts.ctx is None:  # the context the largest unit needs (up to the recipe's slices), not a fixed cut
+                n_ctx = context_for(units, opts, image_tokens, files.text)
+            # the engine answers every unit's questions from one prefix, so its cache stays full-size (swa_full)
+            memory = estimate_memory(files, n_ctx, 1 if image_size else 0, kv_type=opts.kv_type,
+                                     vision_backend=opts.vision_backend, gpu_layers=opts.gpu_layers)
+            if opts.on_estimate is not None:
+                opts.on_estimate(memory)
+            if opts.memory_check:
+                check_memory(memory)
+            # the model loads in its own process while this one opens the records and hashes the model file
+            worker = ModelWorker(EngineConfig(files, n_ctx, opts.threads, opts.gpu_layers, opts.vision_backend,
+                                              opts.verbose, opts.kv_type, opts.cache_gb if opts.cache else None))
+            worker.start()
         records = RecordFile(out, fmt, retry_failed)  # the lock first: the key and the records are this run's
         if not include_phi:  # DICOM UIDs identify the patient's study; records carry keyed hashes of them
             key = unit_id_key(out, has_records=bool(records.done))
@@ -175,8 +198,9 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
         writer = Recorder(records, folder, keys, model_name, include_phi, parse_json=opts.schema is not None)
         done_before = sum(1 for u in units for k in keys.values() if (u.id, k) in records.done)
         todo = [u for u in units if writer.pending(u)]
-        per_image = image_tokens + 8  # the image, its markers and a slice label
-        max_slices = max(1, min(opts.max_slices, (n_ctx - opts.budget(True) - 512) // per_image)) if image_size else 0
+        per_image = image_tokens + IMAGE_OVERHEAD_TOKENS
+        max_slices = (max(1, min(opts.max_slices, (n_ctx - opts.budget(True) - QUESTION_TOKENS) // per_image))
+                      if image_size else 0)
 
         def prepare(u: Unit) -> Prepared:
             if u.error:
@@ -209,6 +233,12 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
             model_seconds = answer_by_server(client, server.workers, todo, prepare, opts, writer, zero_shot,
                                               on_progress)
         elif todo and worker is not None:
+            worker.wait_ready()
+            speeds = known_speeds(worker.speeds_key)
+            if on_wait is not None and speeds is not None:  # from this machine's earlier runs of the model
+                images = [min(u.images, max_slices) if image_size else 0 for u in todo if not u.error]
+                on_wait(estimate(speeds, sum(images), sum(n * per_image + QUESTION_TOKENS for n in images),
+                                     image_tokens))
             local = answer_locally(worker, todo, prepare, opts, writer, zero_shot, on_progress)
             model_seconds, worker_seconds, worker_idle = local.model, local.worker, local.worker_idle
     except BaseException:

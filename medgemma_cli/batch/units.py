@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from medgemma_cli.atomic import replace_text
+from medgemma_cli.defaults import MAX_PATCHES
 from medgemma_cli.errors import InputError, MedgemmaError
 from medgemma_cli.inputs import dicom
 from medgemma_cli.inputs.slides import WSI_SOP_CLASS
@@ -33,6 +34,7 @@ class Unit:
     taken: str = ""  # StudyDate + StudyTime, sortable
     body_part: str = ""
     prior: Unit | None = None  # the same patient's most recent earlier chest X-ray study in the folder
+    images: int = 1  # frames in all its files, before any sampling: what sizes the context a batch needs
 
 
 def short_hash(text: str) -> str:
@@ -54,13 +56,19 @@ def make_units(folder: Path, files: list[Path], unit: str = "series") -> list[Un
             continue
         try:
             ds = dicom.read(f, pixels=False) if is_dicom else None
+            frames = (dicom.integer(ds, "NumberOfFrames") or 1) if ds is not None else 1
         except InputError as e:
             units[short_hash(rel)] = Unit(short_hash(rel), unit, [f], error=e.problem)
             continue
+        except ValueError as e:  # a frame count that is no count: the unit fails here, named, and the batch goes on
+            units[short_hash(rel)] = Unit(short_hash(rel), unit, [f], error=str(e))
+            continue
         modality = str(ds.get("Modality", "") or "") if ds is not None else ""
         slide = ds is not None and str(ds.get("SOPClassUID", "")) == WSI_SOP_CLASS  # levels of one image: one unit
+        if slide:
+            frames = MAX_PATCHES  # tiles, not images: what the context is sized for is the patches sent
         if unit == "file" and not slide:
-            units[short_hash(rel)] = Unit(short_hash(rel), "file", [f], modality)
+            units[short_hash(rel)] = Unit(short_hash(rel), "file", [f], modality, images=frames)
             continue
         assert ds is not None  # a file that is not DICOM is a unit of its own (above)
         key = "StudyInstanceUID" if unit == "study" else "SeriesInstanceUID"
@@ -68,8 +76,10 @@ def make_units(folder: Path, files: list[Path], unit: str = "series") -> list[Un
         u = units.setdefault(uid, Unit(uid, unit, [], modality,
                                        {t: str(ds.get(t)) for t in PHI_TAGS if ds.get(t) not in (None, "")},
                                        patient=_patient(ds), taken=_taken(ds),
-                                       body_part=str(ds.get("BodyPartExamined", "") or "").strip().upper()))
+                                       body_part=str(ds.get("BodyPartExamined", "") or "").strip().upper(),
+                                       images=0))
         u.files.append(f)
+        u.images += frames
     return list(units.values())
 
 

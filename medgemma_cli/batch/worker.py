@@ -43,6 +43,8 @@ class EngineConfig:
     vision_backend: str = "auto"
     verbose: bool = False
     kv_type: str = "f16"
+    cache_gb: float | None = None  # the image-embedding cache's bound; None: no cache (prompt states are not
+    # kept in a batch: each unit's would be hundreds of MB, and the embeddings are what a re-run needs most)
 
 
 @dataclass
@@ -102,6 +104,7 @@ class ModelWorker:
 
     config: EngineConfig
     load_seconds: float = 0.0
+    speeds_key: str = ""  # where this machine's speeds for the loaded model are remembered (estimate.py)
     start_overhead_s: float = 0.0  # waiting for the process and its imports (not the model load) to be ready
     submit_s: float = 0.0  # handing jobs to the writer thread (which pickles and writes them)
     _proc: subprocess.Popen | None = None
@@ -155,7 +158,7 @@ class ModelWorker:
         if kind == "load_error":
             self.close()
             raise MedgemmaError(rest[0])
-        self.load_seconds = rest[0]
+        self.load_seconds, self.speeds_key = rest[0], rest[1]
         self.start_overhead_s += max(0.0, time.perf_counter() - t0 - self.load_seconds)
         self._ready = True
 
@@ -236,21 +239,26 @@ def _write_jobs(conn: Connection, outbox: queue.Queue) -> None:
 def _serve(recv: Connection, send: Connection) -> None:
     from pathlib import Path
 
+    from medgemma_cli.estimate import remember, speeds_key
+    from medgemma_cli.llama.caches import open_cache
     from medgemma_cli.llama.engine import Engine
     from medgemma_cli.llama.session import PrefixSession
 
     config: EngineConfig = recv.recv()
     t0 = time.perf_counter()
     try:
+        cache = open_cache(config.cache_gb) if config.cache_gb is not None else None
         engine = Engine(config.files, n_ctx=config.n_ctx, threads=config.threads, gpu_layers=config.gpu_layers,
-                        verbose=config.verbose, vision_backend=config.vision_backend, kv_type=config.kv_type)
+                        verbose=config.verbose, vision_backend=config.vision_backend, kv_type=config.kv_type,
+                        cache=cache)
     except MedgemmaError as e:
         send.send(("load_error", str(e)))
         return
     except Exception as e:  # noqa: BLE001 - reported by the batch as one line
         send.send(("load_error", f"the model could not be loaded: {type(e).__name__}: {e}"))
         return
-    send.send(("ready", time.perf_counter() - t0))
+    speeds_at = speeds_key(config.files.text, engine.vision_file, engine.vision_backend, engine.threads)
+    send.send(("ready", time.perf_counter() - t0, speeds_at))
     try:
         while True:
             t_wait = time.perf_counter()
@@ -267,8 +275,12 @@ def _serve(recv: Connection, send: Connection) -> None:
             try:
                 t1 = time.perf_counter()
                 session = PrefixSession(engine, inputs, job.system, job.with_metadata)
+                encoded = engine.images_encoded
                 session.start()
                 prefill = time.perf_counter() - t1
+                pt = session.prefill_timings  # this machine's speeds, for the estimates of later runs
+                remember(speeds_at, engine.images_encoded - encoded, pt.image_encode_s, session.prefix_tokens,
+                         pt.prefill_s - pt.image_encode_s)
                 for q in job.questions:
                     t1 = time.perf_counter()
                     turn = session.ask(q, job.max_tokens, job.temperature, job.seed, constraint=job.constraint)

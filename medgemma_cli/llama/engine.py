@@ -13,13 +13,23 @@ import ctypes
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medgemma_cli.chat_template import compile_template, render, with_media_markers
 from medgemma_cli.containment import stage
+from medgemma_cli.disk_cache import DiskCache
 from medgemma_cli.errors import InputError, MedgemmaError
+from medgemma_cli.llama.caches import (
+    EmbeddingCache,
+    context_identity,
+    load_state,
+    save_state,
+    vision_file,
+    vision_identity,
+)
 from medgemma_cli.llama.embeddings import IMAGE_MARK, decode_embeddings, split_at_images
 from medgemma_cli.llama.grammar import THINK_CLOSE, THINK_OPEN, Constraint, GrammarSampler
 from medgemma_cli.llama.loader import kv_cache_params, load_llama
@@ -57,9 +67,11 @@ class Engine:
     """One text model (+ vision projector) loaded in llama.cpp, with a context of `n_ctx` tokens."""
 
     def __init__(self, files: ModelFiles, n_ctx: int = 4096, threads: int | None = None, gpu_layers: int | None = None,
-                 verbose: bool = False, vision_backend: str = "auto", kv_type: str = "f16", swa_full: bool = True):
+                 verbose: bool = False, vision_backend: str = "auto", kv_type: str = "f16", swa_full: bool = True,
+                 cache: DiskCache | None = None):
         """`swa_full=False` sizes the sliding-window layers' cache to the window: far less memory on long prompts,
-        the same arithmetic, but the context can then not be cut back (no follow-up from a reused prefix)."""
+        the same arithmetic, but the context can then not be cut back (no follow-up from a reused prefix).
+        `cache`: the store's cache, for image embeddings encoded before (and for later runs)."""
         import llama_cpp
         from llama_cpp import _logger
 
@@ -68,6 +80,7 @@ class Engine:
         self.verbose = verbose
         t0 = time.perf_counter()
         threads = threads or physical_cores()
+        self.threads = threads
         if gpu_layers is None:
             gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0
         self.gpu_layers = gpu_layers
@@ -119,6 +132,18 @@ class Engine:
         self.think_ids = (self.token_id(THINK_OPEN), self.token_id(THINK_CLOSE))
         self.n_past = 0
         self.images_encoded = 0
+        self.cache = cache
+        self.embedding_cache = (EmbeddingCache(cache, vision_identity(files, self.vision_backend))
+                                if cache is not None and self.vision_backend != "none" else None)
+
+    @property
+    def vision_file(self) -> Path | None:
+        """The file whose encoder makes this engine's image embeddings."""
+        return vision_file(self.files, self.vision_backend)
+
+    def identity(self) -> str:
+        """What a saved context of this engine depends on (caches.context_identity)."""
+        return context_identity(self.files, self.vision_backend, self.kv_type, self.swa_full)
 
     # --- tokens -------------------------------------------------------------------------------------
     def tokenize(self, text: str, special: bool = True) -> list[int]:
@@ -169,11 +194,36 @@ class Engine:
             raise MedgemmaError("llama.cpp could not cut the context back (this cache type cannot)")
         self.n_past = n_past
 
+    def cached_images(self, images: list[np.ndarray]) -> int:
+        """How many of `images` the embedding cache holds for this engine's encoder."""
+        if self.embedding_cache is None:
+            return 0
+        return sum(self.embedding_cache.has(rgb) for rgb in images)
+
+    def save_prefix(self, path: Path) -> None:
+        """Write the context as it is (the prompt so far) to `path`, for a later process to load."""
+        save_state(self.ctx, path)
+
+    def load_prefix(self, path: Path, n_tokens: int) -> bool:
+        """Load a saved context of `n_tokens` positions into this (cleared) one; False, and an empty context, when
+        the file cannot be loaded or holds something else."""
+        self.reset()
+        with quiet_stderr(not self.verbose):
+            loaded = load_state(self.ctx, path)
+        n = self._lib.llama_memory_seq_pos_max(self._lib.llama_get_memory(self.ctx), 0) + 1 if loaded else 0
+        if n != n_tokens:
+            self.reset()
+            return False
+        self.n_past = n
+        return True
+
     def decode_text(self, text: str, tokens: list[int] | None = None) -> None:
         self._decode_tokens(tokens if tokens is not None else self.tokenize(text), logits_last=True)
 
-    def prefill(self, chunks: Chunks, timings: Timings, logits_last: bool = True) -> None:
-        """Decode the prompt (text and image chunks) after what is already in the context."""
+    def prefill(self, chunks: Chunks, timings: Timings, logits_last: bool = True,
+                on_image: Callable[[int, int], None] | None = None) -> None:
+        """Decode the prompt (text and image chunks) after what is already in the context; `on_image(done, total)`
+        after each image."""
         if self.n_past + chunks.n_tokens > self.n_ctx:
             raise MedgemmaError(f"the prompt needs {self.n_past + chunks.n_tokens} tokens "
                                 f"but the context holds {self.n_ctx}")
@@ -185,28 +235,38 @@ class Engine:
                 self._decode_tokens(part, logits_last=logits_last and i == last)
                 continue
             t1 = time.perf_counter()
-            if chunks.mtmd is None:  # split by us (split_at_images): ONNX Runtime encodes, we decode
-                if chunks.embeddings is not None:
-                    embd = chunks.embeddings[image_index]
-                else:
-                    with stage("ONNX Runtime", f"encoding image {image_index + 1}"):
-                        embd = self._onnx().encode(chunks.images[image_index])
-                t2 = time.perf_counter()
-                timings.image_encode_s += t2 - t1
-                with stage("llama.cpp", "reading the prompt"):
-                    self.n_past = decode_embeddings(self._lib, self.ctx, embd, self.n_past, self.n_embd)
+            rgb = chunks.images[image_index]
+            cached = (self.embedding_cache.get(rgb, (part, self.n_embd))
+                      if self.embedding_cache is not None and chunks.embeddings is None else None)
+            if chunks.embeddings is not None:  # encoded before the model loaded (answering.encode_first)
+                embd = chunks.embeddings[image_index]
+            elif cached is not None:
+                embd = cached
             else:
-                if self.mtmd is None:
-                    raise MedgemmaError("the vision encoder was already released")
-                with stage("llama.cpp", f"encoding image {image_index + 1}"), quiet_stderr(not self.verbose):
-                    embd = self.mtmd.encode(chunks.mtmd, i)
-                t2 = time.perf_counter()
-                timings.image_encode_s += t2 - t1
-                with stage("llama.cpp", "reading the prompt"):
+                if chunks.mtmd is None:  # split by us (split_at_images): ONNX Runtime encodes, we decode
+                    with stage("ONNX Runtime", f"encoding image {image_index + 1}"):
+                        embd = self._onnx().encode(rgb)
+                else:
+                    if self.mtmd is None:
+                        raise MedgemmaError("the vision encoder was already released")
+                    with stage("llama.cpp", f"encoding image {image_index + 1}"), quiet_stderr(not self.verbose):
+                        embd = self.mtmd.encode(chunks.mtmd, i)
+                self.images_encoded += 1
+                if self.embedding_cache is not None:
+                    embd = self.embedding_cache.put(rgb, embd)
+            t2 = time.perf_counter()
+            timings.image_encode_s += t2 - t1
+            with stage("llama.cpp", "reading the prompt"):
+                if chunks.mtmd is None:
+                    self.n_past = decode_embeddings(self._lib, self.ctx, embd, self.n_past, self.n_embd)
+                else:
+                    if self.mtmd is None:
+                        raise MedgemmaError("the vision encoder was already released")
                     self.n_past = self.mtmd.decode_image(self.ctx, chunks.mtmd, i, embd, self.n_past)
             timings.image_decode_s += time.perf_counter() - t2
             image_index += 1
-            self.images_encoded += 1
+            if on_image is not None:
+                on_image(image_index, len(chunks.images))
         timings.prefill_s += time.perf_counter() - t0
 
     def _decode_tokens(self, tokens: list[int], logits_last: bool) -> None:

@@ -3,10 +3,14 @@ encodes an image several times faster than libmtmd; its embeddings go into the c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from medgemma_cli.llama.caches import EmbeddingCache
 
 
 class OnnxVision:
@@ -36,11 +40,28 @@ class OnnxVision:
         return np.ascontiguousarray(self.session.run(None, {"pixel_values": px})[0][0], dtype=np.float32)
 
 
-def encode_first(path: Path, images: list[np.ndarray], threads: int) -> list[np.ndarray]:
+def encode_first(path: Path, images: list[np.ndarray], threads: int, cache: EmbeddingCache | None = None,
+                 on_image: Callable[[int, int], None] | None = None) -> tuple[list[np.ndarray], int]:
     """Encode every image and free ONNX Runtime before the text model loads: the attention scores of a
-    4,096-patch image (1.4 GB on the 4B shape) then never sit in memory beside the text weights."""
-    vision = OnnxVision(path, threads)
+    4,096-patch image (1.4 GB on the 4B shape) then never sit in memory beside the text weights. Images the
+    embedding cache holds are taken from it (ONNX Runtime is not even loaded when it holds them all).
+    Returns the embeddings and how many were encoded here."""
+    out: list[np.ndarray] = []
+    vision: OnnxVision | None = None
+    fresh = 0
     try:
-        return [vision.encode(rgb) for rgb in images]
+        for i, rgb in enumerate(images, 1):
+            embd = cache.get(rgb) if cache is not None else None
+            if embd is None:
+                vision = vision or OnnxVision(path, threads)
+                embd = vision.encode(rgb)
+                fresh += 1
+                if cache is not None:
+                    embd = cache.put(rgb, embd)
+            out.append(embd)
+            if on_image is not None:
+                on_image(i, len(images))
+        return out, fresh
     finally:
-        vision.close()
+        if vision is not None:
+            vision.close()

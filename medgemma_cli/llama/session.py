@@ -15,12 +15,20 @@ from typing import Any
 
 from medgemma_cli.errors import MedgemmaError
 from medgemma_cli.inputs.collect import Collected
+from medgemma_cli.llama.caches import PromptCache
 from medgemma_cli.llama.engine import Engine, Timings
 from medgemma_cli.llama.grammar import Constraint
 from medgemma_cli.prompt import build_messages
 
 _QUESTION = "\x00QUESTION\x00"
 TURN_END, USER_TURN, MODEL_TURN = "<end_of_turn>\n", "<start_of_turn>user\n", "<start_of_turn>model\n"
+
+
+def prefix_messages(inputs: Collected, system: str | None, with_metadata: bool,
+                    notes: list[tuple[str, str]] | None) -> list[dict[str, Any]]:
+    """The prompt's messages with a placeholder where the question goes: what is encoded once, and what the prompt
+    cache is keyed by (with the images' pixels)."""
+    return build_messages(_QUESTION, inputs, system, with_metadata, notes)
 
 
 @dataclass
@@ -48,24 +56,34 @@ class PrefixSession:
     prefill_timings: Timings = field(default_factory=Timings)
     dropped_turns: int = 0
     embeddings: list[Any] | None = None  # the images' embeddings if encoded before the model loaded (else here)
+    prompt_cache: PromptCache | None = None  # the context after the prefix, saved for (and loaded by) later runs
+    restored: bool = False  # the prefix came from the prompt cache: nothing was encoded or read
 
-    def start(self) -> None:
-        """Render the prompt around a placeholder question and prefill everything before it."""
-        messages = build_messages(_QUESTION, self.inputs, self.system, self.with_metadata, self.notes)
+    def start(self, on_image: Callable[[int, int], None] | None = None) -> None:
+        """Render the prompt around a placeholder question and prefill everything before it (or load it from the
+        prompt cache); `on_image(done, total)` after each image the engine encodes."""
+        messages = prefix_messages(self.inputs, self.system, self.with_metadata, self.notes)
         rendered = self.engine.render(messages)
         if rendered.count(_QUESTION) != 1:
             raise MedgemmaError("the chat template does not place the question where expected")
         prefix, self.suffix = rendered.split(_QUESTION)
         self.engine.reset()
-        chunks = self.engine.chunks(prefix, [img.rgb for img in self.inputs.images], self.embeddings)
+        images = [img.rgb for img in self.inputs.images]
+        chunks = self.engine.chunks(prefix, images, self.embeddings)
         self.embeddings = None  # in the context from here on
+        key = self.prompt_cache.key(messages, images) if self.prompt_cache is not None else None
         try:
             t0 = time.perf_counter()
-            self.engine.prefill(chunks, self.prefill_timings, logits_last=False)
+            if key is not None and self.prompt_cache is not None:
+                self.restored = self.prompt_cache.restore(self.engine, key, chunks.n_tokens)
+            if not self.restored:
+                self.engine.prefill(chunks, self.prefill_timings, logits_last=False, on_image=on_image)
             self.prefill_timings.first_token_s = time.perf_counter() - t0
         finally:
             chunks.free()
         self.prefix_tokens = self.engine.n_past
+        if key is not None and self.prompt_cache is not None and not self.restored:
+            self.prompt_cache.save(self.engine, key)
 
     def ask(self, question: str, max_tokens: int, temperature: float = 0.0, seed: int = 0,
             show_thinking: bool = False, on_text: Callable[[str], None] | None = None,

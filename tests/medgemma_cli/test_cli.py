@@ -87,7 +87,8 @@ def test_python_api_exposes_every_command():
     import medgemma_cli
 
     for name in ("convert", "ask", "ask_many", "open_session", "classify", "embed", "run_bench", "list_models",
-                 "make_checkpoint", "run_demo", "run_batch", "ServerOptions", "ClassifyOptions", "write_report"):
+                 "make_checkpoint", "run_demo", "run_batch", "ServerOptions", "ClassifyOptions", "write_report",
+                 "cache_usage", "clear_cache"):
         assert callable(getattr(medgemma_cli, name)), name
 
 

@@ -284,3 +284,21 @@ def test_schema_records_carry_the_parsed_answer(tmp_path, convert_tiny):
     again = run_batch(root, ["Effusion?"], out, model=convert_tiny("Q8_0"),
                       options=AskOptions(max_tokens=60, schema=other))
     assert again.records_written == 3 and again.done_before == 0
+def test_a_local_batch_sizes_its_context_for_its_largest_unit(convert_tiny):
+    """Not a fixed 8K cut: a volume gets the recipe's slices when the model's context allows, one image gets a
+    small context, --max-slices bounds it, and the model's trained context caps it."""
+    from medgemma_cli.batch.run import context_for
+    from medgemma_cli.batch.units import Unit
+
+    text = convert_tiny("Q8_0") / "text.gguf"  # trained for 4,096 tokens
+    opts = AskOptions(max_tokens=256)
+
+    def unit(n: int, error: str | None = None) -> Unit:
+        return Unit("u", "series", [], images=n, error=error)
+
+    assert context_for([unit(1)], opts, 4, text) == 2048
+    assert context_for([unit(1), unit(85)], opts, 4, text) == 2048  # 85 × 12 + 256 + 512 = 1788 tokens
+    assert context_for([unit(200)], opts, 4, text) == 2048  # at most --max-slices (85) of its slices
+    assert context_for([unit(200)], AskOptions(max_tokens=256, max_slices=200), 4, text) == 3328
+    assert context_for([unit(85)], opts, 256, text) == 4096  # 85 × 264 tokens: capped by the model
+    assert context_for([unit(1), unit(300, error="unreadable")], opts, 256, text) == 2048

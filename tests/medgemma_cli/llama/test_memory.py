@@ -70,7 +70,7 @@ def test_onnx_route_loads_no_projector_and_gives_the_same_tokens_and_logits(conv
     files = resolve_model(convert_tiny("F32", "F32", "fp32"))
     inputs = collect([CT, CT], 32)
     images = [i.rgb for i in inputs.images]
-    embeddings = encode_first(files.vision_onnx, images, 2)
+    embeddings, _ = encode_first(files.vision_onnx, images, 2)
     onnx = Engine(files, n_ctx=256, vision_backend="onnx")
     mtmd = Engine(files, n_ctx=256, vision_backend="mtmd")
     mtmd.mtmd.encode = lambda chunks, index: embeddings[sum(  # type: ignore[union-attr]
