@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import smoke
+
 
 def _series(folder: Path, n: int, shift: int = 0) -> Path:
     import copy
@@ -63,8 +65,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--vision-backend", default="auto", choices=["auto", "onnx", "mtmd"])
-    ap.add_argument("--smoke", action="store_true", help="a tiny random model: checks the script, not a figure")
-    args = ap.parse_args()
+    smoke.add_arguments(ap, work=False)
+    args = smoke.parse(ap, slices=4, max_tokens=4, threads=1)
+    if args.smoke:
+        print(json.dumps({"smoke": smoke.NOTE}), flush=True)
     with tempfile.TemporaryDirectory(prefix="cache-reuse-") as scratch:
         work = Path(scratch)
         model = args.model
@@ -73,7 +77,6 @@ def main() -> None:
             from medgemma_cli.synthetic import make_checkpoint
 
             model = convert(make_checkpoint(work / "ckpt", "tiny"), work / "model", preset="Q8_0").path
-            args.slices, args.max_tokens = min(args.slices, 4), 4
         if model is None:
             raise SystemExit("give --model (a converted folder) or --smoke")
         series = _series(work / "series", args.slices)
@@ -96,7 +99,6 @@ def main() -> None:
             "estimate_total_s": estimate and estimate["total_s"],
             "estimated_run_prefill_s": estimated["first_token_s"],
             "estimate_error": estimate and round(estimate["total_s"] / max(estimated["first_token_s"], 1e-9) - 1, 3),
-            "note": "smoke run: the figures mean nothing" if args.smoke else "",
         }), flush=True)
 
 

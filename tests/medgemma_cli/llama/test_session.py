@@ -51,7 +51,7 @@ def test_reuse_gives_the_same_answers_as_separate_asks(convert_tiny, tmp_path):
     note = tmp_path / "note.txt"
     note.write_text("Known emphysema. New shortness of breath.")
     questions = ["Describe the findings.", "Is there a pneumothorax?", "What would you recommend next?"]
-    opts = AskOptions(max_tokens=10)
+    opts = AskOptions(max_tokens=10, cache=False)  # reuse within one process; the store's cache is test_caches'
     together = ask_many(questions, [EMRI, note], model=model, options=opts)
     separate = [ask(q, [EMRI, note], model=model, options=opts) for q in questions]
     assert [r.answer for r in together] == [r.answer for r in separate]
