@@ -133,13 +133,14 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
         client.use_native(info)
         image_size, image_tokens = server.image_size, server.image_tokens
         if info.n_ctx is not None:  # the server's limit, not ours, decides how many slices fit
-            n_ctx = min(n_ctx, info.n_ctx)
-            if n_ctx - opts.budget(True) - 512 < image_tokens + 8:
+            n_ctx = min(opts.ctx or info.n_ctx, info.n_ctx)
+            if n_ctx - opts.budget(True) - QUESTION_TOKENS < image_tokens + IMAGE_OVERHEAD_TOKENS:
                 raise MedgemmaError(
                     f"{client.base} holds {info.n_ctx} tokens per request"
                     + (f" (its context divided by {info.slots} slots)" if info.slots and info.slots > 1 else "")
                     + f"; one image ({image_tokens} tokens), --max-tokens {opts.budget(True)} and the text need "
-                    f"{image_tokens + 8 + opts.budget(True) + 512}: give the server a larger context (llama-server "
+                    f"{image_tokens + IMAGE_OVERHEAD_TOKENS + opts.budget(True) + QUESTION_TOKENS}: give the server "
+                    "a larger context (llama-server "
                     "-c, fewer --parallel) or lower --max-tokens")
     else:
         from medgemma_cli.llama.memory import check_memory, estimate_memory
