@@ -72,7 +72,7 @@ class DiskCache:
         data, summary = self._paths(kind, key)
         return data.is_file() and summary.is_file()
 
-    def put(self, kind: str, key: str, write: Callable[[Path], None]) -> Path | None:
+    def put(self, kind: str, key: str, write: Callable[[Path], object]) -> Path | None:
         """Store what `write(path)` writes; None when it is larger than the whole cache may be."""
         data, summary = self._paths(kind, key)
         data.parent.mkdir(parents=True, exist_ok=True)
