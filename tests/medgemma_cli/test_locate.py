@@ -155,8 +155,8 @@ def _assert_outline(png: np.ndarray, rendering: np.ndarray, d: dict, colour: tup
     assert ys.max() <= d["y1"] - 1 + 20  # below it, only the label's overhang at most
 
 
-# with seed 3 the random model gives an empty list, a box, a box and a degenerate one, and a box for these (each
-# finding is its own question from the same encoded image, so the list's length changes no answer)
+# with seed 3 the random model gives (here) an empty list, a box, a box and a degenerate one, and a box for these
+# (each finding is its own question from the same encoded image, so the list's length changes no answer)
 FINDINGS = ["right clavicle", "left clavicle", "heart", "right lung"]
 
 
@@ -168,11 +168,16 @@ def test_locate_end_to_end_on_the_tiny_model(convert_tiny, tmp_path):
     rendering = picture(120, 200, 60)
     Image.fromarray(rendering).save(image)
     out = tmp_path / "boxes.png"
-    r = subprocess.run([sys.executable, "-m", "medgemma_cli", "locate", *FINDINGS, str(image), "--model",
-                        str(convert_tiny("Q8_0")), "--out", str(out), "--json", "--max-tokens", "200",
-                        "--temperature", "1.0", "--seed", "3"], capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr
-    result = json.loads(r.stdout)
+    # the random model's sampled boxes depend on the CPU's arithmetic: on this project's machine seed 3 gives
+    # usable ones at once; elsewhere the next seeds are tried, so that a box is always there to check
+    for seed in (3, 4, 5, 6, 7, 8):
+        r = subprocess.run([sys.executable, "-m", "medgemma_cli", "locate", *FINDINGS, str(image), "--model",
+                            str(convert_tiny("Q8_0")), "--out", str(out), "--json", "--max-tokens", "200",
+                            "--temperature", "1.0", "--seed", str(seed)], capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr
+        result = json.loads(r.stdout)
+        if any(f["boxes"] for f in result["findings"]):
+            break
     assert result["geometry"]["padded_side"] == 200 and result["geometry"]["pad_top"] == 40
     png = np.asarray(Image.open(out).convert("RGB"))
     assert png.shape == rendering.shape
@@ -196,7 +201,7 @@ def test_locate_end_to_end_on_the_tiny_model(convert_tiny, tmp_path):
             later = tuple(COLOURS[j % len(COLOURS)] for j in range(i + 1, len(FINDINGS)))
             _assert_outline(png, rendering, b["drawn"], COLOURS[i % len(COLOURS)], alone=False, drawn_later=later)
             boxes += 1
-    assert boxes, "the random model gave no usable box for any finding: choose another --seed"
+    assert boxes, "the random model gave no usable box for any finding with six seeds"
 
 
 def test_locate_needs_a_finding_and_an_image(tmp_path):
