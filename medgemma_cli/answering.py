@@ -389,7 +389,9 @@ def open_session(question_hint: str, files: list[Path] | None, *, model: Path | 
     if speeds is not None and not restorable:
         image_tokens = plan.model.vision["image_tokens"] if plan.model.vision else 0
         slices = max((len(v.slices) for v in plan.inputs.volumes if v.is_volume), default=0)
-        waiting = estimate(speeds, to_encode, plan.fit.prompt_tokens, image_tokens, slices)
+        waiting = estimate(speeds, to_encode, plan.fit.prompt_tokens, image_tokens, slices, sent=len(images))
+    if waiting is not None and opts.on_wait is not None:
+        opts.on_wait(waiting.line())
     if progress is not None:
         progress.planned(waiting, to_encode)
     embeddings, encode_s, fresh = None, 0.0, 0

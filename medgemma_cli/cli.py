@@ -62,6 +62,7 @@ app = typer.Typer(
     add_completion=False,
 )
 _DEBUG = False
+MEMORY_WORTH_SAYING = 0.25  # of the available memory: below it the expected peak is not printed (--json has it)
 
 
 def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -92,8 +93,10 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _say_memory(estimate: Any) -> None:
-    """The expected peak memory, printed before the model loads (the run is refused above what is available)."""
-    err.print(f"[dim]{estimate.summary()}[/]")
+    """The expected peak memory, printed before the model loads when it is a sizeable share of what the machine
+    has available (the run is refused above it); a small model's line would only crowd the output."""
+    if estimate.peak >= MEMORY_WORTH_SAYING * estimate.available:
+        err.print(f"[dim]{estimate.summary()}[/]")
 
 
 def _version(value: bool) -> None:

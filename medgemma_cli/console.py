@@ -87,8 +87,7 @@ class PromptProgress:
         self._status.start()
 
     def planned(self, estimate: Estimate | None, images: int) -> None:
-        if estimate is not None:
-            self.console.print(f"[dim]{shown(estimate.line())}[/]")
+        """A bar for the images to encode (the estimate itself is said through AskOptions.on_wait)."""
         if images:
             self._status.stop()
             self._bar = RichBar(SpinnerColumn(), TextColumn("encoding images"), BarColumn(), TextColumn(

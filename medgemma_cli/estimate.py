@@ -30,13 +30,15 @@ class Estimate:
     slices: int = 0  # of the largest volume, for the suggestion below
     fewer_slices: int = 0  # a smaller --max-slices worth suggesting, and what it would take
     fewer_slices_s: float = 0.0
+    sent: int = 0  # images in the prompt (cached ones included), for the wording
 
     @property
     def total_s(self) -> float:
         return self.images_s + self.reading_s
 
     def line(self) -> str:
-        what = f"{self.slices} slices" if self.slices else f"{self.images} image{'s' * (self.images != 1)}"
+        n = self.sent or self.images
+        what = f"{self.slices} slices" if self.slices else f"{n} image{'s' * (n != 1)}"
         text = (f"{what}: about {duration(self.total_s)} on this machine (images {duration(self.images_s)}, "
                 f"reading {duration(self.reading_s)})")
         if self.fewer_slices:
@@ -114,7 +116,8 @@ def _blend(old: dict[str, float] | None, name: str, value: float) -> float:
         return value
 
 
-def estimate(speeds: Speeds, images: int, prompt_tokens: int, image_tokens: int, slices: int = 0) -> Estimate:
+def estimate(speeds: Speeds, images: int, prompt_tokens: int, image_tokens: int, slices: int = 0,
+             sent: int = 0) -> Estimate:
     """The wait for `images` to encode and `prompt_tokens` to read; for a volume of `slices`, also what
     FEWER_SLICES of them would take (worth saying only when the wait is long)."""
     images_s = images * speeds.encode_s_per_image
@@ -125,4 +128,4 @@ def estimate(speeds: Speeds, images: int, prompt_tokens: int, image_tokens: int,
         saved = slices - fewer
         fewer_s = max(0.0, images_s + reading_s - saved * (speeds.encode_s_per_image
                                                            + image_tokens / speeds.prompt_tokens_per_s))
-    return Estimate(images, images_s, reading_s, slices, fewer, fewer_s)
+    return Estimate(images, images_s, reading_s, slices, fewer, fewer_s, sent)

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medgemma_cli.containment import stage
+
 if TYPE_CHECKING:
     from medgemma_cli.llama.caches import EmbeddingCache
 
@@ -53,8 +55,10 @@ def encode_first(path: Path, images: list[np.ndarray], threads: int, cache: Embe
         for i, rgb in enumerate(images, 1):
             embd = cache.get(rgb) if cache is not None else None
             if embd is None:
-                vision = vision or OnnxVision(path, threads)
-                embd = vision.encode(rgb)
+                with stage("ONNX Runtime", "loading the vision encoder" if vision is None else f"encoding image {i}"):
+                    vision = vision or OnnxVision(path, threads)
+                with stage("ONNX Runtime", f"encoding image {i}"):
+                    embd = vision.encode(rgb)
                 fresh += 1
                 if cache is not None:
                     embd = cache.put(rgb, embd)
