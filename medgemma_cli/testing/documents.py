@@ -39,7 +39,8 @@ def _page_stream(title: str, panel: str, rows: Sequence[Sequence[str]], page: in
     return b"\n".join(parts)
 
 
-def _pdf(objects: list[bytes]) -> bytes:
+def pdf_bytes(objects: list[bytes]) -> bytes:
+    """A PDF of these objects (1 the catalog), with a correct cross-reference table."""
     out = bytearray(b"%PDF-1.4\n")
     offsets = []
     for i, body in enumerate(objects, 1):
@@ -65,7 +66,7 @@ def lab_report_pdf(pages: Sequence[tuple[str, Sequence[Sequence[str]]]] = PAGES,
         objects.append(b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents %d 0 R "
                        b"/Resources << /Font << /F1 3 0 R >> >> >>" % (5 + 2 * i))
         objects.append(b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream")
-    return _pdf(objects)
+    return pdf_bytes(objects)
 
 
 def scanned_pdf(path: Path, pages: int = 1) -> Path:
