@@ -2,11 +2,11 @@
 
 Runs `medgemma ask --json` on one synthetic CT series with a fresh store: the first ask (nothing cached), the
 same ask again in a new process (both caches), an ask with another system prompt (embeddings from the cache, the
-prompt read again), and an ask about a series of other pixels with --no-cache, to set the estimate the earlier
-runs taught this machine against what that run took. One JSON line per run (wall time of the process, time to
+prompt read again), then asks about series of other pixels with --no-cache (4, 8 and 16 slices by default), to set
+the estimate the earlier runs taught this machine against what each run took. One JSON line per run (wall time of the process, time to
 the first token as the command measures it, what came from the cache), then the ratios the issue asks about.
 
-    python benchmarks/cache_reuse.py --model /path/to/converted-4b --slices 8 --threads 2
+    python benchmarks/cache_reuse.py --model /path/to/converted-4b --slices 8 --estimate-slices 4 8 16 --threads 2
     python benchmarks/cache_reuse.py --smoke        # tiny random model, seconds; the figures mean nothing
 """
 
@@ -61,12 +61,14 @@ def _ask(model: Path, series: Path, home: Path, threads: int, max_tokens: int, b
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="a converted MedGemma folder (text.gguf + mmproj.gguf)")
-    ap.add_argument("--slices", type=int, default=8)
+    ap.add_argument("--slices", type=int, default=8, help="the series asked about twice")
+    ap.add_argument("--estimate-slices", type=int, nargs="+", default=[4, 8, 16],
+                    help="series of other pixels whose estimate is checked against the run")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--vision-backend", default="auto", choices=["auto", "onnx", "mtmd"])
     smoke.add_arguments(ap, work=False)
-    args = smoke.parse(ap, slices=4, max_tokens=4, threads=1)
+    args = smoke.parse(ap, slices=4, estimate_slices=[2, 4], max_tokens=4, threads=1)
     if args.smoke:
         print(json.dumps({"smoke": smoke.NOTE}), flush=True)
     with tempfile.TemporaryDirectory(prefix="cache-reuse-") as scratch:
@@ -83,22 +85,26 @@ def main() -> None:
         home = work / "home"
         common = (model, series, home, args.threads, args.max_tokens, args.vision_backend)
         runs = {"first": _ask(*common), "again": _ask(*common),
-                "other_prompt": _ask(*common, "--system", "You are an expert radiologist."),
-                # other pixels, nothing cached: the estimate the earlier runs taught against what it takes
-                "estimated": _ask(model, _series(work / "other", args.slices, shift=3), home, args.threads,
-                                  args.max_tokens, args.vision_backend, "--no-cache")}
+                "other_prompt": _ask(*common, "--system", "You are an expert radiologist.")}
         for name, run in runs.items():
             print(json.dumps({"run": name, "slices": args.slices, **run}), flush=True)
-        first, again, estimated = runs["first"], runs["again"], runs["estimated"]
-        estimate = estimated["estimate"]
+        errors = {}
+        for n in args.estimate_slices:
+            # other pixels, nothing cached: the estimate the earlier runs taught against what it takes
+            run = _ask(model, _series(work / f"other-{n}", n, shift=3 + n), home, args.threads, args.max_tokens,
+                       args.vision_backend, "--no-cache")
+            print(json.dumps({"run": "estimated", "slices": n, **run}), flush=True)
+            estimate = run["estimate"]
+            errors[str(n)] = estimate and {
+                "estimate_total_s": estimate["total_s"], "run_first_token_s": run["first_token_s"],
+                "error": round(estimate["total_s"] / max(run["first_token_s"], 1e-9) - 1, 3)}
+        first, again = runs["first"], runs["again"]
         print(json.dumps({
             "smoke": args.smoke, "cpu_count": os.cpu_count(), "threads": args.threads,
             "second_first_token_vs_first": round(again["first_token_s"] / max(first["first_token_s"], 1e-9), 4),
             "second_wall_vs_first": round(again["wall_s"] / max(first["wall_s"], 1e-9), 4),
             "other_prompt_encoded": runs["other_prompt"]["cache"]["images_encoded"],
-            "estimate_total_s": estimate and estimate["total_s"],
-            "estimated_run_prefill_s": estimated["first_token_s"],
-            "estimate_error": estimate and round(estimate["total_s"] / max(estimated["first_token_s"], 1e-9) - 1, 3),
+            "estimate_errors": errors,
         }), flush=True)
 
 

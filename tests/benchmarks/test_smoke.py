@@ -83,8 +83,7 @@ FIGURES: dict[str, list[dict[str, Any]]] = {
         *(keys("wall_s", "load_s", "first_token_s", "image_encode_s", "estimate", "prompt_tokens", run=r,
                cache=keys("images_from_cache", "images_encoded", "prompt_restored"))
           for r in ("first", "again", "other_prompt", "estimated")),
-        keys("second_first_token_vs_first", "second_wall_vs_first", "estimate_total_s", "estimated_run_prefill_s",
-             "estimate_error", other_prompt_encoded=0),
+        keys("second_first_token_vs_first", "second_wall_vs_first", "estimate_errors", other_prompt_encoded=0),
     ],
     "convert_4b": [
         keys("machine_cores", "source_bytes", shape="tiny"),
