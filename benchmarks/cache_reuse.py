@@ -2,9 +2,10 @@
 
 Runs `medgemma ask --json` on one synthetic CT series with a fresh store: the first ask (nothing cached), the
 same ask again in a new process (both caches), an ask with another system prompt (embeddings from the cache, the
-prompt read again), then asks about series of other pixels with --no-cache (4, 8 and 16 slices by default), to set
-the estimate the earlier runs taught this machine against what each run took. One JSON line per run (wall time of the process, time to
-the first token as the command measures it, what came from the cache), then the ratios the issue asks about.
+prompt read again), then asks about series of other pixels with --no-cache (4, 8 and 16 slices by default), to
+set the estimate the earlier runs taught this machine against what each run took. One JSON line per run (wall time
+of the process, time to the first token as the command measures it, what came from the cache), then the ratios the
+issue asks about.
 
     python benchmarks/cache_reuse.py --model /path/to/converted-4b --slices 8 --estimate-slices 4 8 16 --threads 2
     python benchmarks/cache_reuse.py --smoke        # tiny random model, seconds; the figures mean nothing

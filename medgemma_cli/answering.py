@@ -32,8 +32,8 @@ from medgemma_cli.llama.caches import (
 )
 from medgemma_cli.llama.engine import Engine, Timings
 from medgemma_cli.llama.grammar import Constraint, json_answer, max_chars
-from medgemma_cli.llama.memory import MemoryEstimate, check_memory, engine_vision_backend, estimate_memory
-from medgemma_cli.llama.model_files import ModelFiles, resolve_model
+from medgemma_cli.llama.memory import MemoryEstimate, check_memory, estimate_memory
+from medgemma_cli.llama.model_files import ModelFiles, resolve_model, vision_backend_for
 from medgemma_cli.llama.session import PrefixSession, Turn, prefix_messages
 from medgemma_cli.machine import physical_cores
 from medgemma_cli.native import quiet_stderr
@@ -215,8 +215,7 @@ def estimate_wait(images: int, per_image: int, files: ModelFiles, opts: AskOptio
     encoder, then the prefill of every image's tokens (a 125-patch slide is ~33K tokens)."""
     from medgemma_cli.machine import physical_cores
 
-    backend = "onnx" if files.vision_onnx is not None and opts.vision_backend in ("auto", "onnx") and \
-        not opts.gpu_layers else "mtmd"
+    backend = "onnx" if vision_backend_for(files, opts.vision_backend, opts.gpu_layers) == "onnx" else "mtmd"
     threads = opts.threads or physical_cores()
     scale = MEASURED_THREADS / max(1, threads)
     seconds = images * (ENCODE_S_PER_IMAGE[backend] + per_image / PREFILL_TOKENS_PER_S) * scale
@@ -227,7 +226,7 @@ def estimate_wait(images: int, per_image: int, files: ModelFiles, opts: AskOptio
 
 def _measured_speeds(files: ModelFiles, opts: AskOptions) -> Speeds | None:
     """This machine's speeds for the model, encoder and threads, if an earlier run measured them."""
-    backend = engine_vision_backend(files, opts.vision_backend, opts.gpu_layers)
+    backend = vision_backend_for(files, opts.vision_backend, opts.gpu_layers)
     return known_speeds(speeds_key(files.text, vision_file(files, backend), backend, opts.threads or physical_cores()))
 
 
@@ -372,7 +371,7 @@ def open_session(question_hint: str, files: list[Path] | None, *, model: Path | 
     plan = _prepare(question_hint, files, model, gguf, mmproj, opts, extra_tokens, reuse)
     saved = _save_inputs(plan.inputs, opts.save_input)
     images = [img.rgb for img in plan.inputs.images]
-    backend = engine_vision_backend(plan.model, opts.vision_backend, opts.gpu_layers)
+    backend = vision_backend_for(plan.model, opts.vision_backend, opts.gpu_layers)
     threads = opts.threads or physical_cores()
     cache = open_cache(opts.cache_gb) if opts.cache else None
     # a saved context holds the prompt's text: never one with the identifiers --include-phi left in it

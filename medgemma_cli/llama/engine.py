@@ -33,7 +33,7 @@ from medgemma_cli.llama.caches import (
 from medgemma_cli.llama.embeddings import IMAGE_MARK, decode_embeddings, split_at_images
 from medgemma_cli.llama.grammar import THINK_CLOSE, THINK_OPEN, Constraint, GrammarSampler
 from medgemma_cli.llama.loader import kv_cache_params, load_llama
-from medgemma_cli.llama.model_files import ModelFiles
+from medgemma_cli.llama.model_files import ModelFiles, vision_backend_for
 from medgemma_cli.llama.mtmd import MtmdChunks, MtmdContext
 from medgemma_cli.llama.onnx_vision import OnnxVision
 from medgemma_cli.machine import physical_cores
@@ -106,14 +106,12 @@ class Engine:
         self.image_tokens = 0
         self.vision_backend = "none"
         if files.mmproj is not None:
-            # auto: ONNX Runtime int8 on CPU-only runs, libmtmd where the layers sit on a GPU (fast there)
             if vision_backend == "onnx" and files.vision_onnx is None:
                 raise MedgemmaError(f"{files.text.parent}: no vision.onnx; convert with `--vision-onnx int8`, or use "
                                     "--vision-backend mtmd")
             vision = files.vision or {}
             self.image_tokens = int(vision.get("image_tokens", 0))
-            if files.vision_onnx is not None and vision_backend != "mtmd" and (vision_backend == "onnx"
-                                                                               or gpu_layers == 0):
+            if vision_backend_for(files, vision_backend, gpu_layers) == "onnx":
                 # libmtmd's projector weights are not loaded at all: the prompt is split and the embeddings
                 # decoded without it (embeddings.py); ONNX Runtime loads at the first image that needs it
                 # (none, when the caller encoded the images before the text model loaded: encode_first)

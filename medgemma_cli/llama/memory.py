@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from medgemma_cli.errors import MedgemmaError
-from medgemma_cli.llama.model_files import ModelFiles
+from medgemma_cli.llama.model_files import ModelFiles, vision_backend_for
 
 GIB = 1024 ** 3
 N_UBATCH = 512  # the Engine's micro-batch (llama.cpp reserves its output logits for this many tokens)
@@ -87,20 +87,6 @@ def vision_bytes(files: ModelFiles, backend: str) -> int:
     return weights + scores
 
 
-def engine_vision_backend(files: ModelFiles, vision_backend: str, gpu_layers: int | None) -> str:
-    """Which encoder the Engine will load (the same rule as Engine.__init__), without loading anything."""
-    if files.mmproj is None:
-        return "none"
-    if files.vision_onnx is not None and vision_backend != "mtmd":
-        if vision_backend == "onnx" or gpu_layers == 0:
-            return "onnx"
-        if gpu_layers is None:
-            import llama_cpp
-
-            return "mtmd" if llama_cpp.llama_supports_gpu_offload() else "onnx"
-    return "mtmd"
-
-
 def estimate_memory(files: ModelFiles, n_ctx: int, n_images: int, *, kv_type: str = "f16", swa_full: bool = True,
                     vision_backend: str = "auto", gpu_layers: int | None = None,
                     encode_first: bool = False) -> MemoryEstimate:
@@ -116,7 +102,7 @@ def estimate_memory(files: ModelFiles, n_ctx: int, n_images: int, *, kv_type: st
     weights = sum(t.size for t in meta.tensors)
     n_vocab = next((t.ne[1] for t in meta.tensors if t.name == "token_embd.weight"), 0)
     compute = n_vocab * N_UBATCH * 4 + int(meta.kv.get(f"{arch}.embedding_length", 0)) * N_UBATCH * 4 * 8
-    backend = engine_vision_backend(files, vision_backend, gpu_layers) if n_images else "none"
+    backend = vision_backend_for(files, vision_backend, gpu_layers) if n_images else "none"
     apart = encode_first and backend == "onnx"
     n_embd = int(meta.kv.get(f"{arch}.embedding_length", 0))
     image_tokens = (files.vision or {}).get("image_tokens", 0) if apart else 0

@@ -78,3 +78,19 @@ def check_gguf(path: Path) -> None:
             raise InputError(path, f"tensor {t.name!r} lies beyond the end of the file (truncated?)")
     if "general.architecture" not in info.kv:
         raise InputError(path, "a GGUF file without general.architecture: not a model")
+
+
+def vision_backend_for(files: ModelFiles, requested: str, gpu_layers: int | None) -> str:
+    """The image encoder a run uses: ONNX Runtime (int8, the fast one on CPUs) where the layers stay on the CPU
+    and a vision.onnx exists, libmtmd where they sit on a GPU or when asked for. One rule, so that the engine,
+    the memory and time estimates and the caches' keys name the same encoder."""
+    if files.mmproj is None:
+        return "none"
+    if files.vision_onnx is not None and requested != "mtmd":
+        if requested == "onnx" or gpu_layers == 0:
+            return "onnx"
+        if gpu_layers is None:
+            import llama_cpp
+
+            return "mtmd" if llama_cpp.llama_supports_gpu_offload() else "onnx"
+    return "mtmd"
