@@ -331,7 +331,9 @@ def batch(
     workers: int = typer.Option(1, "--workers", "-w", help="Concurrent requests with --server."),
     image_size: int = typer.Option(
         896, "--image-size", help="With --server: the size images are resized to here (MedGemma: 896)."),
-    timeout: float = typer.Option(600.0, "--timeout", help="With --server: seconds to wait for one answer."),
+    timeout: float = typer.Option(
+        600.0, "--timeout",
+        help="With --server: the longest wait for one answer (less once the run's answers show what it needs)."),
     retry_failed: Annotated[bool, flag(
         "--retry-failed", "Remove earlier error records from --out and try those units again.")] = False,
     schema: Schema = None,

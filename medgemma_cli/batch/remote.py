@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medgemma_cli.batch.pace import Limit, Pace, Size, request_size
 from medgemma_cli.batch.prepare import Prepared, classification, prefetch
 from medgemma_cli.batch.records import Recorder
 from medgemma_cli.batch.units import Unit
@@ -61,6 +62,10 @@ class _Again(Exception):
     def __init__(self, error: ServerError):
         super().__init__(str(error))
         self.error = error
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.1f}" if s < 10 else f"{s:.0f}"
 
 
 def _read_reply(r: Any, deadline: float, limit: int = MAX_REPLY_BYTES) -> bytes:
@@ -179,10 +184,11 @@ def is_loopback(url: str) -> bool:
 
 
 class ChatServer:
-    """One server; thread-safe (each request is its own connection), so workers may share it."""
+    """One server; thread-safe (each request is its own connection, the speeds measured are behind a lock), so
+    workers may share it."""
 
     def __init__(self, url: str, model: str | None = None, api_key: str | None = None, timeout: float = 600.0,
-                 retries: int = 2, check_every: float = CHECK_EVERY_S):
+                 retries: int = 2, check_every: float = CHECK_EVERY_S, image_tokens: int = 256):
         parts = urllib.parse.urlsplit(url.strip())
         if parts.scheme not in ("http", "https") or not parts.netloc or not parts.hostname:
             raise MedgemmaError(f"--server {url!r}: give an http(s) URL such as http://127.0.0.1:8080")
@@ -198,6 +204,8 @@ class ChatServer:
         self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
         self.timeout, self.retries, self.check_every = timeout, retries, check_every
         self.model = model
+        self.image_tokens = image_tokens  # per image, for estimating a request's prompt (pace.request_size)
+        self.pace = Pace()  # how long a question may wait, from this run's answers; set its `sharing` to the workers
         self._entry: dict[str, Any] = {}  # the model's entry in /v1/models
         self._native: tuple[Any, str] | None = None  # llama.cpp's server: (its chat template, its media marker)
         self.schema_form = "json_schema"  # OpenAI's; "json_object" once a server refuses it (llama-cpp-python's)
@@ -217,6 +225,13 @@ class ChatServer:
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None,
                  retries: int | None = None) -> dict[str, Any]:
+        return self._timed(method, path, body, retries)[0]
+
+    def _timed(self, method: str, path: str, body: dict[str, Any] | None = None, retries: int | None = None,
+               size: Size | None = None) -> tuple[dict[str, Any], float]:
+        """The reply, and the seconds its (last) attempt took. A question (`size` given) may wait only as long as
+        this run's answers say it needs (pace.py); one cut for that is asked again, each time with twice the bound
+        (the estimate may have been short), while one that waited the whole --timeout is not."""
         data = json.dumps(body).encode("utf-8") if body is not None else None
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.api_key:
@@ -224,7 +239,9 @@ class ChatServer:
         retries = self.retries if retries is None else retries
         for attempt in range(retries + 1):
             try:
-                return self._once(method, path, data, headers)
+                t0 = time.perf_counter()
+                reply = self._once(method, path, data, headers, size, stretch=2.0 ** attempt)
+                return reply, time.perf_counter() - t0
             except _Again as e:
                 if attempt < retries:
                     time.sleep(1.0 + attempt)
@@ -232,10 +249,34 @@ class ChatServer:
                 raise e.error from None
         raise AssertionError("unreachable")
 
-    def _once(self, method: str, path: str, data: bytes | None, headers: dict[str, str]) -> dict[str, Any]:
+    def _limit(self, size: Size | None, stretch: float) -> Limit:
+        """Looked up again while the answer is awaited: answers to other workers' requests may arrive meanwhile."""
+        if size is None:
+            return Limit(self.timeout, None, self.timeout)
+        return self.pace.limit(size, self.timeout, stretch)
+
+    def _late(self, size: Size | None, stretch: float, waited: float, whole: bool) -> ServerError | _Again:
+        """No (whole) answer in time: after --timeout, final for this run; cut by the request's bound, asked again."""
+        limit = self._limit(size, stretch)
+        what = "no whole answer" if whole else "no answer"
+        if not limit.bounded or size is None or limit.expected is None:
+            return ServerError(f"{what} from {self.base} within {self.timeout:g} s (--timeout)", retryable=True)
+        return _Again(ServerError(
+            f"{what} from {self.base} in {_seconds(waited)} s, where this run's answers predict "
+            f"{_seconds(limit.expected)} s for this request ({size.describe()}): cut at {_seconds(limit.seconds)} s "
+            f"({self.pace.safety:g} × that × {self.pace.sharing} request(s) sharing the server, at least "
+            f"{_seconds(self.pace.floor_s * stretch)} s; --timeout {self.timeout:g} s)", retryable=True))
+
+    def _once(self, method: str, path: str, data: bytes | None, headers: dict[str, str], size: Size | None = None,
+              stretch: float = 1.0) -> dict[str, Any]:
         """One request on its own connection. Waiting for the answer, the socket is watched: a reply, a closed
-        connection or a server that stopped accepting connections ends the wait, not only --timeout."""
-        deadline = time.monotonic() + self.timeout
+        connection or a server that stopped accepting connections ends the wait, and so does the request's
+        limit (--timeout, or less for a question once this run's answers say how long it should take)."""
+        start = time.monotonic()
+
+        def left() -> float:
+            return start + self._limit(size, stretch).seconds - time.monotonic()
+
         conn = self._connection(min(CONNECT_TIMEOUT_S, self.timeout))
         try:
             try:
@@ -244,23 +285,21 @@ class ChatServer:
                 raise _Again(ServerError(f"cannot reach {self.base}: {e.strerror or e or type(e).__name__}",
                                          retryable=True, unreachable=True)) from None
             if conn.sock is not None:
-                conn.sock.settimeout(self.timeout)
+                conn.sock.settimeout(max(0.1, left()))
             try:
                 conn.request(method, self._path + path, body=data, headers=headers)
-                self._await_reply(conn, deadline)
+                self._await_reply(conn, left)
                 if conn.sock is not None:
-                    conn.sock.settimeout(max(0.1, deadline - time.monotonic()))
+                    conn.sock.settimeout(max(0.1, left()))
                 r = conn.getresponse()
-                raw = _read_reply(r, deadline)
+                raw = _read_reply(r, time.monotonic() + left())
             except _TooLarge:
                 raise ServerError(f"{self.base}{path}: a reply over {MAX_REPLY_BYTES >> 20} MB; not an answer"
                                   ) from None
             except _TooSlow:  # trickling in: the same as no answer
-                raise ServerError(f"no whole answer from {self.base} within {self.timeout:g} s (--timeout)",
-                                  retryable=True) from None
-            except TimeoutError:  # it may still be working on it: asking again at once would pile up
-                raise ServerError(f"no answer from {self.base} within {self.timeout:g} s (--timeout)",
-                                  retryable=True) from None
+                raise self._late(size, stretch, time.monotonic() - start, whole=True) from None
+            except TimeoutError:  # after --timeout it may still be working on it: asking again would pile up
+                raise self._late(size, stretch, time.monotonic() - start, whole=False) from None
             except (OSError, http.client.HTTPException) as e:  # refused, reset, cut short
                 reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e) or type(e).__name__)
                 raise _Again(ServerError(f"cannot reach {self.base}: {reason}", retryable=True,
@@ -282,19 +321,19 @@ class ChatServer:
             raise ServerError(f"{self.base}{path} did not answer with JSON "
                               "(is this an OpenAI-compatible server?)") from None
 
-    def _await_reply(self, conn: http.client.HTTPConnection, deadline: float) -> None:
-        """Until the first byte of the reply (or the connection's end) can be read; between looks, the server
-        is checked to still accept connections."""
+    def _await_reply(self, conn: http.client.HTTPConnection, left: Callable[[], float]) -> None:
+        """Until the first byte of the reply (or the connection's end) can be read, or `left()` (the seconds this
+        request may still wait) runs out; between looks, the server is checked to still accept connections."""
         sock = conn.sock
         if sock is None:
             return
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
+            remaining = left()
+            if remaining <= 0:
                 raise TimeoutError()
-            ready, _, _ = select.select([sock], [], [], min(self.check_every, left))
+            ready, _, _ = select.select([sock], [], [], min(self.check_every, remaining))
             if ready:
                 return
             if not self.alive():
@@ -354,19 +393,32 @@ class ChatServer:
             media_marker=marker if isinstance(marker, str) and marker else DEFAULT_MEDIA_MARKER,
             vision=bool(modalities.get("vision")) if isinstance(modalities, dict) else None)
 
-    def _constrained(self, body: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    def _constrained(self, body: dict[str, Any], schema: dict[str, Any], size: Size) -> tuple[dict[str, Any], float]:
         """A chat request whose answer must follow `schema`; a server that refuses OpenAI's form of it gets the
         older one (llama-cpp-python's server takes only {"type": "json_object", "schema": …})."""
         try:
-            return self._request("POST", "/v1/chat/completions",
-                                 {**body, "response_format": response_format(schema, self.schema_form)})
+            return self._timed("POST", "/v1/chat/completions",
+                               {**body, "response_format": response_format(schema, self.schema_form)}, size=size)
         except ServerError as e:
             # refused as a bad request; llama-cpp-python's server says so with a 500 that names the field
             if self.schema_form != "json_schema" or not (e.status in (400, 422) or "response_format" in str(e)):
                 raise
         self.schema_form = "json_object"
-        return self._request("POST", "/v1/chat/completions",
-                             {**body, "response_format": response_format(schema, self.schema_form)})
+        return self._timed("POST", "/v1/chat/completions",
+                           {**body, "response_format": response_format(schema, self.schema_form)}, size=size)
+
+    def _measured(self, size: Size, data: dict[str, Any], answer: str, completion_tokens: int | None,
+                  seconds: float) -> None:
+        """One answer's speeds, for the limits of the next questions; llama.cpp's server (native and chat
+        endpoints) says how it split its time between the prompt and the answer in `timings`."""
+        timings = data.get("timings")
+        split = None
+        if isinstance(timings, dict):
+            prompt_ms, predicted_ms = timings.get("prompt_ms"), timings.get("predicted_ms")
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (prompt_ms, predicted_ms)):
+                split = (float(prompt_ms), float(predicted_ms))
+        generated = completion_tokens if completion_tokens is not None else len(answer) // 4  # rough, if unsaid
+        self.pace.record(size, generated, seconds, split)
 
     def use_native(self, info: ServerInfo) -> bool:
         """Against llama.cpp's own server, prompts go through its native /completion endpoint, rendered here from
@@ -401,15 +453,17 @@ class ChatServer:
             body["seed"] = seed
         if schema is not None:  # llama-server turns it into its grammar
             body["json_schema"] = schema
+        size = request_size(len(images_b64), len(prompt), max_tokens, self.image_tokens)
         t0 = time.perf_counter()
-        data = self._request("POST", "/completion", body)
+        data, attempt_s = self._timed("POST", "/completion", body, size=size)
         seconds = time.perf_counter() - t0
         content = data.get("content")
         if not isinstance(content, str):
             raise ServerError(f"{self.base}: a /completion reply without content")
         stop = {"limit": "length", "eos": "stop", "word": "stop"}.get(str(data.get("stop_type") or ""), "")
-        return Reply(content.strip(), stop, _positive_int(data.get("tokens_evaluated")),
-                     _nonnegative_int(data.get("tokens_predicted")), seconds)
+        completion_tokens = _nonnegative_int(data.get("tokens_predicted"))
+        self._measured(size, data, content, completion_tokens, attempt_s)
+        return Reply(content.strip(), stop, _positive_int(data.get("tokens_evaluated")), completion_tokens, seconds)
 
     def chat(self, messages: list[dict[str, Any]], max_tokens: int, temperature: float = 0.0,
              seed: int | None = 0, schema: dict[str, Any] | None = None) -> Reply:
@@ -418,20 +472,35 @@ class ChatServer:
                                 "repeat_penalty": 1.0}  # llama.cpp servers default to 1.1; greedy means greedy
         if seed is not None:
             body["seed"] = seed
+        size = _chat_size(messages, max_tokens, self.image_tokens)
         t0 = time.perf_counter()
         if schema is not None:
-            data = self._constrained(body, schema)
+            data, attempt_s = self._constrained(body, schema, size)
         else:
-            data = self._request("POST", "/v1/chat/completions", body)
+            data, attempt_s = self._timed("POST", "/v1/chat/completions", body, size=size)
         seconds = time.perf_counter() - t0
         try:
             choice = data["choices"][0]
             content = choice["message"].get("content") or ""
         except (KeyError, IndexError, TypeError, AttributeError):
             raise ServerError(f"{self.base}: a reply without choices[0].message") from None
-        usage = data.get("usage") or {}
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        self._measured(size, data, str(content), _nonnegative_int(usage.get("completion_tokens")), attempt_s)
         return Reply(str(content).strip(), str(choice.get("finish_reason") or ""), usage.get("prompt_tokens"),
                      usage.get("completion_tokens"), seconds)
+
+
+def _chat_size(messages: list[dict[str, Any]], max_tokens: int, image_tokens: int) -> Size:
+    """What a chat request asks: its images, and its text (counted in characters) for the prompt's tokens."""
+    images = chars = 0
+    for m in messages:
+        content = m.get("content")
+        for part in content if isinstance(content, list) else [{"type": "text", "text": content or ""}]:
+            if part.get("type") == "image_url":
+                images += 1
+            else:
+                chars += len(str(part.get("text") or ""))
+    return request_size(images, chars, max_tokens, image_tokens)
 
 
 def response_format(schema: dict[str, Any], form: str) -> dict[str, Any]:

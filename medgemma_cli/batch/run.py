@@ -127,10 +127,13 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
     if server is not None:
         if server.workers < 1:
             raise MedgemmaError("--workers must be at least 1")
-        client = ChatServer(server.url, server.model, timeout=server.timeout)
+        client = ChatServer(server.url, server.model, timeout=server.timeout, image_tokens=server.image_tokens)
         model_name = client.resolve_model()
         info = client.describe()
         client.use_native(info)
+        # a question may wait behind our other workers' and, on a server that runs several slots, share its time
+        # with as many requests (other clients' too): its limit is widened that much (pace.py)
+        client.pace.sharing = max(server.workers, info.slots or 1)
         image_size, image_tokens = server.image_size, server.image_tokens
         if info.n_ctx is not None:  # the server's limit, not ours, decides how many slices fit
             n_ctx = min(opts.ctx or info.n_ctx, info.n_ctx)

@@ -230,3 +230,194 @@ def test_records_are_keyed_by_the_weights_the_server_reports(tmp_path):
             server.stop()
         assert s.records_written == written, size
     assert {r["model"] for r in records(out)} == {"medgemma.gguf"}
+
+
+# --- how long a question may wait (batch/pace.py) -----------------------------------------------------------
+
+def image_chat(images: int) -> list[dict]:
+    """A chat turn with `images` images (the stand-in does not look at them)."""
+    parts = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}} for _ in range(images)]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": "Findings?"}]}]
+
+
+class Silence:
+    """Answers the first `answered` requests after `per_image` seconds per image, then holds the rest unanswered
+    (the connection open, the server still accepting: a hung backend) until released."""
+
+    def __init__(self, answered: int, per_image: float = 0.0):
+        self.answered, self.per_image = answered, per_image
+        self.release = threading.Event()
+        self.seen = 0
+
+    def __call__(self, body: dict) -> tuple[int, dict]:
+        self.seen += 1
+        if self.seen > self.answered:
+            self.release.wait(60)
+            return 503, {"error": {"message": "released"}}
+        images = sum(p.get("type") == "image_url" for m in body.get("messages", []) for p in m["content"]
+                     if isinstance(m["content"], list))
+        time.sleep(self.per_image * images)
+        return 200, StandIn.reply("Normal.")
+
+
+def test_a_silent_server_after_fast_answers_is_given_up_on_long_before_the_timeout():
+    """Three answers in well under a second, then silence from a server that still accepts connections: the
+    question is cut at its bound (the floor here), asked again with twice the bound, then recorded as retryable
+    with a message saying what was expected — not after --timeout (20 s)."""
+    from medgemma_cli.batch.pace import Pace
+
+    silence = Silence(answered=3)
+    server = StandIn(answer=silence)
+    try:
+        client = ChatServer(server.url, "medgemma.gguf", timeout=20.0, retries=1, check_every=0.2)
+        client.pace = Pace(floor_s=0.5)
+        for _ in range(3):
+            client.chat(image_chat(1), max_tokens=4)
+        t0 = time.monotonic()
+        with pytest.raises(ServerError) as e:
+            client.chat(image_chat(1), max_tokens=4)
+        waited = time.monotonic() - t0
+    finally:
+        silence.release.set()
+        server.stop()
+    assert waited < 5, waited  # 0.5 s, a second's pause, 1 s
+    assert e.value.retryable and not e.value.unreachable
+    message = str(e.value)
+    assert "\n" not in message and "predict" in message and "1 image(s)" in message and "--timeout 20 s" in message
+    assert silence.seen == 5  # asked again once (retries=1)
+
+
+def test_a_proportionally_larger_request_is_not_cut_and_a_silent_one_of_its_size_is():
+    """The bound grows with the request: twelve images at the server's pace of one image (0.15 s each) take 1.8 s,
+    longer than the bound of a one-image question, and are not cut; the same request unanswered is cut at
+    (here) twice its expected time, long before --timeout."""
+    from medgemma_cli.batch.pace import Pace, request_size
+
+    silence = Silence(answered=4, per_image=0.15)
+    server = StandIn(answer=silence)
+    try:
+        client = ChatServer(server.url, "medgemma.gguf", timeout=30.0, retries=0, check_every=0.2)
+        client.pace = Pace(safety=2.0, floor_s=0.05)
+        for _ in range(3):
+            client.chat(image_chat(1), max_tokens=4)
+        one_image_bound = client.pace.limit(request_size(1, len("Findings?"), 4, 256), 30.0).seconds
+        t0 = time.monotonic()
+        big = client.chat(image_chat(12), max_tokens=4)
+        took = time.monotonic() - t0
+        assert big.answer == "Normal." and took > one_image_bound  # a size-blind bound would have cut it
+        t0 = time.monotonic()
+        with pytest.raises(ServerError, match=r"12 image\(s\)"):
+            client.chat(image_chat(12), max_tokens=4)
+        waited = time.monotonic() - t0
+    finally:
+        silence.release.set()
+        server.stop()
+    assert took < waited < 15, (took, waited)
+
+
+def test_before_any_answer_only_the_timeout_applies():
+    """Nothing measured yet (a first question, or a model still loading): no bound but --timeout, and a timeout
+    is not asked again at once."""
+    from medgemma_cli.batch.pace import Pace
+
+    silence = Silence(answered=0)
+    server = StandIn(answer=silence)
+    try:
+        client = ChatServer(server.url, "medgemma.gguf", timeout=1.5, check_every=0.2)
+        client.pace = Pace(floor_s=0.01)
+        t0 = time.monotonic()
+        with pytest.raises(ServerError, match=r"no answer from .* within 1.5 s \(--timeout\)"):
+            client.chat(image_chat(1), max_tokens=4)
+        waited = time.monotonic() - t0
+    finally:
+        silence.release.set()
+        server.stop()
+    assert 1.5 <= waited < 4 and silence.seen == 1
+
+
+def test_a_question_sent_before_any_answer_is_bounded_once_another_worker_gets_one():
+    """Workers share one client: the first questions of a run leave before anything is measured, and a silent
+    one among them is cut once another worker's answer says how long it should take."""
+    from medgemma_cli.batch.pace import Pace
+
+    first = threading.Event()
+
+    def answer(body):
+        if not first.is_set():  # the first request: never answered
+            first.set()
+            time.sleep(30)
+            return 503, {"error": {"message": "late"}}
+        return 200, StandIn.reply("Normal.")
+
+    server = StandIn(answer=answer)
+    outcome: list = []
+    try:
+        client = ChatServer(server.url, "medgemma.gguf", timeout=30.0, retries=0, check_every=0.2)
+        client.pace = Pace(sharing=2, floor_s=0.3)
+
+        def silent_one():
+            try:
+                client.chat(image_chat(1), max_tokens=4)
+            except ServerError as e:
+                outcome.append(e)
+
+        t0 = time.monotonic()
+        worker = threading.Thread(target=silent_one)
+        worker.start()
+        assert first.wait(5)
+        client.chat(image_chat(1), max_tokens=4)
+        worker.join(20)
+        waited = time.monotonic() - t0
+    finally:
+        server.stop()
+    assert waited < 5 and len(outcome) == 1 and "2 request(s) sharing" in str(outcome[0]), (waited, outcome)
+
+
+def test_a_batch_records_a_cut_question_as_retryable_and_the_next_run_answers_it(tmp_path, monkeypatch):
+    """End to end: the cut question is a retryable record (its message names the slots the server shares), the
+    answers before it stay, and the same command run again asks it again. (--max-tokens 4: the bound counts the
+    longest answer allowed, at the speed the short answers before it were written.)"""
+    from medgemma_cli.batch import pace
+
+    monkeypatch.setattr(pace, "FLOOR_S", 0.3)
+    root = pictures(tmp_path / "imgs", 3)
+    silence = Silence(answered=2)
+    server = StandIn(props=llama_props(8192, 3), answer=silence)
+    out = tmp_path / "r.jsonl"
+    try:
+        t0 = time.monotonic()
+        first = run_batch(root, ["Findings?"], out, server=ServerOptions(server.url, image_size=32, timeout=60),
+                          options=AskOptions(max_tokens=4))
+        took = time.monotonic() - t0
+        rs = records(out)
+        assert took < 20 and first.to_retry == 1 and len(rs) == 3, took
+        (cut,) = [r for r in rs if r["error"]]
+        assert cut["retryable"] is True and "predict" in cut["error"] and "3 request(s) sharing" in cut["error"]
+
+        silence.answered = 10 ** 6
+        again = run_batch(root, ["Findings?"], out, server=ServerOptions(server.url, image_size=32, timeout=60),
+                          options=AskOptions(max_tokens=4))
+    finally:
+        silence.release.set()
+        server.stop()
+    assert again.retrying == 1 and again.records_written == 1
+    assert all(r["error"] is None for r in records(out))
+
+
+def test_llama_servers_timings_split_the_wall_time():
+    """llama.cpp's server says how long it spent on the prompt and on writing (`timings`): an answer that spent
+    nine tenths on the prompt predicts a ten times longer answer to take 1.9 times as long, not 5.5 (each part
+    given the whole time, as for a server that does not say)."""
+    from medgemma_cli.batch.pace import request_size
+
+    def answer(body):
+        return 200, {**StandIn.reply("Normal."), "timings": {"prompt_ms": 900.0, "predicted_ms": 100.0}}
+
+    server = StandIn(answer=answer)
+    try:
+        client = ChatServer(server.url, "medgemma.gguf")
+        client.chat(image_chat(1), max_tokens=4)  # the stand-in's usage: 4 tokens written
+    finally:
+        server.stop()
+    short, long = (client.pace.expected(request_size(1, len("Findings?"), n, 256)) for n in (4, 40))
+    assert short is not None and long is not None and long / short == pytest.approx(1.9)
