@@ -58,7 +58,11 @@ class StandIn:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 stand_in.requests.append(body)
-                self._send(*stand_in.answer(body))
+                status, reply = stand_in.answer(body)
+                try:
+                    self._send(status, reply)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up on this request (cut at its bound) and closed the connection
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
