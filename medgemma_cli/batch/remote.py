@@ -415,7 +415,8 @@ class ChatServer:
         split = None
         if isinstance(timings, dict):
             prompt_ms, predicted_ms = timings.get("prompt_ms"), timings.get("predicted_ms")
-            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (prompt_ms, predicted_ms)):
+            if (isinstance(prompt_ms, (int, float)) and isinstance(predicted_ms, (int, float))
+                    and not isinstance(prompt_ms, bool) and not isinstance(predicted_ms, bool)):
                 split = (float(prompt_ms), float(predicted_ms))
         generated = completion_tokens if completion_tokens is not None else len(answer) // 4  # rough, if unsaid
         self.pace.record(size, generated, seconds, split)
@@ -484,7 +485,7 @@ class ChatServer:
             content = choice["message"].get("content") or ""
         except (KeyError, IndexError, TypeError, AttributeError):
             raise ServerError(f"{self.base}: a reply without choices[0].message") from None
-        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        usage: dict[str, Any] = data["usage"] if isinstance(data.get("usage"), dict) else {}
         self._measured(size, data, str(content), _nonnegative_int(usage.get("completion_tokens")), attempt_s)
         return Reply(str(content).strip(), str(choice.get("finish_reason") or ""), usage.get("prompt_tokens"),
                      usage.get("completion_tokens"), seconds)
