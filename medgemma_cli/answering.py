@@ -146,7 +146,7 @@ class Conversation:
         self.session.engine.close()
 
 
-class _Counter:
+class TokenCounter:
     """Exact token counts before the model is loaded, with the model's own vocabulary (loads in a blink)."""
 
     def __init__(self, files: ModelFiles):
@@ -162,7 +162,7 @@ class _Counter:
 
 
 def plan_context(question: str, inputs: Collected, files: ModelFiles, opts: AskOptions,
-                 counter: _Counter, image_tokens: int) -> ContextFit:
+                 counter: TokenCounter, image_tokens: int) -> ContextFit:
     """Notes and a context size that fit: notes are truncated visibly if they must be."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -236,7 +236,7 @@ def _prepare(question: str, files: list[Path] | None, model: Path | None, gguf: 
         raise MedgemmaError("the question is empty")
     model_files = resolve_model(model, gguf, mmproj)
     vision = model_files.vision
-    counter = _Counter(model_files)
+    counter = TokenCounter(model_files)
     limit = min(opts.ctx or counter.n_ctx_train, counter.n_ctx_train)
     note_bytes = limit * NOTE_BYTES_PER_TOKEN  # read no more of a note than the context could hold
     image_size = vision["image_size"] if vision else None

@@ -24,7 +24,8 @@ TEST_CRASH_ENV = "MEDGEMMA_TEST_CRASH"  # comma-separated points: probe, stage:T
 STAGE_FILE_ENV = "MEDGEMMA_STAGE_FILE"  # set by the supervising parent for its child
 SUPERVISED_ENV = "MEDGEMMA_SUPERVISED"
 # Commands that run native model code; the others (help, models, doctor) run in the process itself.
-SUPERVISED_COMMANDS = frozenset({"ask", "chat", "batch", "bench", "demo", "classify", "embed", "convert"})
+SUPERVISED_COMMANDS = frozenset({"ask", "chat", "batch", "bench", "demo", "classify", "embed", "convert",
+                                 "extract"})
 
 _stage_fd: int | None = None
 _current: tuple[str, str] | None = None

@@ -56,6 +56,15 @@ TEMPLATES: dict[str, Template] = {
         "Provide a comparison of these two images and include details from\nthe image which students should take "
         "note of when reading longitudinal CXR\n",
         "cxr_longitudinal_comparison_with_hugging_face.ipynb (prompt of b60f06b)"),
+    # MedGemma 1.5 technical report (arXiv 2604.05081), table 11: the lab-report extraction prompt, the same for all
+    # four evaluation sets, sent after one page image (`medgemma extract labs`). The table shows three lines; whether
+    # the prompt had newlines or spaces there is not stated, so the lines are kept
+    "labs": Template(
+        "You are a Clinical Data Extraction Specialist. Your job is to parse lab reports with high precision.\n"
+        "From the given lab report, extract all lab tests into a JSON list.\n"
+        "Each test object in the list must include: name, result, unit, range, panel, method, specimen, "
+        "sample_collection_time (formatted as DD-MM-YYYY HH:MM:SS)",
+        "MedGemma 1.5 technical report (arXiv 2604.05081), table 11 (document understanding)"),
     # Not in Google's material (the notebook puts nothing between the images; the report does not say): the
     # labels `--label-timepoints` adds before each image, our own wording
     "prior-label": Template("Prior study:", "medgemma-cli (no reference wording exists)"),
@@ -67,6 +76,9 @@ TEMPLATES: dict[str, Template] = {
 THINK_TOKENS_IMAGES = 1500
 THINK_TOKENS_TEXT = 2000
 LOCATE_TOKENS = 1000  # cxr_anatomy_localization_with_hugging_face.ipynb: max_new_tokens=1000, greedy
+# The report gives no budget for lab reports; the notebooks use 2000 (HF) or 500 (Model Garden). A dense page of
+# 40-50 tests takes ~3000 tokens of JSON, and a cut answer loses the whole page, so the budget errs on the large side
+LABS_TOKENS = 4096
 PROMPTS_ENV = "MEDGEMMA_PROMPTS"
 
 

@@ -51,13 +51,20 @@ def pad_square(rgb: np.ndarray) -> np.ndarray:
 def render_pages(source: Path | bytes, path: Path, size: int, max_pages: int) -> tuple[list[np.ndarray], list[str]]:
     """The first `max_pages` pages as size×size RGB uint8 (rendered to fit, zero-padded), and notes on what was
     left out. `path` names the file in errors (for DICOM, the object holding the PDF)."""
+    pages, notes = numbered_pages(source, path, size, max_pages)
+    return [rgb for _, rgb in pages], notes
+
+
+def numbered_pages(source: Path | bytes, path: Path, size: int, max_pages: int
+                   ) -> tuple[list[tuple[int, np.ndarray]], list[str]]:
+    """As `render_pages`, each page with its 1-based number (a page left out leaves a gap, not a renumbering)."""
     try:
         import pypdfium2 as pdfium
     except ImportError as e:
         raise InputError(path, f"PDF pages need pypdfium2 (pip install pypdfium2): {e}") from None
     oversized = _oversized_pages(source, max_pages)
     notes: list[str] = []
-    pages: list[np.ndarray] = []
+    pages: list[tuple[int, np.ndarray]] = []
     try:
         pdf = pdfium.PdfDocument(source if isinstance(source, bytes) else str(source))
     except pdfium.PdfiumError as e:
@@ -79,7 +86,7 @@ def render_pages(source: Path | bytes, path: Path, size: int, max_pages: int) ->
                 rgb = np.asarray(bitmap.to_pil().convert("RGB"))
             finally:
                 page.close()
-            pages.append(np.asarray(_fit(pad_square(rgb), size)))
+            pages.append((i + 1, np.asarray(_fit(pad_square(rgb), size))))
         if count > max_pages:
             notes.append(f"{count} pages: the first {max_pages} rendered")
     except pdfium.PdfiumError as e:
@@ -87,6 +94,22 @@ def render_pages(source: Path | bytes, path: Path, size: int, max_pages: int) ->
     finally:
         pdf.close()
     return pages, notes
+
+
+def page_count(source: Path | bytes, path: Path) -> int:
+    """How many pages the PDF has (PDFium reads only its page tree); one line naming `path` if it cannot."""
+    try:
+        import pypdfium2 as pdfium
+    except ImportError as e:
+        raise InputError(path, f"PDF pages need pypdfium2 (pip install pypdfium2): {e}") from None
+    try:
+        pdf = pdfium.PdfDocument(source if isinstance(source, bytes) else str(source))
+    except pdfium.PdfiumError as e:
+        raise InputError(path, f"not a readable PDF ({e})") from None
+    try:
+        return len(pdf)
+    finally:
+        pdf.close()
 
 
 def _fit(square: np.ndarray, size: int) -> np.ndarray:

@@ -118,6 +118,11 @@ def max_chars(schema: dict[str, Any]) -> int | None:
         return len(json.dumps(schema["const"])) + 1
     if "enum" in schema:
         return max(len(json.dumps(v)) for v in schema["enum"]) + 1
+    if isinstance(schema.get("anyOf"), list) and schema["anyOf"]:
+        sizes = [max_chars(s) if isinstance(s, dict) else None for s in schema["anyOf"]]
+        return None if None in sizes else max(n for n in sizes if n is not None)
+    if t == "null":
+        return len("null") + 1
     if t == "integer" and isinstance(schema.get("maximum"), int) and schema.get("minimum", 0) >= 0:
         return len(str(schema["maximum"])) + 1
     if t == "string" and isinstance(schema.get("maxLength"), int):

@@ -45,7 +45,10 @@ def readme_examples() -> list[str]:
 
 
 def help_examples() -> list[str]:
-    return [ln.strip() for c in app.registered_commands for ln in (c.callback.__doc__ or "").splitlines()
+    """The examples of every command's --help, those of sub-commands (`extract labs`, `cache info`) included."""
+    commands = [*app.registered_commands,
+                *(c for g in app.registered_groups if g.typer_instance for c in g.typer_instance.registered_commands)]
+    return [ln.strip() for c in commands for ln in (c.callback.__doc__ or "").splitlines()
             if ln.strip().startswith("medgemma ")]
 
 
