@@ -3,7 +3,7 @@
 The Python API does everything the command line does:
 
     from medgemma_cli import convert, ask, ask_many, open_session, run_batch, classify, embed, run_bench, list_models
-    from medgemma_cli import run_doctor, cache_usage, clear_cache
+    from medgemma_cli import run_doctor, cache_usage, clear_cache, extract_labs, lab_schema
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def __getattr__(name: str):  # lazy, so `medgemma --help` does not load numpy, g
         "ServerOptions": "medgemma_cli.batch", "ClassifyOptions": "medgemma_cli.batch",
         "write_report": "medgemma_cli.batch.report", "run_doctor": "medgemma_cli.doctor",
         "cache_usage": "medgemma_cli.llama.caches", "clear_cache": "medgemma_cli.llama.caches",
+        "extract_labs": "medgemma_cli.labs", "LabReport": "medgemma_cli.labs", "lab_schema": "medgemma_cli.labs",
     }
     if name in lazy:
         import importlib

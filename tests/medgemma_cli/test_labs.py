@@ -1,0 +1,239 @@
+"""`medgemma extract labs`: the recipe's schema, reading and merging the pages' answers, CSV/JSON written whole,
+inputs that are not documents refused before the model loads; and end to end on the tiny random model (which
+writes nonsense: the structure is tested, not the content)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from medgemma_cli import recipes
+from medgemma_cli.answering import AskOptions
+from medgemma_cli.errors import InputError, OutputError
+from medgemma_cli.labs import (
+    CSV_COLUMNS,
+    FIELDS,
+    LabReport,
+    PageResult,
+    check_rows,
+    csv_text,
+    extract_labs,
+    lab_schema,
+    merge,
+    page_images,
+    plan_documents,
+    read_rows,
+    write_report,
+)
+from medgemma_cli.llama.grammar import max_chars, schema_rules
+from medgemma_cli.testing.documents import encapsulated_pdf_dicom, lab_report_pdf
+from pictures import picture
+
+ROW = {"name": "Haemoglobin", "result": "13.2", "unit": "g/dL", "range": "12.0-15.5", "panel": "Complete blood count",
+       "method": None, "specimen": "serum", "sample_collection_time": "03-02-2026 08:15:00"}
+
+
+@pytest.fixture
+def pdf(tmp_path) -> Path:
+    path = tmp_path / "labs.pdf"
+    path.write_bytes(lab_report_pdf())
+    return path
+
+
+@pytest.mark.parametrize("rows, valid", [
+    ([], True),  # a page without lab tests (a cover letter)
+    ([ROW], True),
+    ([{**ROW, "unit": None, "range": None, "panel": None, "specimen": None, "sample_collection_time": None}], True),
+    ([{**ROW, "name": None}], False),  # a row without a name or a result is not a test
+    ([{**ROW, "result": None}], False),
+    ([{**ROW, "name": ""}], False),
+    ([{**ROW, "result": 13.2}], False),  # every value is a string ("<0.5", "Positive")
+    ([{k: v for k, v in ROW.items() if k != "specimen"}], False),  # all eight keys, always
+    ([{**ROW, "flag": "H"}], False),  # and no others
+    ([{**ROW, "unit": "x" * 31}], False),  # over the field's cap
+    ({"tests": [ROW]}, False),
+    ([ROW] * 101, False),
+])
+def test_the_schema_is_the_recipes_eight_fields(rows, valid):
+    schema = lab_schema()
+    assert list(schema["items"]["properties"]) == list(FIELDS) == schema["items"]["required"]
+    assert schema["items"]["additionalProperties"] is False
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert jsonschema.Draft202012Validator(schema).is_valid(rows) is valid
+    assert (check_rows(rows, schema) is None) is valid  # our own check agrees with jsonschema
+
+
+def test_the_grammar_keeps_the_caps_and_nullability():
+    rules = schema_rules(lab_schema(max_rows=2, max_chars=3))
+    assert "answer-item-method ::= answer-item-method-0 | null" in rules  # null allowed, length cap kept
+    assert "null" not in next(r for r in rules.splitlines() if r.startswith("answer-item-name ::="))
+    assert max_chars(lab_schema(max_rows=2, max_chars=3)) is not None  # so a budget can hold the whole answer
+
+
+def test_the_recipe_text():
+    text = recipes.TEMPLATES["labs"].text
+    assert text.startswith("You are a Clinical Data Extraction Specialist. Your job is to parse lab reports with "
+                           "high precision.")
+    assert "extract all lab tests into a JSON list" in text
+    assert text.endswith("Each test object in the list must include: name, result, unit, range, panel, method, "
+                         "specimen, sample_collection_time (formatted as DD-MM-YYYY HH:MM:SS)")
+
+
+def test_answers_are_read_fences_tolerated_nothing_repaired():
+    schema = lab_schema()
+    assert read_rows(json.dumps([ROW]), schema) == ([ROW], None)
+    assert read_rows("```json\n" + json.dumps([ROW]) + "\n```", schema) == ([ROW], None)
+    assert read_rows("Here they are:\n```\n[]\n```", schema) == ([], None)
+    rows, why = read_rows(json.dumps([ROW])[:-20], schema, stopped="max_tokens")
+    assert rows is None and why is not None and "stopped at max_tokens" in why and "--max-tokens" in why
+    rows, why = read_rows('{"name": "Urea"}', schema)
+    assert rows is None and why == "the answer is a JSON dict, not a list of tests"
+    rows, why = read_rows(json.dumps([{**ROW, "extra": "1"}]), schema)
+    assert rows is None and why == "test 1 has extra extra"
+
+
+def _page(file: str, page: int, rows: list | None) -> PageResult:
+    return PageResult(file, page, rows, None if rows is not None else "the answer is not JSON", "", "eos")
+
+
+def test_rows_are_merged_in_page_order_with_file_and_page():
+    pages = [_page("a.pdf", 1, [ROW, {**ROW, "name": "Urea"}]), _page("a.pdf", 2, None),
+             _page("a.pdf", 3, []), _page("b.png", 1, [{**ROW, "name": "Sodium"}])]
+    merged = merge(pages)
+    assert [(r["file"], r["page"], r["name"]) for r in merged] == [
+        ("a.pdf", 1, "Haemoglobin"), ("a.pdf", 1, "Urea"), ("b.png", 1, "Sodium")]
+    assert all(list(r) == list(CSV_COLUMNS) for r in merged)
+
+
+def test_csv_has_the_header_and_keeps_values_whole():
+    rows = merge([_page("a, b.pdf", 2, [{**ROW, "name": 'Free T4 "direct"', "method": None}])])
+    text = csv_text(rows)
+    assert text.splitlines()[0] == "file,page,name,result,unit,range,panel,method,specimen,sample_collection_time"
+    back = list(csv.DictReader(io.StringIO(text)))
+    assert back == [{**{k: str(v) for k, v in ROW.items() if v is not None}, "file": "a, b.pdf", "page": "2",
+                     "name": 'Free T4 "direct"', "method": ""}]
+
+
+def test_outputs_are_written_whole_or_not_at_all(tmp_path):
+    report = LabReport([_page("a.pdf", 1, [ROW])], merge([_page("a.pdf", 1, [ROW])]), [], [], {}, lab_schema())
+    write_report(report, tmp_path / "r.json")
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["rows"][0]["page"] == 1 and data["pages"][0]["rows"] == [ROW] and data["written"].endswith("r.json")
+    with pytest.raises(InputError, match=r"r\.txt: --out writes \.json"):
+        write_report(report, tmp_path / "r.txt")
+    with pytest.raises(OutputError, match="missing"):
+        write_report(report, tmp_path / "missing" / "r.csv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]  # no temporary left behind
+
+
+def test_documents_are_planned_and_anything_else_refused(tmp_path, pdf):
+    png = tmp_path / "scan.png"
+    Image.fromarray(picture(60, 40, 30)).save(png)
+    dcm_pdf = encapsulated_pdf_dicom(tmp_path / "report.dcm", lab_report_pdf())
+    docs = plan_documents([pdf, png, dcm_pdf], max_pages=1)
+    assert [(d.kind, d.pages, d.total) for d in docs] == [("document", 1, 2), ("image", 1, 1), ("dicom-pdf", 1, 2)]
+    cxr = tmp_path / "chest.dcm"
+    shutil.copy(get_testdata_file("CT_small.dcm", download=False), cxr)
+    note = tmp_path / "note.txt"
+    note.write_text("Haemoglobin 13.2 g/dL\n")
+    broken = tmp_path / "broken.pdf"
+    broken.write_bytes(b"%PDF-1.4\nnot really\n")
+    for bad, why in [(cxr, "a DICOM CT object, not a document"), (note, "a text note, not a document"),
+                     (broken, "not a readable PDF"), (tmp_path, "a folder"), (tmp_path / "gone.pdf", "no such file")]:
+        with pytest.raises(InputError, match=why) as e:
+            plan_documents([pdf, bad])
+        assert e.value.path == bad
+
+
+def test_pages_keep_their_numbers(tmp_path, pdf):
+    doc = plan_documents([pdf])[0]
+    pages, notes = page_images(doc, 64, max_pages=20)
+    assert [n for n, _ in pages] == [1, 2] and not notes and all(rgb.shape == (64, 64, 3) for _, rgb in pages)
+    pages, notes = page_images(plan_documents([pdf], max_pages=1)[0], 64, max_pages=1)
+    assert [n for n, _ in pages] == [1] and notes == ["2 pages: the first 1 rendered"]
+
+
+# --- end to end on the tiny random model ----------------------------------------------------------------------
+
+SMALL = lab_schema(max_rows=3, max_chars=8)  # a budget of max_chars(SMALL) tokens always holds the whole answer
+
+
+@pytest.mark.slow
+def test_one_call_per_page_each_answer_valid_rows_merged(model, tmp_path, pdf, monkeypatch):
+    from medgemma_cli.llama import engine as engine_module
+    from medgemma_cli.llama.session import PrefixSession
+
+    loads, asked = [], []
+    real_init, real_ask = engine_module.Engine.__init__, PrefixSession.ask
+    monkeypatch.setattr(engine_module.Engine, "__init__", lambda self, *a, **k: (loads.append(1),
+                                                                                 real_init(self, *a, **k))[1])
+    monkeypatch.setattr(PrefixSession, "ask", lambda self, q, *a, **k: (asked.append((len(self.inputs.images), q)),
+                                                                        real_ask(self, q, *a, **k))[1])
+    png = tmp_path / "scan.png"
+    Image.fromarray(picture(80, 60, 30)).save(png)
+    seen = []
+    budget = max_chars(SMALL)
+    assert budget is not None
+    report = extract_labs([pdf, png], model=model, options=AskOptions(max_tokens=budget, cache=False), schema=SMALL,
+                          out=tmp_path / "r.csv", on_page=lambda i, n, f, p, r: seen.append((i, n, f.name, p,
+                                                                                              r is None)))
+    assert len(loads) == 1  # one model for every file
+    assert asked == [(1, recipes.TEMPLATES["labs"].text.strip())] * 3  # one page image, then the recipe, per call
+    assert seen == [(1, 3, "labs.pdf", 1, True), (1, 3, "labs.pdf", 1, False), (2, 3, "labs.pdf", 2, True),
+                    (2, 3, "labs.pdf", 2, False), (3, 3, "scan.png", 1, True), (3, 3, "scan.png", 1, False)]
+    assert [(Path(p.file).name, p.page) for p in report.pages] == [("labs.pdf", 1), ("labs.pdf", 2), ("scan.png", 1)]
+    for p in report.pages:
+        jsonschema.validate(json.loads(p.answer), SMALL)  # every page's answer is valid under the schema
+        assert p.error is None and p.stopped == "eos" and p.rows == json.loads(p.answer)
+    expected = [(p.page, Path(p.file).name) for p in report.pages for _ in p.rows or []]
+    assert [(r["page"], Path(r["file"]).name) for r in report.rows] == expected
+    assert report.model["images_encoded"] == 3 and not report.failed
+    with open(tmp_path / "r.csv", newline="") as f:
+        table = list(csv.reader(f))
+    assert table[0] == list(CSV_COLUMNS)
+    assert [(int(r[1]), Path(r[0]).name) for r in table[1:]] == expected
+
+
+@pytest.mark.slow
+def test_nothing_is_written_when_the_run_stops_halfway(model, tmp_path, pdf):
+    def stop_after_first(i, n, f, p, result):
+        if result is not None:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract_labs([pdf], model=model, options=AskOptions(max_tokens=max_chars(SMALL), cache=False), schema=SMALL,
+                     out=tmp_path / "r.json", on_page=stop_after_first)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labs.pdf"]
+
+
+@pytest.mark.slow
+def test_the_command(model, tmp_path, pdf):
+    env = {**os.environ, "MEDGEMMA_HOME": str(tmp_path / "home"), "COLUMNS": "200"}
+    r = subprocess.run([sys.executable, "-m", "medgemma_cli", "extract", "labs", str(pdf), "--model", str(model),
+                        "--json", "--no-cache"], capture_output=True, text=True, timeout=600, env=env)
+    data = json.loads(r.stdout)
+    assert [p["page"] for p in data["pages"]] == [1, 2]
+    assert r.returncode == (1 if any(p["error"] for p in data["pages"]) else 0), r.stderr
+    for p in data["pages"]:  # the full schema: a page's answer is valid, or said not to be
+        assert p["error"] is not None or jsonschema.Draft202012Validator(data["schema"]).is_valid(p["rows"])
+    assert "labs.pdf page 1 (1/2)" in r.stderr and "labs.pdf page 2 (2/2)" in r.stderr  # progress per page
+    cxr = tmp_path / "chest.dcm"
+    shutil.copy(get_testdata_file("CT_small.dcm", download=False), cxr)
+    r = subprocess.run([sys.executable, "-m", "medgemma_cli", "extract", "labs", str(pdf), str(cxr), "--model",
+                        str(model), "--out", str(tmp_path / "r.csv")], capture_output=True, text=True, timeout=300,
+                       env=env)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"error: {cxr}: a DICOM CT object, not a document: extract labs reads PDF files, scanned pages (PNG/JPEG) "
+        "and DICOM Encapsulated PDF"]
+    assert not (tmp_path / "r.csv").exists()
