@@ -772,7 +772,7 @@ def extract_labs(
 
       medgemma extract labs labs.pdf
       medgemma extract labs labs.pdf --out results.csv
-      medgemma extract labs labs.pdf scan.png --out results.json
+      medgemma extract labs labs.pdf --out results.json
       medgemma extract labs labs.pdf --json
     """
     from medgemma_cli.answering import AskOptions
