@@ -162,8 +162,9 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
         if server is None:
             if opts.ctx is None:  # the context the largest unit needs (up to the recipe's slices), not a fixed cut
                 n_ctx = context_for(units, opts, image_tokens, files.text)
-            # the engine answers every unit's questions from one prefix, so its cache stays full-size (swa_full)
-            memory = estimate_memory(files, n_ctx, 1 if image_size else 0, kv_type=opts.kv_type,
+            # several questions are answered from one prefix, which needs the full-size cache; one needs its window
+            swa_full = len(questions) > 1
+            memory = estimate_memory(files, n_ctx, 1 if image_size else 0, kv_type=opts.kv_type, swa_full=swa_full,
                                      vision_backend=opts.vision_backend, gpu_layers=opts.gpu_layers)
             if opts.on_estimate is not None:
                 opts.on_estimate(memory)
@@ -171,7 +172,8 @@ def run_batch(folder: Path, questions: list[str], out: Path, *, fmt: str = "json
                 check_memory(memory)
             # the model loads in its own process while this one opens the records and hashes the model file
             worker = ModelWorker(EngineConfig(files, n_ctx, opts.threads, opts.gpu_layers, opts.vision_backend,
-                                              opts.verbose, opts.kv_type, opts.cache_gb if opts.cache else None))
+                                              opts.verbose, opts.kv_type, opts.cache_gb if opts.cache else None,
+                                              swa_full=swa_full))
             worker.start()
         records = RecordFile(out, fmt, retry_failed)  # the lock first: the key and the records are this run's
         if not include_phi:  # DICOM UIDs identify the patient's study; records carry keyed hashes of them

@@ -45,6 +45,8 @@ class EngineConfig:
     kv_type: str = "f16"
     cache_gb: float | None = None  # the image-embedding cache's bound; None: no cache (prompt states are not
     # kept in a batch: each unit's would be hundreds of MB, and the embeddings are what a re-run needs most)
+    swa_full: bool = True  # a full-size cache in the sliding-window layers: needed only where a unit's prefix
+    # answers several questions; with one question per unit they keep only their window (the same answers)
 
 
 @dataclass
@@ -250,7 +252,7 @@ def _serve(recv: Connection, send: Connection) -> None:
         cache = open_cache(config.cache_gb) if config.cache_gb is not None else None
         engine = Engine(config.files, n_ctx=config.n_ctx, threads=config.threads, gpu_layers=config.gpu_layers,
                         verbose=config.verbose, vision_backend=config.vision_backend, kv_type=config.kv_type,
-                        cache=cache)
+                        swa_full=config.swa_full, cache=cache)
     except MedgemmaError as e:
         send.send(("load_error", str(e)))
         return

@@ -302,3 +302,25 @@ def test_a_local_batch_sizes_its_context_for_its_largest_unit(convert_tiny):
     assert context_for([unit(200)], AskOptions(max_tokens=256, max_slices=200), 4, text) == 3328
     assert context_for([unit(85)], opts, 256, text) == 4096  # 85 × 264 tokens: capped by the model
     assert context_for([unit(1), unit(300, error="unreadable")], opts, 256, text) == 2048
+
+
+def test_one_question_per_unit_keeps_only_the_window_and_answers_as_ask(tmp_path, convert_tiny):
+    """With one question no prefix is reused, so the sliding-window layers keep only their window (the estimate
+    says the smaller cache) and the answer is `ask`'s; several questions keep the full-size cache."""
+    from medgemma_cli.answering import ask
+
+    model = convert_tiny("Q8_0")
+    root = tmp_path / "series"
+    root.mkdir()
+    ct_series(root, 3, "1.2.826.0.1.3680043.99.61")
+    seen: list = []
+    run_batch(root, ["Findings?"], tmp_path / "one.jsonl", model=model,
+              options=AskOptions(max_tokens=8, on_estimate=seen.append))
+    run_batch(root, ["Findings?", "Heart size?"], tmp_path / "two.jsonl", model=model,
+              options=AskOptions(max_tokens=8, on_estimate=seen.append))
+    one, two = seen
+    assert one.kv_cache < two.kv_cache
+    (record,) = [json.loads(ln) for ln in (tmp_path / "one.jsonl").read_text().splitlines()]
+    both = {r["question"]: r for r in map(json.loads, (tmp_path / "two.jsonl").read_text().splitlines())}
+    asked = ask("Findings?", [root], model=model, options=AskOptions(max_tokens=8))
+    assert record["error"] is None and record["answer"] == asked.answer == both["Findings?"]["answer"]
