@@ -69,6 +69,11 @@ class AskOptions:
     prior: list[Path] = field(default_factory=list)  # an earlier study, sent before the current one
     label_timepoints: bool = False  # "Prior study:" / "Current study:" before each study's images
     pad_square: bool = False  # zero-pad each image to a centred square before the resize (locate's recipe)
+    kv_type: str = DEFAULT_KV_TYPE  # f16 (llama.cpp's default) | q8_0 (half the cache, flash attention)
+    memory_check: bool = True  # refuse when the expected peak memory exceeds what the machine has available
+    on_estimate: Callable[[MemoryEstimate], None] | None = None  # told the expected peak before the model loads
+    cache: bool = True  # reuse (and keep) image embeddings and prompt states in the store's cache
+    cache_gb: float = DEFAULT_CACHE_GB  # the most the cache folder may hold; least recently used entries go
 
     def budget(self, images: bool) -> int:
         """The longest answer: --max-tokens, else the recipe's (larger with thinking, larger still text-only)."""
@@ -84,11 +89,6 @@ class AskOptions:
             return None
         budget = self.budget(images)
         return json_answer(self.schema, self.think, reserve=min(budget // 2, max_chars(self.schema) or budget // 2))
-    kv_type: str = DEFAULT_KV_TYPE  # f16 (llama.cpp's default) | q8_0 (half the cache, flash attention)
-    memory_check: bool = True  # refuse when the expected peak memory exceeds what the machine has available
-    on_estimate: Callable[[MemoryEstimate], None] | None = None  # told the expected peak before the model loads
-    cache: bool = True  # reuse (and keep) image embeddings and prompt states in the store's cache
-    cache_gb: float = DEFAULT_CACHE_GB  # the most the cache folder may hold; least recently used entries go
 
 
 @dataclass
