@@ -26,12 +26,17 @@ class GraphBuilder:
     dynamic quantization produces (DynamicQuantizeLinear → MatMulInteger → Cast → Mul, per-tensor symmetric
     int8 weights), so a graph never needs to exist in float32 first."""
 
-    def __init__(self, name: str, int8: bool = False, data_file: Any = None, data_location: str | None = None):
+    def __init__(self, name: str, int8: bool = False, data_file: Any = None, data_location: str | None = None,
+                 attention_block: int | None = None):
         """`data_file` (an open binary file) streams constants into external data as they are made, so the
         graph never holds its weights: memory stays at one tensor. `data_location` is the data file's name
-        as the graph refers to it (its final name, beside the graph)."""
+        as the graph refers to it (its final name, beside the graph). `attention_block`: self-attention over
+        more queries than this is computed that many queries at a time (see `attention`)."""
+        if attention_block is not None and attention_block < 1:
+            raise ValueError(f"attention_block must be positive, not {attention_block}")
         self.name = name
         self.int8 = int8
+        self.attention_block = attention_block
         self.data_file = data_file
         self.data_location = data_location
         self._quantized_inputs: dict[str, tuple[str, str, str]] = {}
@@ -113,8 +118,13 @@ class GraphBuilder:
         return self.const(name, np.array(values, dtype=np.int64))
 
     def attention(self, xq: str, xkv: str, get: Callable[[str], np.ndarray], prefix: str, heads: int, dim: int,
-                  qkv: tuple[np.ndarray, ...] | None = None) -> str:
-        """Multi-head attention without a mask. `qkv` overrides the q/k/v/out weights (for the pooling head)."""
+                  qkv: tuple[np.ndarray, ...] | None = None, queries: int | None = None) -> str:
+        """Multi-head attention without a mask. `qkv` overrides the q/k/v/out weights (for the pooling head).
+
+        `queries` (the query count, when known) above the builder's `attention_block` splits the queries into
+        blocks of that many, each with its own scores, softmax and weighted sum: exact, since softmax runs per
+        query row, and ONNX Runtime then holds one block's scores (heads × block × keys floats) instead of all
+        (heads × keys², 1 GiB per layer for 4,096 patches and 16 heads)."""
         hd = dim // heads
         if qkv is None:
             wq, bq, wk, bk, wv, bv, wo, bo = (get(f"{prefix}.{p}_proj.{t}") for p in ("q", "k", "v", "out")
@@ -129,10 +139,23 @@ class GraphBuilder:
                     perm=[0, 2, 3, 1])
         v = self.op("Transpose", [self.op("Reshape", [self.linear(xkv, wv, bv, f"{prefix}.v_proj"), split])],
                     perm=[0, 2, 1, 3])
-        scores = self.op("Mul", [self.op("MatMul", [q, k]),
-                                 self.const(f"{prefix}.scale", np.array(hd**-0.5, np.float32))])
-        probs = self.op("Softmax", [scores], axis=-1)
-        ctx = self.op("Reshape", [self.op("Transpose", [self.op("MatMul", [probs, v])], perm=[0, 2, 1, 3]), merge])
+        scale = self.const(f"{prefix}.scale", np.array(hd**-0.5, np.float32))
+        block = self.attention_block
+        if block is None or queries is None or queries <= block:
+            probs = self.op("Softmax", [self.op("Mul", [self.op("MatMul", [q, k]), scale])], axis=-1)
+            ctx = self.op("MatMul", [probs, v])
+        else:
+            # the scale goes on q (heads × queries × head_dim) rather than on each block's scores: one pass over
+            # a small tensor instead of one over every score. Blocks are emitted one after another, so ONNX
+            # Runtime (which runs nodes in this order on CPU) frees each block's scores before the next.
+            sizes = [block] * (queries // block) + ([queries % block] if queries % block else [])
+            blocks = [self.fresh("query_block") for _ in sizes]
+            self.nodes.append(helper.make_node(
+                "Split", [self.op("Mul", [q, scale], "q_scaled"), self.shape_const(sizes, f"{prefix}.query_blocks")],
+                blocks, name=self.fresh("split_queries"), axis=2))
+            ctx = self.op("Concat", [self.op("MatMul", [self.op("Softmax", [self.op("MatMul", [b, k])], axis=-1), v])
+                                     for b in blocks], axis=2)
+        ctx = self.op("Reshape", [self.op("Transpose", [ctx], perm=[0, 2, 1, 3]), merge])
         return self.linear(ctx, wo, bo, f"{prefix}.out_proj")
 
     def mlp(self, x: str, get: Callable[[str], np.ndarray], prefix: str) -> str:
@@ -141,13 +164,14 @@ class GraphBuilder:
         return self.linear(h, get(f"{prefix}.fc2.weight"), get(f"{prefix}.fc2.bias"), f"{prefix}.fc2")
 
     def encoder(self, x: str, get: Callable[[str], np.ndarray], prefix: str, layers: int, heads: int, dim: int,
-                eps: float) -> str:
-        """SigLIP's pre-LN encoder: x += attn(LN1(x)); x += mlp(LN2(x))."""
+                eps: float, tokens: int | None = None) -> str:
+        """SigLIP's pre-LN encoder: x += attn(LN1(x)); x += mlp(LN2(x)). `tokens`: the sequence length, when
+        fixed (the patches of an image), so that `attention` can split long sequences into query blocks."""
         for i in range(layers):
             p = f"{prefix}.layers.{i}"
             h = self.layer_norm(x, get(f"{p}.layer_norm1.weight"), get(f"{p}.layer_norm1.bias"), eps,
                                 f"{p}.layer_norm1")
-            x = self.op("Add", [x, self.attention(h, h, get, f"{p}.self_attn", heads, dim)])
+            x = self.op("Add", [x, self.attention(h, h, get, f"{p}.self_attn", heads, dim, queries=tokens)])
             h = self.layer_norm(x, get(f"{p}.layer_norm2.weight"), get(f"{p}.layer_norm2.bias"), eps,
                                 f"{p}.layer_norm2")
             x = self.op("Add", [x, self.mlp(h, get, f"{p}.mlp")])
@@ -167,7 +191,8 @@ def siglip_vision_tower(gb: GraphBuilder, get: Callable[[str], np.ndarray], pref
     pos = get(f"{prefix}.embeddings.position_embedding.weight").astype(np.float32)[None]
     x = gb.op("Add", [x, gb.const(f"{prefix}.embeddings.position_embedding", pos)])
     eps = cfg.get("layer_norm_eps", 1e-6)
-    x = gb.encoder(x, get, f"{prefix}.encoder", cfg["num_hidden_layers"], cfg["num_attention_heads"], d, eps)
+    x = gb.encoder(x, get, f"{prefix}.encoder", cfg["num_hidden_layers"], cfg["num_attention_heads"], d, eps,
+                   tokens=pos.shape[1])
     return gb.layer_norm(x, get(f"{prefix}.post_layernorm.weight"), get(f"{prefix}.post_layernorm.bias"), eps,
                          f"{prefix}.post_layernorm")
 

@@ -6,6 +6,7 @@ token in it, while ONNX Runtime's dynamic int8 kernels run the same SigLIP tower
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,17 @@ from medgemma_cli.converters.checkpoint import Checkpoint
 from medgemma_cli.converters.onnx_graph import GraphBuilder, gemma3_projector, siglip_vision_tower
 
 VISION_ONNX_PRESETS = ("int8", "fp32", "none")
+# Queries per attention block in the encoder (GraphBuilder.attention). Measured on the 4B shape (4,096 patches,
+# 16 heads; benchmarks/attention_4b.py, README "Memory on the 4B shape"): a block's scores and softmax are
+# 2 × 16 × 512 × 4,096 floats (256 MiB) where the whole tower's were 2 GiB, and the time per image is unchanged
+# or better (the scale moves onto q, and smaller blocks stay in cache better). Smaller blocks save less memory
+# for more nodes; larger ones give back the memory for no speed.
+ATTENTION_BLOCK = 512
 
 
 def build_vision_graph(ckpt: Checkpoint, spec: gemma3.Gemma3Spec, int8: bool = False, data_file: Any = None,
-                       data_location: str | None = None) -> onnx.ModelProto:
-    v = spec.vision
-    assert v is not None
+                       data_location: str | None = None, attention_block: int | None = ATTENTION_BLOCK
+                       ) -> onnx.ModelProto:
     keys: dict[str, str] = {}
     for key in ckpt.entries:
         parts = gemma3.split_key(key, spec.architecture)
@@ -34,9 +40,22 @@ def build_vision_graph(ckpt: Checkpoint, spec: gemma3.Gemma3Spec, int8: bool = F
     def get(name: str) -> np.ndarray:
         return ckpt.read_f32(keys[name])
 
+    return vision_graph(get, spec, int8=int8, data_file=data_file, data_location=data_location,
+                        attention_block=attention_block)
+
+
+def vision_graph(get: Callable[[str], np.ndarray], spec: gemma3.Gemma3Spec, int8: bool = False,
+                 data_file: Any = None, data_location: str | None = None,
+                 attention_block: int | None = ATTENTION_BLOCK) -> onnx.ModelProto:
+    """The graph from weights by name (`vision_model.<SigLIP key>`, `mm.<projector key>`): a checkpoint's,
+    or random ones of a real shape (benchmarks). `attention_block=None` writes the formulation that holds every
+    score of a layer at once (what vision.onnx files written before the blocks hold)."""
+    v = spec.vision
+    assert v is not None
     cfg = {"hidden_size": v.hidden, "patch_size": v.patch_size, "image_size": v.image_size,
            "num_hidden_layers": v.layers, "num_attention_heads": v.heads, "layer_norm_eps": v.eps}
-    gb = GraphBuilder("medgemma_vision", int8=int8, data_file=data_file, data_location=data_location)
+    gb = GraphBuilder("medgemma_vision", int8=int8, data_file=data_file, data_location=data_location,
+                      attention_block=attention_block)
     hidden = siglip_vision_tower(gb, get, "vision_model", cfg)
     gb.output(gemma3_projector(gb, hidden, get, cfg, v.image_tokens), "image_embeds",
               ["batch", v.image_tokens, spec.text.hidden])

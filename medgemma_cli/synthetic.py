@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,6 +259,27 @@ def _values(shape: tuple[int, ...], kind: str, rng: np.random.Generator) -> np.n
     if kind == "ln_weight":
         x += np.float32(1.0)
     return x
+
+
+def vision_weights(shape: str = "4b", seed: int = 0, image_tokens: int | None = None, **vision: int
+                   ) -> tuple[gemma3.Gemma3Spec, Callable[[str], np.ndarray]]:
+    """A shape's vision tower + projector with random weights, without a checkpoint on disk: its spec, and the
+    weights by the names the ONNX graph writer asks for (`vision_model.<SigLIP key>`, `mm.<projector key>`),
+    each made when asked for and the same on every call (for `converters.vision_onnx.vision_graph`).
+    `vision` overrides the shape's vision config (a 4,096-patch tower one layer deep and 64 wide, say)."""
+    s = SHAPES[shape]
+    s = Shape(s.name, s.text, {**s.vision, **vision}, image_tokens or s.image_tokens, s.sp_pieces)
+    ids = (s.text["vocab_size"] - 1, s.text["vocab_size"] - 2, s.text["vocab_size"] - 3, 106)
+    spec = gemma3.read_spec(_config(s, "Gemma3ForConditionalGeneration", "float32", ids),
+                            {"image_seq_length": s.image_tokens}, "synthetic vision weights")
+    specs = {name: (shp, kind) for name, shp, kind in
+             _tensor_specs(spec, {"text": "text.", "vision": "vision_model.", "projector": "mm."})}
+
+    def get(name: str) -> np.ndarray:
+        shp, kind = specs[name]
+        return _values(shp, kind, np.random.default_rng([seed, zlib.crc32(name.encode())]))
+
+    return spec, get
 
 
 def make_checkpoint(folder: Path | str, shape: str = "tiny", *, architecture: str = "Gemma3ForConditionalGeneration",
