@@ -26,7 +26,7 @@ from medgemma_cli.converters.gguf_stream import (
     write_gguf,
 )
 from medgemma_cli.converters.tokenizer import TokenType, Vocabulary, read_vocabulary, write_vocabulary
-from medgemma_cli.converters.vision_onnx import VISION_ONNX_PRESETS, write_vision_onnx
+from medgemma_cli.converters.vision_onnx import ATTENTION_BLOCK, VISION_ONNX_PRESETS, write_vision_onnx
 from medgemma_cli.errors import InputError, OutputError
 from medgemma_cli.kernels.ggml import GGUFInfo, read_gguf_info
 from medgemma_cli.kernels.imatrix import read_imatrix
@@ -264,7 +264,9 @@ def convert_gguf(src: Path | str, out: Path | str, preset: str = DEFAULT_PRESET,
                     data_tmp = folder.temp(VISION_ONNX_FILE + ".data")
                     write_vision_onnx(ckpt, spec, tmp, data_tmp, vision_onnx)
                     extra["vision_onnx"] = {"preset": vision_onnx}
-                    entry = {"size": tmp.stat().st_size, "sha256": sha256_file(tmp), "preset": vision_onnx}
+                    # the queries per attention block, so the memory estimate counts one block's scores, not all
+                    entry = {"size": tmp.stat().st_size, "sha256": sha256_file(tmp), "preset": vision_onnx,
+                             "attention_block": ATTENTION_BLOCK}
                     if data_tmp.exists():
                         entry["data_size"] = data_tmp.stat().st_size
                     extra["vision_onnx_file"] = entry

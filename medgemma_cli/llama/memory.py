@@ -72,8 +72,9 @@ def kv_cache_bytes(meta: dict[str, Any], n_ctx: int, kv_type: str = "f16", swa_f
 
 
 def vision_bytes(files: ModelFiles, backend: str) -> int:
-    """The encoder's weights and its largest activations: one image's attention scores (heads × patches² as
-    float32) and their softmax, both of which SigLIP's attention holds at once when it materialises them."""
+    """The encoder's weights and its largest activations: one layer's attention scores for one image (heads ×
+    queries × patches as float32) and their softmax, which SigLIP's attention holds at once. The queries are all
+    the patches, or one block of them where vision.onnx was written in query blocks (its manifest says)."""
     from medgemma_cli.kernels.ggml import read_gguf_info
 
     if files.mmproj is None or backend == "none":
@@ -82,7 +83,8 @@ def vision_bytes(files: ModelFiles, backend: str) -> int:
                                               "clip.vision.attention.head_count"})
     patches = (int(info.get("clip.vision.image_size", 0)) // int(info.get("clip.vision.patch_size", 1))) ** 2
     heads = int(info.get("clip.vision.attention.head_count", 0))
-    scores = 2 * heads * patches * patches * 4
+    block = files.vision_onnx_attention_block if backend == "onnx" else None
+    scores = 2 * heads * min(patches, block or patches) * patches * 4
     weights = (files.vision_onnx if backend == "onnx" and files.vision_onnx else files.mmproj).stat().st_size
     return weights + scores
 

@@ -17,6 +17,9 @@ class ModelFiles:
     mmproj: Path | None
     name: str
     vision_onnx: Path | None = None
+    # queries per attention block in vision.onnx, from its manifest entry; None: every score at once (files
+    # converted before the blocks, or a manifest without the entry)
+    vision_onnx_attention_block: int | None = None
 
     @property
     def vision(self) -> dict[str, int] | None:
@@ -50,8 +53,11 @@ def resolve_model(model: Path | None = None, gguf: Path | None = None, mmproj: P
         has = store.verified_manifest(model, "gguf", "MedGemma GGUF")["files"]
         if "text.gguf" not in has:
             raise InputError(model / store.MANIFEST, "lists no text.gguf; convert again")
+        entry = has.get("vision.onnx")
+        block = entry.get("attention_block") if isinstance(entry, dict) else None
         return ModelFiles(model / "text.gguf", model / "mmproj.gguf" if "mmproj.gguf" in has else None, model.name,
-                          model / "vision.onnx" if "vision.onnx" in has else None)
+                          model / "vision.onnx" if "vision.onnx" in has else None,
+                          block if type(block) is int and block > 0 else None)
     if model.is_dir():
         raise InputError(model, "no text.gguf here (is this a folder written by `medgemma convert`?)")
     named = store.models_dir() / str(model)
