@@ -72,21 +72,27 @@ def kv_cache_bytes(meta: dict[str, Any], n_ctx: int, kv_type: str = "f16", swa_f
 
 
 def vision_bytes(files: ModelFiles, backend: str) -> int:
-    """The encoder's weights and its largest activations: one layer's attention scores for one image (heads ×
-    queries × patches as float32) and their softmax, which SigLIP's attention holds at once. The queries are all
-    the patches, or one block of them where vision.onnx was written in query blocks (its manifest says)."""
+    """The encoder's weights and its largest activations for one image: one layer's attention scores (heads ×
+    queries × patches as float32) and their softmax, which SigLIP's attention holds at once, and the MLP's hidden
+    activations (patches × ffn, before and after GELU). The queries are all the patches, or one block of them
+    where vision.onnx was written in query blocks (its manifest says). ONNX weights are the graph and its data."""
     from medgemma_cli.kernels.ggml import read_gguf_info
 
     if files.mmproj is None or backend == "none":
         return 0
     info = read_gguf_info(files.mmproj, keys={"clip.vision.image_size", "clip.vision.patch_size",
-                                              "clip.vision.attention.head_count"})
+                                              "clip.vision.attention.head_count", "clip.vision.feed_forward_length"})
     patches = (int(info.get("clip.vision.image_size", 0)) // int(info.get("clip.vision.patch_size", 1))) ** 2
     heads = int(info.get("clip.vision.attention.head_count", 0))
     block = files.vision_onnx_attention_block if backend == "onnx" else None
     scores = 2 * heads * min(patches, block or patches) * patches * 4
-    weights = (files.vision_onnx if backend == "onnx" and files.vision_onnx else files.mmproj).stat().st_size
-    return weights + scores
+    mlp = 2 * patches * int(info.get("clip.vision.feed_forward_length", 0)) * 4
+    if backend == "onnx" and files.vision_onnx:
+        graph = files.vision_onnx
+        weights = sum(p.stat().st_size for p in (graph, graph.with_name(graph.name + ".data")) if p.is_file())
+    else:
+        weights = files.mmproj.stat().st_size
+    return weights + scores + mlp
 
 
 def estimate_memory(files: ModelFiles, n_ctx: int, n_images: int, *, kv_type: str = "f16", swa_full: bool = True,

@@ -155,7 +155,8 @@ def test_q8_0_cache_stays_within_the_stated_tolerance(model):
 def test_the_estimate_counts_one_block_of_attention_scores(convert_tiny):
     """vision.onnx written in query blocks holds one block's scores and softmax: the manifest says how many
     queries a block has, and the estimate counts heads × block × patches floats twice instead of heads × patches²
-    (files converted before the blocks have no entry and keep the whole count; libmtmd is not ONNX Runtime)."""
+    (files converted before the blocks have no entry and keep the whole count; libmtmd is not ONNX Runtime).
+    ONNX Runtime's weights are vision.onnx.data's as well as the graph's."""
     from dataclasses import replace
 
     from medgemma_cli.converters.vision_onnx import ATTENTION_BLOCK
@@ -163,10 +164,14 @@ def test_the_estimate_counts_one_block_of_attention_scores(convert_tiny):
 
     files = resolve_model(convert_tiny("Q8_0"))
     assert files.vision_onnx_attention_block == ATTENTION_BLOCK
-    heads, patches = 2, (32 // 4) ** 2  # the tiny shape's vision tower
-    weights = files.vision_onnx.stat().st_size
-    assert vision_bytes(files, "onnx") == weights + 2 * heads * patches * patches * 4  # 64 patches: one block
+    heads, patches, ffn = 2, (32 // 4) ** 2, 256  # the tiny shape's vision tower
+    data = files.vision_onnx.with_name("vision.onnx.data")
+    weights = files.vision_onnx.stat().st_size + data.stat().st_size
+    assert data.stat().st_size > files.vision_onnx.stat().st_size
+    mlp = 2 * patches * ffn * 4
+    assert vision_bytes(files, "onnx") == weights + 2 * heads * patches * patches * 4 + mlp  # 64 patches: one block
     blocks_of_16 = replace(files, vision_onnx_attention_block=16)
-    assert vision_bytes(blocks_of_16, "onnx") == weights + 2 * heads * 16 * patches * 4
+    assert vision_bytes(blocks_of_16, "onnx") == weights + 2 * heads * 16 * patches * 4 + mlp
     assert vision_bytes(replace(files, vision_onnx_attention_block=None), "onnx") == vision_bytes(files, "onnx")
-    assert vision_bytes(blocks_of_16, "mtmd") == vision_bytes(files, "mtmd")
+    assert vision_bytes(blocks_of_16, "mtmd") == vision_bytes(files, "mtmd") == \
+        files.mmproj.stat().st_size + 2 * heads * patches * patches * 4 + mlp
