@@ -18,12 +18,12 @@ from medgemma_cli.converters.checkpoint import Checkpoint
 from medgemma_cli.converters.onnx_graph import GraphBuilder, gemma3_projector, siglip_vision_tower
 
 VISION_ONNX_PRESETS = ("int8", "fp32", "none")
-# Queries per attention block in the encoder (GraphBuilder.attention). Measured on the 4B shape (4,096 patches,
-# 16 heads; benchmarks/attention_4b.py, README "Memory on the 4B shape"): a block's scores and softmax are
-# 2 × 16 × 512 × 4,096 floats (256 MiB) where the whole tower's were 2 GiB, and the time per image is unchanged
-# or better (the scale moves onto q, and smaller blocks stay in cache better). Smaller blocks save less memory
-# for more nodes; larger ones give back the memory for no speed.
-ATTENTION_BLOCK = 512
+# Queries per attention block in the encoder (GraphBuilder.attention), chosen by benchmarks/attention_4b.py on the
+# 4B shape (4,096 patches, 16 heads, AMD EPYC, 2 threads): the int8 tower's peak is 1.93 GB with every score at
+# once, 0.95 / 1.01 / 1.14 GB in blocks of 256 / 512 / 1,024 queries (one layer alone: 114 / 176 / 310 MB above
+# its inputs, against 1.13 GB), and the time per image did not differ measurably between them. Smaller blocks
+# save less and less (the MLP's activations, 4,096 × 4,304 floats, are of the same size) for more nodes.
+ATTENTION_BLOCK = 256
 
 
 def build_vision_graph(ckpt: Checkpoint, spec: gemma3.Gemma3Spec, int8: bool = False, data_file: Any = None,
