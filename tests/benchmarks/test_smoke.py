@@ -71,6 +71,18 @@ FIGURES: dict[str, list[dict[str, Any]]] = {
              "decode_tokens_per_s_bare_on_llama_cpp_file", "ours_vs_bare", "ours_vs_bare_on_llama_cpp_file",
              "our_file_vs_llama_cpp_file", "bandwidth_gbps", "bandwidth_bound_tokens_per_s", "ours_vs_bound"),
     ],
+    "attention_4b": [
+        keys("cpu", "cores", "threads", "load", "patches", "heads", "layers", "converter_block"),
+        *(keys("peak_bytes", "after_load_bytes", "s_per_image", "vision_onnx_bytes", preset=p, attention_block=0)
+          for p in ("fp32", "int8")),
+        *(keys("peak_bytes", "s_per_image", "max_abs_diff_vs_block0", "cosine_vs_block0", preset=p,
+               attention_block=24) for p in ("fp32", "int8")),
+        *(keys("cosine_vs_fp32_block0", preset="int8", attention_block=b) for b in (0, 24)),
+        *(keys(preset=p, summary=keys("peak_bytes_block0", "lowest_peak_block", "saved_bytes"))
+          for p in ("fp32", "int8")),
+        *(keys("peak_above_inputs_bytes", "s", "max_abs_err_vs_float64", one_layer=kind, attention_block=b)
+          for kind, b in (("standard ops", 0), ("standard ops", 24), ("MultiHeadAttention", 0))),
+    ],
     "batch_tiny": [
         keys("machine_cores", "units", "questions", "max_tokens", "repeats"),
         keys("model_alone_s", "batch_wall_s", "model_in_batch_s", "worker_process_s", "worker_idle_s",
