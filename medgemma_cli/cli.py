@@ -49,9 +49,11 @@ from medgemma_cli.cli_options import (
     flag,
 )
 from medgemma_cli.console import PromptProgress, RichProgress, err, human_bytes, out, shown
+from medgemma_cli.containment import signal_name
 from medgemma_cli.defaults import DEFAULT_CACHE_GB, DEFAULT_CHAT_CTX, MAX_PAGES, MAX_PATCHES, MAX_SLICES
 from medgemma_cli.errors import MedgemmaError
 from medgemma_cli.kernels.policy import DEFAULT_MMPROJ_TYPE, DEFAULT_PRESET, MMPROJ_TYPES, PRESETS
+from medgemma_cli.stopping import Terminated
 
 app = typer.Typer(
     name="medgemma",
@@ -80,6 +82,9 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             err.print("interrupted; nothing was left half-written")
             raise typer.Exit(130) from None
+        except Terminated as e:
+            err.print(f"stopped ({signal_name(e.signum)}); nothing was left half-written")
+            raise typer.Exit(128 + e.signum) from None
         except (typer.Exit, typer.Abort):
             raise
         except Exception as e:  # the last line of defence for users

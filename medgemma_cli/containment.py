@@ -20,6 +20,8 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from medgemma_cli import stopping
+
 TEST_CRASH_ENV = "MEDGEMMA_TEST_CRASH"  # comma-separated points: probe, stage:TEXT, unit:FILE-NAME
 STAGE_FILE_ENV = "MEDGEMMA_STAGE_FILE"  # set by the supervising parent for its child
 SUPERVISED_ENV = "MEDGEMMA_SUPERVISED"
@@ -201,12 +203,9 @@ def init_child() -> None:
             except OSError:
                 pass
         die_with_parent(int(parent))
-        # SIGTERM (forwarded by the parent) unwinds like an exit, so that temporary files are removed
-        signal.signal(signal.SIGTERM, _exit_on_signal)
-
-
-def _exit_on_signal(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
+        # Ctrl-C and SIGTERM (forwarded by the parent) unwind like an exit, so that temporary files are removed,
+        # and end the native work under way rather than wait for it (stopping.py)
+        stopping.install()
 
 
 def die_with_parent(parent_pid: int) -> None:

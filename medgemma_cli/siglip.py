@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from medgemma_cli import stopping
 from medgemma_cli.atomic import replacing
 from medgemma_cli.containment import stage
 from medgemma_cli.errors import InputError, MedgemmaError
@@ -159,13 +160,13 @@ class Siglip:
         for i in range(0, len(arrays), batch):
             px = np.stack([preprocess(a, self.size, self.mean, self.std) for a in arrays[i:i + batch]])
             with stage("ONNX Runtime", "encoding images with MedSigLIP"):
-                out.append(self.vision.run(None, {"pixel_values": px})[0])
+                out.append(stopping.run_onnx(self.vision, {"pixel_values": px})[0])
         return _l2(np.concatenate(out)) if out else np.zeros((0, self.files.manifest["embedding_size"]), np.float32)
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         ids = self.tokenizer(texts)
         with stage("ONNX Runtime", "encoding labels with MedSigLIP"):
-            return _l2(self.text.run(None, {"input_ids": ids})[0])
+            return _l2(stopping.run_onnx(self.text, {"input_ids": ids})[0])
 
     def logits(self, images: np.ndarray, texts: np.ndarray) -> np.ndarray:
         return images @ texts.T * self.scale + self.bias

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medgemma_cli import stopping
 from medgemma_cli.chat_template import compile_template, render, with_media_markers
 from medgemma_cli.containment import stage
 from medgemma_cli.disk_cache import DiskCache
@@ -41,6 +44,9 @@ from medgemma_cli.native import quiet_stderr
 
 VISION_BACKENDS = ("auto", "onnx", "mtmd")
 KV_TYPES = ("f16", "q8_0")
+# tests only: every graph node of a multi-token decode takes this many more milliseconds, slept in native code
+# (libc usleep) by the abort callback, so that a test can stop a prefill midway without a big model
+SLOW_NODES_TEST_ENV = "MEDGEMMA_TEST_SLOW_NODES_MS"
 
 
 @dataclass
@@ -129,6 +135,8 @@ class Engine:
         self.bos = self._piece(llama_cpp.llama_vocab_bos(self.vocab), special=True)
         self.think_ids = (self.token_id(THINK_OPEN), self.token_id(THINK_CLOSE))
         self.n_past = 0
+        self.abandoned = False  # a stop ended a decode midway: what the context holds is not what n_past says
+        self._abort_callback = _abort_callback(llama_cpp)  # kept here: llama.cpp holds only its address
         self.images_encoded = 0
         self.cache = cache
         self.embedding_cache = (EmbeddingCache(cache, vision_identity(files, self.vision_backend))
@@ -254,7 +262,7 @@ class Engine:
                     embd = self.embedding_cache.put(rgb, embd)
             t2 = time.perf_counter()
             timings.image_encode_s += t2 - t1
-            with stage("llama.cpp", "reading the prompt"):
+            with stage("llama.cpp", "reading the prompt"), self._stoppable():
                 if chunks.mtmd is None:
                     self.n_past = decode_embeddings(self._lib, self.ctx, embd, self.n_past, self.n_embd)
                 else:
@@ -271,7 +279,45 @@ class Engine:
         with stage("llama.cpp", "reading the prompt" if len(tokens) > 1 else "writing the answer"):
             self._decode_batches(tokens, logits_last)
 
+    @contextmanager
+    def _stoppable(self) -> Iterator[None]:
+        """Around multi-token decodes (a 512-token batch of the 4B model takes 15-50 s on two loaded cores): a
+        stop ends them between two graph nodes (ggml's abort callback, stopping.py) and is raised as the signal's
+        exception. The callback is a Python call per graph node, so single tokens, which take a fraction of a
+        second, go without it. The context is abandoned afterwards: llama.cpp dropped the batch cut short."""
+        if self.abandoned:
+            raise MedgemmaError("a stopped decode left this context unusable")
+        if not stopping.active():
+            yield
+            return
+        import logging
+
+        lib = self._lib
+        log = logging.getLogger("llama-cpp-python")  # where llama-cpp-python sends llama.cpp's log
+        level = log.level
+        lib.llama_set_abort_callback(self.ctx, self._abort_callback, None)
+        try:
+            # llama.cpp logs the batch it drops as an error; the stop is the user's doing and said in one line
+            with stopping.abortable(), stopping.on_stop(lambda: log.setLevel(logging.CRITICAL)):
+                try:
+                    yield
+                finally:
+                    self.abandoned = self.abandoned or bool(stopping.requested())
+        finally:
+            log.setLevel(level)
+            # NULL: llama.cpp checks nothing between graph nodes (ctypes takes None for NULL; cast() for typeshed)
+            lib.llama_set_abort_callback(self.ctx, ctypes.cast(None, lib.ggml_abort_callback), None)
+
     def _decode_batches(self, tokens: list[int], logits_last: bool) -> None:
+        if len(tokens) > 1:
+            with self._stoppable():
+                self._decode_unstoppable(tokens, logits_last)
+        else:
+            if self.abandoned:
+                raise MedgemmaError("a stopped decode left this context unusable")
+            self._decode_unstoppable(tokens, logits_last)
+
+    def _decode_unstoppable(self, tokens: list[int], logits_last: bool) -> None:
         lib = self._lib
         for start in range(0, len(tokens), 512):
             part = tokens[start:start + 512]
@@ -399,6 +445,19 @@ class Engine:
     def close(self) -> None:
         self.release_vision()
         self.llm.close()
+
+
+def _abort_callback(lib: Any) -> Any:
+    """ggml's abort callback: true once a stop was requested (see SLOW_NODES_TEST_ENV for what tests add)."""
+    slow_ms = int(os.environ.get(SLOW_NODES_TEST_ENV, "0") or 0)
+    usleep = ctypes.CDLL(None).usleep if slow_ms > 0 else None
+
+    def aborted(_data: Any) -> bool:
+        if usleep is not None:
+            usleep(slow_ms * 1000)
+        return bool(stopping.requested())
+
+    return lib.ggml_abort_callback(aborted)
 
 
 @dataclass

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medgemma_cli import stopping
 from medgemma_cli.containment import stage
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ class OnnxVision:
         """One H×W×3 uint8 image at the model's input size → [image tokens, text width] float32."""
         x = (rgb.astype(np.float32) / 255.0 - self.mean) / self.std
         px = np.ascontiguousarray(x.transpose(2, 0, 1)[None])
-        return np.ascontiguousarray(self.session.run(None, {"pixel_values": px})[0][0], dtype=np.float32)
+        return np.ascontiguousarray(stopping.run_onnx(self.session, {"pixel_values": px})[0][0], dtype=np.float32)
 
 
 def encode_first(path: Path, images: list[np.ndarray], threads: int, cache: EmbeddingCache | None = None,
