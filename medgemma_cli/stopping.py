@@ -128,6 +128,13 @@ def abortable() -> Iterator[None]:
         _raise_stop()
 
 
+def check() -> None:
+    """Raise a stop requested but not raised yet: the handler's exception is lost when it runs inside a ctypes
+    callback (llama-cpp-python's log callback is one), so loops over native calls look here too."""
+    if _requested and not _deferring:
+        _raise_stop()
+
+
 def run_onnx(session: Any, feeds: dict[str, Any]) -> list[Any]:
     """ONNX Runtime's `session.run(None, feeds)`, ended between two graph nodes by a stop (one 896 px image takes
     a minute on a loaded CPU), which is then raised as the signal's own exception."""

@@ -96,7 +96,8 @@ class Engine:
         if kv_type not in KV_TYPES:
             raise MedgemmaError(f"unknown KV cache type {kv_type!r}; choose one of {', '.join(KV_TYPES)}")
         self.kv_type, self.swa_full = kv_type, swa_full
-        with stage("llama.cpp", "loading the model"), quiet_stderr(not verbose):
+        # deferred (stopping.abortable): llama.cpp logs through a Python callback, where a raised stop would be lost
+        with stage("llama.cpp", "loading the model"), quiet_stderr(not verbose), stopping.abortable():
             self.llm = load_llama(files.text, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
                                   n_threads_batch=threads, n_gpu_layers=gpu_layers, verbose=verbose,
                                   swa_full=swa_full, **kv_cache_params(kv_type))
@@ -394,6 +395,7 @@ class Engine:
                 if self.n_past >= self.n_ctx:
                     stopped = "context_full"
                     break
+                stopping.check()
                 with stage("llama.cpp", "writing the answer"):
                     self._decode_batches([tok], logits_last=True)
         finally:

@@ -231,3 +231,25 @@ def test_a_signal_in_python_code_is_still_raised_at_once(model):
         print("not terminated")
         """, model)
     assert r.stdout.splitlines() == ["interrupt"] and r.returncode == 143, (r.stdout, r.stderr)
+
+
+def test_a_stop_lost_inside_a_ctypes_callback_is_raised_before_the_next_token(model):
+    """A handler raising inside a ctypes callback (llama-cpp-python's log callback) is swallowed by ctypes: the
+    generation loop still stops at the next token."""
+    r = _run_script("""
+        import ctypes, os, signal, sys
+        from pathlib import Path
+        from medgemma_cli import stopping
+        from medgemma_cli.llama.engine import Engine, Timings
+        from medgemma_cli.llama.model_files import resolve_model
+
+        stopping.install()
+        engine = Engine(resolve_model(Path(sys.argv[1])), n_ctx=512, threads=1, vision_backend="onnx")
+        engine.prefill(engine.chunks(engine.render([{"role": "user", "content": "Hello?"}]), []), Timings())
+        callback = ctypes.CFUNCTYPE(None)(lambda: os.kill(os.getpid(), signal.SIGTERM))
+        callback()  # the handler runs (and raises) inside the callback, where ctypes prints and drops it
+        print("still here", flush=True)
+        engine.generate(50, stop_at_eos=False)
+        print("generated 50 tokens")
+        """, model)
+    assert r.returncode == 143 and r.stdout.splitlines() == ["still here"], (r.stdout, r.stderr)
