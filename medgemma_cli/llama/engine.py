@@ -307,7 +307,7 @@ class Engine:
         finally:
             log.setLevel(level)
             # NULL: llama.cpp checks nothing between graph nodes (ctypes takes None for NULL; cast() for typeshed)
-            lib.llama_set_abort_callback(self.ctx, ctypes.cast(None, lib.ggml_abort_callback), None)
+            lib.llama_set_abort_callback(self.ctx, ctypes.cast(None, lib.ggml_abort_callback), None)  # type: ignore[arg-type]
 
     def _decode_batches(self, tokens: list[int], logits_last: bool) -> None:
         if len(tokens) > 1:

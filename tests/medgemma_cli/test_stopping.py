@@ -159,7 +159,7 @@ def test_stopped_extract_leaves_no_output(model, tmp_path):
     page = tmp_path / "page.png"
     Image.fromarray(picture(64, 48, 5)).save(page)
     out_file = tmp_path / "labs.json"
-    rc, out, err, _ = stop_midway(["extract", "labs", str(page), "--model", str(model), "--out", str(out_file),
+    rc, _out, err, _ = stop_midway(["extract", "labs", str(page), "--model", str(model), "--out", str(out_file),
                                    "--threads", "1"], tmp_path, "reading the prompt", signal.SIGTERM,
                                   {SLOW_NODES_TEST_ENV: "2000"})
     assert rc == 143 and "Traceback" not in err, err
