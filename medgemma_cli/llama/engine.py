@@ -39,6 +39,7 @@ from medgemma_cli.llama.loader import kv_cache_params, load_llama
 from medgemma_cli.llama.model_files import ModelFiles, vision_backend_for
 from medgemma_cli.llama.mtmd import MtmdChunks, MtmdContext
 from medgemma_cli.llama.onnx_vision import OnnxVision
+from medgemma_cli.llama.utf8 import OddPieces, Utf8Guard
 from medgemma_cli.machine import physical_cores
 from medgemma_cli.native import quiet_stderr
 
@@ -139,6 +140,7 @@ class Engine:
         self.abandoned = False  # a stop ended a decode midway: what the context holds is not what n_past says
         self._abort_callback = _abort_callback(llama_cpp)  # kept here: llama.cpp holds only its address
         self.images_encoded = 0
+        self._odd: OddPieces | None = None
         self.cache = cache
         self.embedding_cache = (EmbeddingCache(cache, vision_identity(files, self.vision_backend))
                                 if cache is not None and self.vision_backend != "none" else None)
@@ -167,6 +169,19 @@ class Engine:
         buf = ctypes.create_string_buffer(256)
         n = self._lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         return buf.raw[:n] if n > 0 else b""
+
+    def odd_pieces(self) -> OddPieces:
+        """The vocabulary's pieces that are not whole UTF-8 characters, read once (0.6 s for Gemma's 262K tokens:
+        only asked for when a constrained answer's token has to be refused)."""
+        if self._odd is None:
+            buf, to_piece = ctypes.create_string_buffer(256), self._lib.llama_token_to_piece
+
+            def piece(token: int) -> bytes:  # _piece_bytes with one buffer for all
+                n = to_piece(self.vocab, token, buf, len(buf), 0, False)
+                return buf.raw[:n] if n > 0 else b""
+
+            self._odd = OddPieces.scan(map(piece, range(self._lib.llama_vocab_n_tokens(self.vocab))))
+        return self._odd
 
     # --- prompts ------------------------------------------------------------------------------------
     def render(self, messages: list[dict[str, Any]]) -> str:
@@ -344,7 +359,12 @@ class Engine:
         """Sample after the prefilled prompt; stream visible text (the thinking trace only if asked).
 
         With a `constraint`, only tokens its grammar allows are sampled (greedy: the best token is checked
-        first, and the whole vocabulary masked only when the grammar refuses it)."""
+        first, and the whole vocabulary masked only when the grammar refuses it), and only tokens that keep the
+        answer valid UTF-8 (utf8.py; the answer then never holds U+FFFD for bytes the grammar counted otherwise).
+        Should it stop (max_tokens, context_full) in the middle of a character, the answer ends at its last whole
+        character: the unfinished bytes are left out, not replaced, and `stopped` says it was cut. Unconstrained
+        answers keep the model's tokens as llama.cpp samples them (a server's answer equals ours token for token);
+        bytes that are not UTF-8 show there as U+FFFD."""
         lib = self._lib
         timings = timings or Timings()
         rng = np.random.default_rng(seed)
@@ -357,6 +377,7 @@ class Engine:
         started = started if started is not None else t0
         stopped = "max_tokens"
         grammar = GrammarSampler(lib, self.vocab, n_vocab, constraint.grammar) if constraint else None
+        guard = Utf8Guard(self.odd_pieces) if constraint else None
         closed_early = False
         n = 0
         try:
@@ -369,8 +390,13 @@ class Engine:
                     grammar.close()
                     grammar = GrammarSampler(lib, self.vocab, n_vocab, closing)
                     closed_early = True
+                    if guard is not None and guard.pending:  # the new grammar starts between characters: the
+                        guard.drop()  # prelude's unfinished one is left out (its cut is said: closed_early)
+                        decoder.reset()
                 logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(self.ctx, -1), shape=(n_vocab,))
                 tok = self._choose(logits, temperature, rng, grammar)
+                if guard is not None and tok is not None and not guard.allows(self._text_bytes(tok, stop_at_eos)):
+                    tok = self._choose(guard.mask(logits), temperature, rng, grammar)
                 if tok is None:
                     stopped = "grammar"
                     n -= 1
@@ -388,7 +414,10 @@ class Engine:
                 elif tok == self.think_ids[1] and self.think_ids[1] is not None:
                     in_thought = False
                 else:
-                    text = decoder.decode(self._piece_bytes(tok))
+                    piece = self._piece_bytes(tok)
+                    if guard is not None:
+                        guard.accept(piece)
+                    text = decoder.decode(piece)
                     (thinking if in_thought else answer).append(text)
                     if on_text and text and (show_thinking or not in_thought):
                         on_text(text)
@@ -401,13 +430,19 @@ class Engine:
         finally:
             if grammar is not None:
                 grammar.close()
-        tail = decoder.decode(b"", final=True)
+        tail = decoder.decode(b"", final=guard is None)  # with a guard, only an unfinished character is left
         if tail:
             answer.append(tail)
             if on_text:
                 on_text(tail)
         timings.decode_s += time.perf_counter() - t0
         return Generated("".join(answer), "".join(thinking), n, stopped, closed_early)
+
+    def _text_bytes(self, tok: int, stop_at_eos: bool) -> bytes:
+        """What `tok` adds to the answer's text: nothing for a thinking marker or the end."""
+        if tok in self.think_ids or (stop_at_eos and self._lib.llama_vocab_is_eog(self.vocab, tok)):
+            return b""
+        return self._piece_bytes(tok)
 
     @staticmethod
     def _choose(logits: np.ndarray, temperature: float, rng: np.random.Generator,
