@@ -37,7 +37,9 @@ class Terminated(SystemExit):
         self.signum = signum
 
 
-_lock = threading.Lock()
+# re-entrant: the signal handler (request) runs on the main thread, possibly while that thread is inside on_stop
+# holding the lock; a plain Lock would then wait on itself for good
+_lock = threading.RLock()
 _installed = False
 _requested = 0  # the first stop signal received, 0 for none
 _deferring = 0  # how many abortable() blocks the main thread is in

@@ -233,6 +233,27 @@ def test_a_signal_in_python_code_is_still_raised_at_once(model):
     assert r.stdout.splitlines() == ["interrupt"] and r.returncode == 143, (r.stdout, r.stderr)
 
 
+def test_a_signal_arriving_while_a_hook_is_registered_does_not_hang():
+    """The handler runs on the main thread, which may be inside on_stop holding the module's lock: the handler
+    taking that lock again must not wait on itself (it did, 15 times in 150, with a plain Lock)."""
+    code = textwrap.dedent("""
+        import signal
+        from medgemma_cli import stopping
+        stopping.install()
+        seen = []
+        try:
+            with stopping._lock:  # where on_stop holds it when the signal lands
+                stopping._handler(signal.SIGINT, None)
+        except KeyboardInterrupt:
+            print("interrupt")
+        with stopping.on_stop(lambda: seen.append(1)):  # already requested: the hook runs at once
+            pass
+        print(len(seen))
+        """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.split() == ["interrupt", "1"], (r.stdout, r.stderr)
+
+
 def test_a_stop_lost_inside_a_ctypes_callback_is_raised_before_the_next_token(model):
     """A handler raising inside a ctypes callback (llama-cpp-python's log callback) is swallowed by ctypes: the
     generation loop still stops at the next token."""
