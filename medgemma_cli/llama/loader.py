@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -152,6 +153,9 @@ def forget() -> None:
         _decided.clear()
 
 
+STOPPED_BY = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL)  # signals sent to it, not crashes
+
+
 def run_probe(key: str | None = None, timeout: float = PROBE_TIMEOUT_S) -> Verdict:
     """Try llama.cpp's extra buffer types in a child process on small Q8_0/Q4_K models.
 
@@ -168,6 +172,11 @@ def run_probe(key: str | None = None, timeout: float = PROBE_TIMEOUT_S) -> Verdi
             return Verdict(False, "probe", f"the probe did not finish within {timeout:.0f} s", key,
                            probe_seconds=round(time.perf_counter() - t0, 2), cacheable=False)
     seconds = round(time.perf_counter() - t0, 2)
+    if r.returncode < 0 and -r.returncode in STOPPED_BY:
+        # Ctrl-C at the terminal reaches the probe too, and a kill ends it: the user's doing, not llama.cpp's, so
+        # it is not kept as this machine's verdict (it would turn the extra buffers off for good)
+        return Verdict(False, "probe", f"the probe was stopped ({signal_name(-r.returncode)}) before it finished",
+                       key, probe_seconds=seconds, cacheable=False)
     if r.returncode < 0:
         return Verdict(False, "probe", f"llama.cpp crashed ({signal_name(-r.returncode)}) with extra buffer types on",
                        key, probe_seconds=seconds)

@@ -114,6 +114,18 @@ def test_a_hanging_probe_counts_as_unsafe(fresh, monkeypatch, tmp_path):
     assert not v.cacheable  # a busy machine says nothing about the CPU: the next run probes again
 
 
+@pytest.mark.parametrize("sig", ["INT", "TERM"])
+def test_a_probe_stopped_by_the_user_is_not_kept_as_a_crash(fresh, monkeypatch, tmp_path, sig):
+    """Ctrl-C at the terminal reaches the probe child too: that is not llama.cpp crashing, and keeping it would
+    turn the extra buffers off on this machine for good."""
+    stopped = tmp_path / "stopped"
+    stopped.write_text(f"#!/bin/sh\nkill -{sig} $$\nsleep 5\n")
+    stopped.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(stopped))
+    v = llama_loader.run_probe("k", timeout=30.0)
+    assert not v.enabled and not v.cacheable and "crashed" not in v.reason, v
+
+
 def test_a_server_process_follows_the_verdict(fresh, probe_model):
     """llama-cpp-python's server loads models itself; apply_to_process() makes those loads follow the verdict."""
     code = ("import sys; from medgemma_cli.llama.loader import apply_to_process, buffer_types_used; "
