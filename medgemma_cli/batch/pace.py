@@ -10,7 +10,9 @@ answer shows speeds that are at least what the server can do: prompt tokens over
 prompt and generated tokens over the time it spent writing; where the server does not say how it split its
 time (llama.cpp's `timings` do), each part is given the whole wall time. The fastest speeds seen are kept;
 waiting behind other requests (ours, or other clients' in other slots) is what the margin and the sharing
-factor are for, not something measured.
+factor are for, not something measured. A prompt the server may have read from its own cache (a later question
+about a unit already sent, or one it says was cached) says nothing of its prompt speed: only its writing counts,
+else one cached prompt would make every later large request look short and be cut early.
 """
 
 from __future__ import annotations
@@ -68,14 +70,15 @@ class Pace:
         self.answers = 0
 
     def record(self, size: Size, completion_tokens: int, seconds: float,
-               server_split: tuple[float, float] | None = None) -> None:
+               server_split: tuple[float, float] | None = None, fresh_prompt: bool = True) -> None:
         """One answer: `seconds` from sending the request to the whole reply; `server_split` the server's own
-        seconds on the prompt and on generating, where it reports them."""
+        seconds on the prompt and on generating, where it reports them; `fresh_prompt` false where the server may
+        have reused a cached prompt (then only the writing speed is learnt)."""
         prompt_s = decode_s = seconds
         if server_split is not None and server_split[0] >= 0 and server_split[1] >= 0 and sum(server_split) > 0:
             share = server_split[0] / sum(server_split)  # the wall time (queueing, HTTP included) split alike
             prompt_s, decode_s = seconds * share, seconds * (1 - share)
-        prompt_speed = size.prompt_tokens / prompt_s if prompt_s > 0 else None
+        prompt_speed = size.prompt_tokens / prompt_s if prompt_s > 0 and fresh_prompt else None
         decode_speed = completion_tokens / decode_s if completion_tokens > 0 and decode_s > 0 else None
         with self._lock:
             if prompt_speed is not None:

@@ -206,6 +206,8 @@ class ChatServer:
         self.model = model
         self.image_tokens = image_tokens  # per image, for estimating a request's prompt (pace.request_size)
         self.pace = Pace()  # how long a question may wait, from this run's answers; set its `sharing` to the workers
+        self._sent: set[str] = set()  # units asked about in this run (a later question's prompt may be cached)
+        self._sent_lock = threading.Lock()
         self._entry: dict[str, Any] = {}  # the model's entry in /v1/models
         self._native: tuple[Any, str] | None = None  # llama.cpp's server: (its chat template, its media marker)
         self.schema_form = "json_schema"  # OpenAI's; "json_object" once a server refuses it (llama-cpp-python's)
@@ -408,10 +410,15 @@ class ChatServer:
                            {**body, "response_format": response_format(schema, self.schema_form)}, size=size)
 
     def _measured(self, size: Size, data: dict[str, Any], answer: str, completion_tokens: int | None,
-                  seconds: float) -> None:
+                  seconds: float, sent_before: bool = False) -> None:
         """One answer's speeds, for the limits of the next questions; llama.cpp's server (native and chat
-        endpoints) says how it split its time between the prompt and the answer in `timings`."""
+        endpoints) says how it split its time between the prompt and the answer in `timings`. A prompt whose
+        unit was `sent_before`, or that the server says it partly read from its cache, teaches no prompt speed."""
         timings = data.get("timings")
+        usage = data.get("usage")
+        details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
+        cached = max(_nonnegative_int(timings.get("cache_n")) or 0 if isinstance(timings, dict) else 0,
+                     _nonnegative_int(details.get("cached_tokens")) or 0 if isinstance(details, dict) else 0)
         split = None
         if isinstance(timings, dict):
             prompt_ms, predicted_ms = timings.get("prompt_ms"), timings.get("predicted_ms")
@@ -419,7 +426,16 @@ class ChatServer:
                     and not isinstance(prompt_ms, bool) and not isinstance(predicted_ms, bool)):
                 split = (float(prompt_ms), float(predicted_ms))
         generated = completion_tokens if completion_tokens is not None else len(answer) // 4  # rough, if unsaid
-        self.pace.record(size, generated, seconds, split)
+        self.pace.record(size, generated, seconds, split, fresh_prompt=not sent_before and not cached)
+
+    def _first_send(self, unit_key: str | None) -> bool:
+        """Whether this is the first question of the run about this unit (a server may cache its prompt after)."""
+        if unit_key is None:
+            return True
+        with self._sent_lock:
+            first = unit_key not in self._sent
+            self._sent.add(unit_key)
+        return first
 
     def use_native(self, info: ServerInfo) -> bool:
         """Against llama.cpp's own server, prompts go through its native /completion endpoint, rendered here from
@@ -430,20 +446,24 @@ class ChatServer:
             self._native = (compile_template(info.chat_template), info.media_marker)
         return self._native is not None
 
-    def ask(self, question: str, inputs: Collected, image_uris: list[str], opts: AskOptions) -> Reply:
-        """One question about one unit's inputs, by whichever endpoint use_native chose."""
+    def ask(self, question: str, inputs: Collected, image_uris: list[str], opts: AskOptions,
+            unit_key: str | None = None) -> Reply:
+        """One question about one unit's inputs, by whichever endpoint use_native chose. `unit_key` names the
+        unit, so that only its first question's prompt counts towards the server's prompt speed."""
+        sent_before = not self._first_send(unit_key)
         if self._native is None:
             return self.chat(chat_messages(question, inputs, image_uris, opts.system_text(), opts.with_metadata),
-                             opts.budget(True), opts.temperature, opts.seed, schema=opts.schema)
+                             opts.budget(True), opts.temperature, opts.seed, schema=opts.schema,
+                             sent_before=sent_before)
         template, marker = self._native
         # no BOS in the text: llama-server adds it to a string prompt, as the GGUF asks (add_bos_token)
         rendered = render(template, build_messages(question, inputs, opts.system_text(), opts.with_metadata), bos="")
         prompt = with_media_markers(rendered, marker, len(image_uris))
         return self.complete(prompt, [uri.split(",", 1)[1] for uri in image_uris], opts.budget(True),
-                             opts.temperature, opts.seed, schema=opts.schema)
+                             opts.temperature, opts.seed, schema=opts.schema, sent_before=sent_before)
 
     def complete(self, prompt: str, images_b64: list[str], max_tokens: int, temperature: float = 0.0,
-                 seed: int | None = 0, schema: dict[str, Any] | None = None) -> Reply:
+                 seed: int | None = 0, schema: dict[str, Any] | None = None, sent_before: bool = False) -> Reply:
         """llama.cpp's native /completion: the prompt as written, media markers standing for the images."""
         body: dict[str, Any] = {
             "prompt": {"prompt_string": prompt, "multimodal_data": images_b64} if images_b64 else prompt,
@@ -463,11 +483,11 @@ class ChatServer:
             raise ServerError(f"{self.base}: a /completion reply without content")
         stop = {"limit": "length", "eos": "stop", "word": "stop"}.get(str(data.get("stop_type") or ""), "")
         completion_tokens = _nonnegative_int(data.get("tokens_predicted"))
-        self._measured(size, data, content, completion_tokens, attempt_s)
+        self._measured(size, data, content, completion_tokens, attempt_s, sent_before)
         return Reply(content.strip(), stop, _positive_int(data.get("tokens_evaluated")), completion_tokens, seconds)
 
     def chat(self, messages: list[dict[str, Any]], max_tokens: int, temperature: float = 0.0,
-             seed: int | None = 0, schema: dict[str, Any] | None = None) -> Reply:
+             seed: int | None = 0, schema: dict[str, Any] | None = None, sent_before: bool = False) -> Reply:
         body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": max_tokens,
                                 "temperature": temperature, "stream": False,
                                 "repeat_penalty": 1.0}  # llama.cpp servers default to 1.1; greedy means greedy
@@ -486,7 +506,8 @@ class ChatServer:
         except (KeyError, IndexError, TypeError, AttributeError):
             raise ServerError(f"{self.base}: a reply without choices[0].message") from None
         usage: dict[str, Any] = data["usage"] if isinstance(data.get("usage"), dict) else {}
-        self._measured(size, data, str(content), _nonnegative_int(usage.get("completion_tokens")), attempt_s)
+        self._measured(size, data, str(content), _nonnegative_int(usage.get("completion_tokens")), attempt_s,
+                       sent_before)
         return Reply(str(content).strip(), str(choice.get("finish_reason") or ""), usage.get("prompt_tokens"),
                      usage.get("completion_tokens"), seconds)
 
@@ -548,7 +569,7 @@ def answer_by_server(client: ChatServer, workers: int, todo: list[Unit], prepare
             p = state.prepared
             assert p.inputs is not None  # units without inputs are recorded as failed, never sent
             try:
-                results.put((state, q, client.ask(q, p.inputs, p.image_uris, opts)))
+                results.put((state, q, client.ask(q, p.inputs, p.image_uris, opts, unit_key=p.unit.id)))
             except Exception as e:  # noqa: BLE001 - handed to the main thread, which decides
                 results.put((state, q, e))
 

@@ -425,3 +425,23 @@ def test_llama_servers_timings_split_the_wall_time():
         server.stop()
     short, long = (client.pace.expected(request_size(1, len("Findings?"), n, 256)) for n in (4, 40))
     assert short is not None and long is not None and long / short == pytest.approx(1.9)
+
+
+def test_a_prompt_the_server_may_have_cached_teaches_no_prompt_speed():
+    """A later question about a unit already sent, or one the server says it read partly from its cache
+    (vLLM's usage.prompt_tokens_details, llama.cpp's timings.cache_n), answers in a blink: taken as the server's
+    prompt speed, an 85-slice unit would then be expected in a second and cut long before it could be read."""
+    from medgemma_cli.batch.pace import request_size
+
+    client = ChatServer("http://127.0.0.1:9", "medgemma.gguf")  # nothing is sent
+    one, volume = request_size(1, 100, 4, 256), request_size(85, 100, 4, 256)
+    assert client._first_send("unit-a") and not client._first_send("unit-a") and client._first_send("unit-b")
+    client._measured(one, StandIn.reply("x"), "x", 4, 2.0)  # a fresh prompt: 357 tokens in at most 2 s
+    before = client.pace.expected(volume)
+    client._measured(one, StandIn.reply("x"), "x", 4, 0.02, sent_before=True)
+    cached = {**StandIn.reply("x"), "usage": {"prompt_tokens": 300, "completion_tokens": 4,
+                                               "prompt_tokens_details": {"cached_tokens": 280}}}
+    client._measured(one, cached, "x", 4, 0.02)
+    reused = {**StandIn.reply("x"), "timings": {"prompt_ms": 1.0, "predicted_ms": 19.0, "cache_n": 270}}
+    client._measured(one, reused, "x", 4, 0.02)
+    assert before is not None and client.pace.expected(volume) > 0.9 * before
