@@ -30,30 +30,31 @@ def _peak_bytes() -> int:
     return int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) * 1024
 
 
-def _images(work: Path, n: int, size: int) -> list[Path]:
+def _images(work: Path, n: int, size: int, same: bool = False) -> list[Path]:
+    """`n` pictures of `size` px, or with `same` the first one `n` times."""
     import numpy as np
     from PIL import Image
 
     out = []
-    for i in range(n):
+    for i in range(1 if same else n):
         path = work / f"memory-image-{size}-{i:02d}.png"
         if not path.is_file():
             yy, xx = np.mgrid[0:size, 0:size]
             pattern = np.stack([(xx // (4 + i)) % 256, (yy // 4) % 256, ((xx + yy + 7 * i) // 8) % 256], -1)
             Image.fromarray(pattern.astype(np.uint8)).save(path)
         out.append(path)
-    return out
+    return out * n if same else out
 
 
 def child_ours(model: Path, images: list[Path], threads: int, kv_type: str) -> dict:
     from medgemma_cli.answering import AskOptions, ask
 
     t0 = time.perf_counter()
-    # cache off: an embedding cached by an earlier configuration would skip the encoder and its phase
+    # the cache as `ask` has it by default, in a store of this child's own (run_child): nothing from another run
     r = ask(QUESTION, images, model=model, options=AskOptions(max_tokens=1, threads=threads, kv_type=kv_type,
-                                                                memory_check=False, cache=False))
+                                                                memory_check=False))
     return {"peak_bytes": _peak_bytes(), "estimate": r.memory, "prompt_tokens": r.tokens["prompt"],
-            "n_ctx": r.model["n_ctx"], "vision_backend": r.model["vision_backend"],
+            "n_ctx": r.model["n_ctx"], "vision_backend": r.model["vision_backend"], "cache": r.cache,
             "first_token_s": round(time.perf_counter() - t0, 1)}
 
 
@@ -138,8 +139,11 @@ def child_text(model: Path, mapped: bool, threads: int) -> dict:
 
 
 def run_child(work: Path, argv: list[str]) -> dict:
-    r = subprocess.run([sys.executable, __file__, "--work", str(work), "--child", *argv], capture_output=True,
-                       text=True)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="memory-home-") as home:  # a fresh store: no cache from other runs
+        r = subprocess.run([sys.executable, __file__, "--work", str(work), "--child", *argv], capture_output=True,
+                           text=True, env={**os.environ, "MEDGEMMA_HOME": home})
     if r.returncode:
         return {"error": (r.stderr.strip().splitlines() or ["no output"])[-1][:300]}
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -151,6 +155,11 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="a converted 4B-shaped folder with mmproj.gguf and vision.onnx")
     ap.add_argument("--images", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--same-picture", action="store_true",
+                    help="every slice the same picture: the text phase, which is what grows with slices, is the "
+                         "same, and ask's embedding cache encodes it once (the bare route still encodes each)")
+    ap.add_argument("--routes", nargs="+", default=["ours", "bare"], choices=["ours", "bare"])
+    ap.add_argument("--parts", nargs="+", default=["text", "series", "onnx"], choices=["text", "series", "onnx"])
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = smoke.parse(ap, images=[1, 2], threads=1)
     if args.child:
@@ -161,7 +170,7 @@ def main() -> None:
             out = child_text(Path(model), rest[0] == "mapped", args.threads)
         else:
             n, size = int(rest[0]), int(rest[1])
-            images = _images(args.work, n, size)
+            images = _images(args.work, n, size, same=args.same_picture)
             out = child_bare(Path(model), images, args.threads) if kind == "bare" else \
                 child_ours(Path(model), images, args.threads, kind.split(":")[1])
         print(json.dumps(out))
@@ -184,17 +193,20 @@ def main() -> None:
                       "mmproj_bytes": files.mmproj.stat().st_size if files.mmproj else 0,
                       "vision_onnx_bytes": sum(p.stat().st_size for p in files.vision_onnx.parent.glob("vision.onnx*"))
                       if files.vision_onnx else 0}), flush=True)
-    for how in ("mapped", "read"):
+    for how in ("mapped", "read") if "text" in args.parts else ():
         r = run_child(args.work, ["text", str(model), how])
         print(json.dumps({"run": f"text model alone, extra buffers, file {how}", **r}), flush=True)
-    for n in args.images:
-        runs = [("ask (f16 KV)", "ours:f16"), ("bare llama-cpp-python + libmtmd", "bare")]
-        if n == args.images[0]:
-            runs.insert(1, ("ask --kv-type q8_0", "ours:q8_0"))
+    for n in args.images if "series" in args.parts else ():
+        runs = [("ask (f16 KV)", "ours:f16")] if "ours" in args.routes else []
+        if n == args.images[0] and "ours" in args.routes:
+            runs.append(("ask --kv-type q8_0", "ours:q8_0"))
+        if "bare" in args.routes:
+            runs.append(("bare llama-cpp-python + libmtmd", "bare"))
         for label, kind in runs:
-            r = run_child(args.work, [kind, str(model), str(n), str(size)])
-            print(json.dumps({"images": n, "run": label, **r}), flush=True)
-    for arena in ("on", "off"):
+            argv = [kind, str(model), str(n), str(size)] + (["--same-picture"] if args.same_picture else [])
+            r = run_child(args.work, argv)
+            print(json.dumps({"images": n, "run": label, "same_picture": args.same_picture, **r}), flush=True)
+    for arena in ("on", "off") if "onnx" in args.parts else ():
         r = run_child(args.work, ["onnx", str(model), arena])
         print(json.dumps({"run": f"onnx encoder alone, arena {arena}", **r}), flush=True)
 
