@@ -36,6 +36,7 @@ FIELD_CHARS = {"name": 120, "result": 60, "unit": 30, "range": 60, "panel": 120,
 MAX_ROWS = 100  # tests per page; a dense page holds 40-60
 CSV_COLUMNS = ("file", "page", *FIELDS)
 OUTPUT_SUFFIXES = (".json", ".csv")
+CUT_SHORT = ("max_tokens", "context_full")  # the engine's stops that a larger --max-tokens would avoid
 DOCUMENTS = "PDF files, scanned pages (PNG/JPEG) and DICOM Encapsulated PDF"
 
 
@@ -92,8 +93,10 @@ def read_rows(answer: str, schema: dict[str, Any], stopped: str = "eos") -> tupl
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        if stopped != "eos":
+        if stopped in CUT_SHORT:  # a longer budget (which also widens the context) would have let it finish
             return None, f"the answer is not complete JSON (stopped at {stopped}); raise --max-tokens"
+        if stopped == "grammar":  # more tokens would not help: the grammar allowed none
+            return None, f"the answer is not JSON ({e.msg} at character {e.pos}; the grammar allowed nothing more)"
         return None, f"the answer is not JSON ({e.msg} at character {e.pos})"
     why = check_rows(data, schema)
     return (None, why) if why else (data, None)

@@ -104,10 +104,18 @@ def test_answers_are_read_fences_tolerated_nothing_repaired():
     assert read_rows("Here they are:\n```\n[]\n```", schema) == ([], None)
     rows, why = read_rows(json.dumps([ROW])[:-20], schema, stopped="max_tokens")
     assert rows is None and why is not None and "stopped at max_tokens" in why and "--max-tokens" in why
+    rows, why = read_rows(json.dumps([ROW])[:-20], schema, stopped="context_full")
+    assert rows is None and why is not None and "--max-tokens" in why
     rows, why = read_rows('{"name": "Urea"}', schema)
     assert rows is None and why == "the answer is a JSON dict, not a list of tests"
     rows, why = read_rows(json.dumps([{**ROW, "extra": "1"}]), schema)
     assert rows is None and why == "test 1 has extra extra"
+
+
+def test_no_budget_advice_when_the_grammar_ended_the_answer():
+    rows, why = read_rows(json.dumps([ROW])[:-20], lab_schema(), stopped="grammar")
+    assert rows is None and why is not None and "the grammar allowed nothing more" in why
+    assert "--max-tokens" not in why  # more tokens would not have helped
 
 
 def _page(file: str, page: int, rows: list | None) -> PageResult:
