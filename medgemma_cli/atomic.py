@@ -136,3 +136,26 @@ def write_errors(target: Path) -> Iterator[None]:
     except OSError as e:
         why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         raise OutputError(target, f"writing failed: {why}") from e
+
+
+def check_writable(path: Path) -> None:
+    """Refuse, before any work, an output file that could not be written when the work is done: `path` a folder,
+    or its folder not writable (tried by creating and removing a file there). A missing folder is fine where its
+    nearest existing parent is writable: it is created when the file is written, as batch and embed create theirs,
+    so a run that fails leaves no empty folder behind."""
+    import tempfile
+
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(path, "is a folder; name the file to write")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputError(path, f"cannot create its folder: {folder} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.probe-", dir=folder)
+    except OSError as e:
+        raise OutputError(path, f"cannot write in {folder}: {e.strerror or e}") from None
+    os.close(fd)
+    os.unlink(probe)

@@ -174,6 +174,7 @@ def write_report(report: LabReport, path: Path) -> None:
     text = csv_text(report.rows) if fmt == "csv" else json.dumps(
         {**report.as_dict(), "written": str(path)}, indent=2, ensure_ascii=False) + "\n"
     with write_errors(path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         replace_text(Path(path), text)
     report.written = str(path)
 
@@ -241,8 +242,10 @@ def extract_labs(files: list[Path], *, model: Path | None = None, gguf: Path | N
     page, merged in page order. `options` is an AskOptions (max_tokens defaults to the recipe's LABS_TOKENS);
     `schema` replaces `lab_schema()` (tests bound it tighter). `on_page(index, total, file, page, result)` is told
     before each page (result None) and after it. With `out` (.json or .csv) the report is written there, whole,
-    once every page is done; a failure before that leaves nothing behind."""
+    once every page is done (checked writable before the model loads); a failure before that leaves nothing
+    behind."""
     from medgemma_cli.answering import AskOptions, TokenCounter, plan_context
+    from medgemma_cli.atomic import check_writable
     from medgemma_cli.checksums import sha256_file
     from medgemma_cli.inputs.collect import Collected, PromptImage
     from medgemma_cli.llama.caches import open_cache
@@ -256,6 +259,7 @@ def extract_labs(files: list[Path], *, model: Path | None = None, gguf: Path | N
 
     if out is not None:
         output_format(out)
+        check_writable(out)  # before the model loads, not after the last page
     if max_pages < 1:
         raise MedgemmaError("--max-pages must be at least 1")
     opts = AskOptions(**(options or AskOptions()).__dict__)

@@ -147,9 +147,37 @@ def test_outputs_are_written_whole_or_not_at_all(tmp_path):
     assert data["rows"][0]["page"] == 1 and data["pages"][0]["rows"] == [ROW] and data["written"].endswith("r.json")
     with pytest.raises(InputError, match=r"r\.txt: --out writes \.json"):
         write_report(report, tmp_path / "r.txt")
-    with pytest.raises(OutputError, match="missing"):
-        write_report(report, tmp_path / "missing" / "r.csv")
+    with pytest.raises(OutputError, match="writing failed"):
+        write_report(report, tmp_path / "r.json" / "r.csv")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]  # no temporary left behind
+    write_report(report, tmp_path / "new" / "r.csv")  # a missing folder is made, as batch and embed make theirs
+    assert (tmp_path / "new" / "r.csv").read_text().startswith("file,page,")
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_the_model_loads(tmp_path, pdf):
+    """Else every page would be read and then lost at the end."""
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "a-folder.csv").mkdir()
+    no_model = tmp_path / "no-model"  # reaching the model would be a different error
+    for out, why in [(tmp_path / "a-file" / "r.csv", r"cannot create its folder: .*a-file is not a folder"),
+                     (tmp_path / "a-file" / "sub" / "r.csv", "cannot create its folder"),
+                     (tmp_path / "a-folder.csv", "is a folder")]:
+        with pytest.raises(OutputError, match=why) as e:
+            extract_labs([pdf], model=no_model, out=out)
+        assert e.value.path == out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a-folder.csv", "labs.pdf"]  # no probe left
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes in a read-only folder")
+def test_an_unwritable_folder_is_refused_before_the_model_loads(tmp_path, pdf):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        for out in (locked / "r.csv", locked / "sub" / "r.csv"):
+            with pytest.raises(OutputError, match=r"cannot write in .*locked"):
+                extract_labs([pdf], model=tmp_path / "no-model", out=out)
+    finally:
+        locked.chmod(0o700)
 
 
 def test_documents_are_planned_and_anything_else_refused(tmp_path, pdf):
