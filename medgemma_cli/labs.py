@@ -20,7 +20,7 @@ import io
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,11 +104,17 @@ def read_rows(answer: str, schema: dict[str, Any], stopped: str = "eos") -> tupl
 
 @dataclass
 class Document:
-    """One input, checked before the model loads: what it is and how many of its pages will be read."""
+    """One input, checked before the model loads: what it is and which of its pages will be read."""
     path: Path
     kind: str  # document (a PDF) | dicom-pdf | image (a scanned page)
-    pages: int  # pages to read (at most max_pages)
+    numbers: list[int]  # 1-based numbers of the pages to read: of the first max_pages, those that render
     total: int  # pages it has
+    notes: list[str] = field(default_factory=list)  # pages left out, and why
+
+    @property
+    def pages(self) -> int:
+        """How many pages will be read."""
+        return len(self.numbers)
 
 
 @dataclass
@@ -118,7 +124,7 @@ class PageResult:
     rows: list[dict[str, Any]] | None  # the tests as the model gave them; None when the answer did not parse
     error: str | None  # why the answer gave no rows
     answer: str  # the model's text, as it came
-    stopped: str  # eos | max_tokens | context_full | grammar
+    stopped: str  # eos | max_tokens | context_full | grammar; not_read: the page could not be rendered (error)
     tokens: dict[str, int] = field(default_factory=dict)  # prompt, completion
     seconds: float = 0.0
 
@@ -180,8 +186,10 @@ def write_report(report: LabReport, path: Path) -> None:
 
 
 def plan_documents(files: list[Path], max_pages: int = MAX_PAGES) -> list[Document]:
-    """Every file checked to be a document and its pages counted, before the model loads: a chest X-ray or an
-    unreadable file is one line naming it, not a failure an hour into the run."""
+    """Every file checked to be a document and the pages that will be read counted, before the model loads: a
+    chest X-ray, a blank scan or an unreadable file is one line naming it, not a failure an hour into the run.
+    A scanned page is decoded here (and again when read: holding every scan would cost memory); a PDF's pages
+    are sized and their drawing instructions measured, not drawn."""
     from medgemma_cli.inputs import dicom, documents
     from medgemma_cli.inputs.walk import kind_of
 
@@ -195,17 +203,16 @@ def plan_documents(files: list[Path], max_pages: int = MAX_PAGES) -> list[Docume
             raise InputError(f, "no such file")
         kind = kind_of(f)
         if kind == "image":
-            out.append(Document(f, "image", 1, 1))
+            scanned_page(f)
+            out.append(Document(f, "image", [1], 1))
             continue
         if kind == "note" and f.suffix.lower() == ".pdf":
-            total = documents.page_count(f, f)
-            out.append(Document(f, "document", min(total, max_pages), total))
+            out.append(Document(f, "document", *_pdf_plan(f, f, max_pages)))
             continue
         if kind == "dicom":
             ds = dicom.read(f, pixels=False)
             if documents.is_encapsulated_pdf(ds):
-                total = documents.page_count(documents.encapsulated_pdf(ds, f), f)
-                out.append(Document(f, "dicom-pdf", min(total, max_pages), total))
+                out.append(Document(f, "dicom-pdf", *_pdf_plan(documents.encapsulated_pdf(ds, f), f, max_pages)))
                 continue
             what = f"a DICOM {ds.get('Modality') or 'object'} object"
         else:
@@ -214,21 +221,53 @@ def plan_documents(files: list[Path], max_pages: int = MAX_PAGES) -> list[Docume
     return out
 
 
-def page_images(doc: Document, size: int, max_pages: int) -> tuple[list[tuple[int, Any]], list[str]]:
-    """The document's pages as the model's square input, numbered: PDF pages rendered to fit and zero-padded
-    (documents.py), a scanned page zero-padded to a centred square and resized, as the serving code pads."""
+def _pdf_plan(source: Path | bytes, path: Path, max_pages: int) -> tuple[list[int], int, list[str]]:
+    from medgemma_cli.inputs import documents
+
+    numbers, notes = documents.planned_pages(source, path, max_pages)
+    return numbers, documents.page_count(source, path), notes
+
+
+def scanned_page(path: Path) -> Any:
+    """A scanned page as RGB; one line naming it if it cannot be read or is blank."""
+    from medgemma_cli.inputs import dicom
+    from medgemma_cli.inputs.images import load_rgb
+
+    rgb = load_rgb(path)
+    if dicom.is_flat(rgb):
+        raise InputError(path, "the image is blank: every pixel has the same value")
+    return rgb
+
+
+def page_images(doc: Document, size: int) -> Iterator[tuple[int, Any, str | None]]:
+    """The document's planned pages, one at a time, as (number, the model's square input, None), or (number,
+    None, why) for a page that cannot be read now (the file changed since it was planned, PDFium failed on it):
+    that page is lost, not the run. PDF pages are rendered to fit and zero-padded (documents.py); a scanned page
+    is zero-padded to a centred square and resized, as the serving code pads."""
     from medgemma_cli.inputs import dicom, documents
-    from medgemma_cli.inputs.images import load_rgb, pad_to_square, resize_square
+    from medgemma_cli.inputs.images import pad_to_square, resize_square
 
     if doc.kind == "image":
-        rgb = load_rgb(doc.path)
-        if dicom.is_flat(rgb):
-            raise InputError(doc.path, "the image is blank: every pixel has the same value")
-        return [(1, resize_square(pad_to_square(rgb), size))], []
-    source: Path | bytes = doc.path
-    if doc.kind == "dicom-pdf":
-        source = documents.encapsulated_pdf(dicom.read(doc.path, pixels=False), doc.path)
-    return documents.numbered_pages(source, doc.path, size, max_pages)
+        try:
+            yield 1, resize_square(pad_to_square(scanned_page(doc.path)), size), None
+        except InputError as e:
+            yield 1, None, e.problem
+        return
+    try:
+        source: Path | bytes = doc.path
+        if doc.kind == "dicom-pdf":
+            source = documents.encapsulated_pdf(dicom.read(doc.path, pixels=False), doc.path)
+        with documents.open_pdf(source, doc.path) as pdf:
+            for number in doc.numbers:
+                try:
+                    rgb = documents.render_page(pdf, number, doc.path, size)
+                except InputError as e:
+                    yield number, None, e.problem
+                    continue
+                yield number, rgb, None
+    except InputError as e:  # the file itself no longer opens: each page still to read says why
+        for number in doc.numbers:
+            yield number, None, e.problem
 
 
 PageCallback = Callable[[int, int, Path, int, PageResult | None], None]
@@ -241,9 +280,9 @@ def extract_labs(files: list[Path], *, model: Path | None = None, gguf: Path | N
     """The lab tests on every page of `files` (PDFs, scanned pages, DICOM Encapsulated PDF), one model call per
     page, merged in page order. `options` is an AskOptions (max_tokens defaults to the recipe's LABS_TOKENS);
     `schema` replaces `lab_schema()` (tests bound it tighter). `on_page(index, total, file, page, result)` is told
-    before each page (result None) and after it. With `out` (.json or .csv) the report is written there, whole,
-    once every page is done (checked writable before the model loads); a failure before that leaves nothing
-    behind."""
+    before each page (result None) and after it; a page that cannot be rendered then is a failed page (stopped
+    "not_read"), not the end of the run. With `out` (.json or .csv), checked writable before the model loads, the
+    report is written there, whole, once every page is done; a failure before that leaves nothing behind."""
     from medgemma_cli.answering import AskOptions, TokenCounter, plan_context
     from medgemma_cli.atomic import check_writable
     from medgemma_cli.checksums import sha256_file
@@ -291,16 +330,21 @@ def extract_labs(files: list[Path], *, model: Path | None = None, gguf: Path | N
                     verbose=opts.verbose, vision_backend=opts.vision_backend, kv_type=opts.kv_type, swa_full=False,
                     cache=open_cache(opts.cache_gb) if opts.cache else None)
     pages: list[PageResult] = []
-    warnings: list[str] = []
+    warnings = [f"{printable(d.path.name)}: {n}" for d in docs for n in d.notes]
     total = sum(d.pages for d in docs)
+    read = {id(d): 0 for d in docs}  # pages rendered and sent to the model, per document
     try:
         for doc in docs:
-            images, notes = page_images(doc, size, max_pages)
-            warnings.extend(f"{printable(doc.path.name)}: {n}" for n in notes)
-            for number, rgb in images:
+            for number, rgb, unread in page_images(doc, size):
                 if on_page is not None:
                     on_page(len(pages) + 1, total, doc.path, number, None)
                 t0 = time.perf_counter()
+                if unread is not None:
+                    pages.append(PageResult(str(doc.path), number, None, unread, "", "not_read"))
+                    if on_page is not None:
+                        on_page(len(pages), total, doc.path, number, pages[-1])
+                    continue
+                read[id(doc)] += 1
                 session = PrefixSession(engine, Collected(images=[PromptImage(rgb, None, doc.path)]),
                                         opts.system_text())
                 session.start()
@@ -314,8 +358,8 @@ def extract_labs(files: list[Path], *, model: Path | None = None, gguf: Path | N
                 if on_page is not None:
                     on_page(len(pages), total, doc.path, number, page)
         report = LabReport(pages, merge(pages),
-                           [{"path": str(d.path), "sha256": sha256_file(d.path), "kind": d.kind, "pages_read": d.pages,
-                             "pages": d.total} for d in docs],
+                           [{"path": str(d.path), "sha256": sha256_file(d.path), "kind": d.kind,
+                             "pages_read": read[id(d)], "pages": d.total} for d in docs],
                            warnings,
                            {"name": model_files.name, "n_ctx": engine.n_ctx, "vision_backend": engine.vision_backend,
                             "max_tokens": opts.max_tokens, "images_encoded": engine.images_encoded},

@@ -8,6 +8,8 @@ stretch would squash it. The text layer, when there is one, is still read as a n
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,58 +60,79 @@ def render_pages(source: Path | bytes, path: Path, size: int, max_pages: int) ->
 def numbered_pages(source: Path | bytes, path: Path, size: int, max_pages: int
                    ) -> tuple[list[tuple[int, np.ndarray]], list[str]]:
     """As `render_pages`, each page with its 1-based number (a page left out leaves a gap, not a renumbering)."""
+    numbers, notes = planned_pages(source, path, max_pages)
+    with open_pdf(source, path) as pdf:
+        return [(n, render_page(pdf, n, path, size)) for n in numbers], notes
+
+
+def planned_pages(source: Path | bytes, path: Path, max_pages: int) -> tuple[list[int], list[str]]:
+    """The 1-based numbers of the first `max_pages` pages that will be rendered, and notes on those left out (a
+    page whose drawing instructions inflate too far, one of no size, those past `max_pages`). Nothing is drawn:
+    a count known before the model loads is the count of pages it will read."""
+    oversized = _oversized_pages(source, max_pages)
+    notes: list[str] = []
+    numbers: list[int] = []
+    with open_pdf(source, path) as pdf:
+        import pypdfium2 as pdfium
+
+        try:
+            count = len(pdf)
+            for i in range(min(count, max_pages)):
+                if i in oversized:
+                    notes.append(f"page {i + 1} not rendered: its drawing instructions inflate beyond "
+                                 f"{PAGE_CONTENT_BYTES >> 20} MB")
+                    continue
+                w, h = pdf.get_page_size(i)
+                if not (w > 0 and h > 0):
+                    notes.append(f"page {i + 1} not rendered: it declares a {w}×{h} pt page")
+                    continue
+                numbers.append(i + 1)
+        except pdfium.PdfiumError as e:
+            raise InputError(path, f"cannot read the PDF's pages ({e})") from None
+    if count > max_pages:
+        notes.append(f"{count} pages: the first {max_pages} rendered")
+    return numbers, notes
+
+
+@contextmanager
+def open_pdf(source: Path | bytes, path: Path) -> Iterator[Any]:
+    """The PDF opened by PDFium (a `PdfDocument`), closed after; one line naming `path` if it cannot be."""
     try:
         import pypdfium2 as pdfium
     except ImportError as e:
         raise InputError(path, f"PDF pages need pypdfium2 (pip install pypdfium2): {e}") from None
-    oversized = _oversized_pages(source, max_pages)
-    notes: list[str] = []
-    pages: list[tuple[int, np.ndarray]] = []
     try:
         pdf = pdfium.PdfDocument(source if isinstance(source, bytes) else str(source))
     except pdfium.PdfiumError as e:
         raise InputError(path, f"not a readable PDF ({e})") from None
     try:
-        count = len(pdf)
-        for i in range(min(count, max_pages)):
-            if i in oversized:
-                notes.append(f"page {i + 1} not rendered: its drawing instructions inflate beyond "
-                             f"{PAGE_CONTENT_BYTES >> 20} MB")
-                continue
-            page = pdf[i]
-            try:
-                w, h = page.get_size()
-                if not (w > 0 and h > 0):
-                    notes.append(f"page {i + 1} not rendered: it declares a {w}×{h} pt page")
-                    continue
-                bitmap = page.render(scale=size / max(w, h))
-                rgb = np.asarray(bitmap.to_pil().convert("RGB"))
-            finally:
-                page.close()
-            pages.append((i + 1, np.asarray(_fit(pad_square(rgb), size))))
-        if count > max_pages:
-            notes.append(f"{count} pages: the first {max_pages} rendered")
-    except pdfium.PdfiumError as e:
-        raise InputError(path, f"cannot render the PDF ({e})") from None
+        yield pdf
     finally:
         pdf.close()
-    return pages, notes
+
+
+def render_page(pdf: Any, number: int, path: Path, size: int) -> np.ndarray:
+    """Page `number` (1-based) of an open PDF, rendered to fit `size` and zero-padded to a square, as RGB uint8."""
+    import pypdfium2 as pdfium
+
+    try:
+        page = pdf[number - 1]
+        try:
+            w, h = page.get_size()
+            if not (w > 0 and h > 0):
+                raise InputError(path, f"page {number} declares a {w}×{h} pt page")
+            rgb = np.asarray(page.render(scale=size / max(w, h)).to_pil().convert("RGB"))
+        finally:
+            page.close()
+    except pdfium.PdfiumError as e:
+        raise InputError(path, f"cannot render page {number} ({e})") from None
+    return np.asarray(_fit(pad_square(rgb), size))
 
 
 def page_count(source: Path | bytes, path: Path) -> int:
     """How many pages the PDF has (PDFium reads only its page tree); one line naming `path` if it cannot."""
-    try:
-        import pypdfium2 as pdfium
-    except ImportError as e:
-        raise InputError(path, f"PDF pages need pypdfium2 (pip install pypdfium2): {e}") from None
-    try:
-        pdf = pdfium.PdfDocument(source if isinstance(source, bytes) else str(source))
-    except pdfium.PdfiumError as e:
-        raise InputError(path, f"not a readable PDF ({e})") from None
-    try:
+    with open_pdf(source, path) as pdf:
         return len(pdf)
-    finally:
-        pdf.close()
 
 
 def _fit(square: np.ndarray, size: int) -> np.ndarray:

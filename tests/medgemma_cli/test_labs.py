@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import jsonschema
+import numpy as np
 import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
@@ -201,10 +202,42 @@ def test_documents_are_planned_and_anything_else_refused(tmp_path, pdf):
 
 def test_pages_keep_their_numbers(tmp_path, pdf):
     doc = plan_documents([pdf])[0]
-    pages, notes = page_images(doc, 64, max_pages=20)
-    assert [n for n, _ in pages] == [1, 2] and not notes and all(rgb.shape == (64, 64, 3) for _, rgb in pages)
-    pages, notes = page_images(plan_documents([pdf], max_pages=1)[0], 64, max_pages=1)
-    assert [n for n, _ in pages] == [1] and notes == ["2 pages: the first 1 rendered"]
+    pages = list(page_images(doc, 64))
+    assert [n for n, _, _ in pages] == [1, 2] and not doc.notes
+    assert all(rgb.shape == (64, 64, 3) and why is None for _, rgb, why in pages)
+    doc = plan_documents([pdf], max_pages=1)[0]
+    assert [n for n, _, _ in page_images(doc, 64)] == [1] and doc.notes == ["2 pages: the first 1 rendered"]
+
+
+def _dense_second_page(tmp_path: Path, monkeypatch) -> Path:
+    """A report whose second page's drawing instructions are over the (lowered) limit: it is left out."""
+    from medgemma_cli.inputs import documents
+
+    rows = [("Sodium", "140", "mmol/L", "135-145")]
+    path = tmp_path / "dense.pdf"
+    path.write_bytes(lab_report_pdf([("Electrolytes", rows), ("Electrolytes", rows * 30)]))
+    monkeypatch.setattr(documents, "PAGE_CONTENT_BYTES", 4000)  # page 1 draws 0.7 KB, page 2 7.3 KB
+    return path
+
+
+def test_only_the_pages_that_render_are_counted(tmp_path, monkeypatch):
+    dense = _dense_second_page(tmp_path, monkeypatch)
+    dcm = encapsulated_pdf_dicom(tmp_path / "dense.dcm", dense.read_bytes())
+    for doc in plan_documents([dense, dcm]):
+        assert (doc.numbers, doc.pages, doc.total) == ([1], 1, 2)
+        assert len(doc.notes) == 1 and doc.notes[0].startswith("page 2 not rendered: its drawing instructions")
+        assert [n for n, _, _ in page_images(doc, 64)] == [1]
+
+
+def test_blank_or_unreadable_scans_are_refused_before_the_model_loads(tmp_path, pdf):
+    """Refused while planning: found after the model loaded, they ended the run and lost every page read."""
+    blank, broken = tmp_path / "blank.png", tmp_path / "broken.png"
+    Image.fromarray(np.full((40, 30, 3), 255, np.uint8)).save(blank)
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    for bad, why in [(blank, "the image is blank"), (broken, "not a readable image")]:
+        with pytest.raises(InputError, match=why) as e:
+            plan_documents([pdf, bad])
+        assert e.value.path == bad
 
 
 # --- end to end on the tiny random model ----------------------------------------------------------------------
@@ -262,6 +295,36 @@ def test_sampled_answers_are_utf8_and_within_the_caps(model, pdf):
         assert "\ufffd" not in p.answer and p.stopped == "eos"
         jsonschema.validate(json.loads(p.answer), SMALL)  # strictly: characters as Python and jsonschema count
         assert p.error is None
+
+
+@pytest.mark.slow
+def test_a_page_that_fails_once_the_model_runs_costs_that_page_alone(model, tmp_path, monkeypatch):
+    """A scan that turns blank after it was planned (a scanner still writing it) is a failed page: the other pages
+    are still read and written. The totals count the pages that render (page 2 of the report is left out)."""
+    dense = _dense_second_page(tmp_path, monkeypatch)
+    scan, after = tmp_path / "scan.png", tmp_path / "after.png"
+    Image.fromarray(picture(80, 60, 30)).save(scan)
+    Image.fromarray(picture(80, 60, 31)).save(after)
+    seen = []
+
+    def blank_the_scan(i, n, f, p, result):
+        seen.append((i, n, f.name, p, result is None))
+        if result is not None and i == 1:
+            Image.fromarray(np.zeros((40, 30, 3), np.uint8)).save(scan)
+
+    report = extract_labs([dense, scan, after], model=model, schema=SMALL, out=tmp_path / "r.json",
+                          options=AskOptions(max_tokens=max_chars(SMALL), cache=False), on_page=blank_the_scan)
+    assert seen == [(1, 3, "dense.pdf", 1, True), (1, 3, "dense.pdf", 1, False), (2, 3, "scan.png", 1, True),
+                    (2, 3, "scan.png", 1, False), (3, 3, "after.png", 1, True), (3, 3, "after.png", 1, False)]
+    assert [(Path(p.file).name, p.page, p.stopped) for p in report.pages] == [
+        ("dense.pdf", 1, "eos"), ("scan.png", 1, "not_read"), ("after.png", 1, "eos")]
+    assert [Path(p.file).name for p in report.failed] == ["scan.png"]
+    assert report.failed[0].error == "the image is blank: every pixel has the same value"
+    assert [(f["pages_read"], f["pages"]) for f in report.files] == [(1, 2), (0, 1), (1, 1)]
+    assert report.model["images_encoded"] == 2
+    assert any("page 2 not rendered" in w for w in report.warnings)
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert [p["error"] is None for p in data["pages"]] == [True, False, True]
 
 
 @pytest.mark.slow
