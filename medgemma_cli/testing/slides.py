@@ -11,6 +11,7 @@ import io
 import struct
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -71,9 +72,9 @@ def write_dicom_wsi(folder: Path, width: int, height: int, tissue: Sequence[Box]
     from medgemma_cli.offline import import_pydicom
 
     pydicom = import_pydicom()
-    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence as Seq
-    from pydicom.uid import UID, generate_uid
+    from pydicom.uid import generate_uid
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -89,23 +90,13 @@ def write_dicom_wsi(folder: Path, width: int, height: int, tissue: Sequence[Box]
                 if sparse and kind == "glass":
                     continue
                 frames.append((tx, ty))
-        ds = Dataset()
-        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.6"
-        ds.SOPInstanceUID = generate_uid()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.Modality = "SM"
-        ds.PatientName = patient_name
+        ds = _slide_instance(study, series, patient_name,
+                             ["ORIGINAL" if k == 0 else "DERIVED", "PRIMARY", "VOLUME",
+                              "NONE" if k == 0 else "RESAMPLED"],
+                             (tile, tile), (w, h), len(frames), "YBR_FULL_422" if jpeg else "RGB",
+                             "TILED_SPARSE" if sparse else "TILED_FULL")
         ds.PatientID = "PID-0001"
-        ds.ImageType = ["ORIGINAL" if k == 0 else "DERIVED", "PRIMARY", "VOLUME", "NONE" if k == 0 else "RESAMPLED"]
         ds.InstanceNumber = k + 1
-        ds.Rows, ds.Columns = tile, tile
-        ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows = w, h
-        ds.NumberOfFrames = len(frames)
-        ds.SamplesPerPixel = 3
-        ds.PhotometricInterpretation = "YBR_FULL_422" if jpeg else "RGB"
-        ds.PlanarConfiguration = 0
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-        ds.DimensionOrganizationType = "TILED_SPARSE" if sparse else "TILED_FULL"
         ds.TotalPixelMatrixFocalPlanes = 1
         measures = Dataset()
         measures.PixelSpacing = [mpp * d / 1000.0, mpp * d / 1000.0]
@@ -126,11 +117,7 @@ def write_dicom_wsi(folder: Path, width: int, height: int, tissue: Sequence[Box]
                 item.PlanePositionSlideSequence = Seq([pos])
                 per.append(item)
             ds.PerFrameFunctionalGroupsSequence = Seq(per)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        meta.TransferSyntaxUID = UID(JPEG_BASELINE if jpeg else EXPLICIT_LE)
-        ds.file_meta = meta
+        _add_file_meta(ds, JPEG_BASELINE if jpeg else EXPLICIT_LE)
         path = folder / f"level-{k}.dcm"
         pydicom.dcmwrite(path, ds, enforce_file_format=True)
         with open(path, "ab") as f:
@@ -185,13 +172,12 @@ def _append_pixels(f, frames, tile_of, kind_of, jpeg: bool, texture: bool) -> No
     f.write(struct.pack("<II", 0xE0DDFFFE, 0))
 
 
-def _write_label(path: Path, study: str, series: str, patient_name: str) -> Path:
-    """A slide label (it would show the patient's name): part of the series, never sent to the model."""
-    from medgemma_cli.offline import import_pydicom
-
-    pydicom = import_pydicom()
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import UID, generate_uid
+def _slide_instance(study: str, series: str, patient_name: str, image_type: list[str], tile: tuple[int, int],
+                    total: tuple[int, int], frames: int, photometric: str, organization: str) -> Any:
+    """The attributes every instance of a synthetic slide series shares: a VL Whole Slide Microscopy image of 8-bit
+    colour tiles (`tile` and `total` as (columns, rows))."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
 
     ds = Dataset()
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.6"
@@ -199,21 +185,38 @@ def _write_label(path: Path, study: str, series: str, patient_name: str) -> Path
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
     ds.Modality = "SM"
     ds.PatientName = patient_name
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "LABEL", "NONE"]
-    ds.Rows, ds.Columns = 64, 128
-    ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows = 128, 64
-    ds.NumberOfFrames = 1
+    ds.ImageType = image_type
+    ds.Columns, ds.Rows = tile
+    ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows = total
+    ds.NumberOfFrames = frames
     ds.SamplesPerPixel = 3
-    ds.PhotometricInterpretation = "RGB"
+    ds.PhotometricInterpretation = photometric
     ds.PlanarConfiguration = 0
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.DimensionOrganizationType = "TILED_FULL"
-    ds.PixelData = np.zeros((64, 128, 3), np.uint8).tobytes()
+    ds.DimensionOrganizationType = organization
+    return ds
+
+
+def _add_file_meta(ds: Any, transfer_syntax: str) -> None:
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import UID
+
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = UID(EXPLICIT_LE)
+    meta.TransferSyntaxUID = UID(transfer_syntax)
     ds.file_meta = meta
+
+
+def _write_label(path: Path, study: str, series: str, patient_name: str) -> Path:
+    """A slide label (it would show the patient's name): part of the series, never sent to the model."""
+    from medgemma_cli.offline import import_pydicom
+
+    pydicom = import_pydicom()
+    ds = _slide_instance(study, series, patient_name, ["ORIGINAL", "PRIMARY", "LABEL", "NONE"], (128, 64), (128, 64),
+                         1, "RGB", "TILED_FULL")
+    ds.PixelData = np.zeros((64, 128, 3), np.uint8).tobytes()
+    _add_file_meta(ds, EXPLICIT_LE)
     pydicom.dcmwrite(path, ds, enforce_file_format=True)
     return path
 
