@@ -269,10 +269,8 @@ class Engine:
                     with stage("ONNX Runtime", f"encoding image {image_index + 1}"):
                         embd = self._onnx().encode(rgb)
                 else:
-                    if self.mtmd is None:
-                        raise MedgemmaError("the vision encoder was already released")
                     with stage("llama.cpp", f"encoding image {image_index + 1}"), quiet_stderr(not self.verbose):
-                        embd = self.mtmd.encode(chunks.mtmd, i)
+                        embd = self._mtmd().encode(chunks.mtmd, i)
                 self.images_encoded += 1
                 if self.embedding_cache is not None:
                     embd = self.embedding_cache.put(rgb, embd)
@@ -282,9 +280,7 @@ class Engine:
                 if chunks.mtmd is None:
                     self.n_past = decode_embeddings(self._lib, self.ctx, embd, self.n_past, self.n_embd)
                 else:
-                    if self.mtmd is None:
-                        raise MedgemmaError("the vision encoder was already released")
-                    self.n_past = self.mtmd.decode_image(self.ctx, chunks.mtmd, i, embd, self.n_past)
+                    self.n_past = self._mtmd().decode_image(self.ctx, chunks.mtmd, i, embd, self.n_past)
             timings.image_decode_s += time.perf_counter() - t2
             image_index += 1
             if on_image is not None:
@@ -296,14 +292,15 @@ class Engine:
             self._decode_batches(tokens, logits_last)
 
     @contextmanager
-    def _stoppable(self) -> Iterator[None]:
+    def _stoppable(self, many: bool = True) -> Iterator[None]:
         """Around multi-token decodes (a 512-token batch of the 4B model takes 15-50 s on two loaded cores): a
         stop ends them between two graph nodes (ggml's abort callback, stopping.py) and is raised as the signal's
-        exception. The callback is a Python call per graph node, so single tokens, which take a fraction of a
-        second, go without it. The context is abandoned afterwards: llama.cpp dropped the batch cut short."""
+        exception. The callback is a Python call per graph node, so single tokens (`many` false), which take a
+        fraction of a second, go without it. The context is abandoned afterwards: llama.cpp dropped the batch cut
+        short, and no decode of any size runs on it again."""
         if self.abandoned:
             raise MedgemmaError("a stopped decode left this context unusable")
-        if not stopping.active():
+        if not many or not stopping.active():
             yield
             return
         import logging
@@ -325,12 +322,7 @@ class Engine:
             lib.llama_set_abort_callback(self.ctx, ctypes.cast(None, lib.ggml_abort_callback), None)  # type: ignore[arg-type]
 
     def _decode_batches(self, tokens: list[int], logits_last: bool) -> None:
-        if len(tokens) > 1:
-            with self._stoppable():
-                self._decode_unstoppable(tokens, logits_last)
-        else:
-            if self.abandoned:
-                raise MedgemmaError("a stopped decode left this context unusable")
+        with self._stoppable(many=len(tokens) > 1):
             self._decode_unstoppable(tokens, logits_last)
 
     def _decode_unstoppable(self, tokens: list[int], logits_last: bool) -> None:
@@ -459,6 +451,11 @@ class Engine:
         z = logits.astype(np.float64) / temperature
         p = np.exp(z - z.max())
         return int(rng.choice(len(p), p=p / p.sum()))
+
+    def _mtmd(self) -> MtmdContext:
+        if self.mtmd is None:
+            raise MedgemmaError("the vision encoder was already released")
+        return self.mtmd
 
     def _onnx(self) -> OnnxVision:
         if self.vision_released or self.files.vision_onnx is None:
